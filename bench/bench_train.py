@@ -1,0 +1,135 @@
+"""Local training: fedsim's federated epoch (FedProx + MixUp + augmentation) vs a plain PyTorch loop.
+
+    python bench/bench_train.py [--quick] [--device cpu|cuda] [--backbone NAME] [--compile] [--json PATH]
+
+Both loops read the same cached patch pairs (uint8 memory maps written by this
+script) through the same DataLoader, with the same model and batch size, in
+the same process; their samples/s and the ratio are printed. On CUDA the
+figures use bf16 autocast and channels-last, as training does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, write_json  # noqa: E402
+from data.cache import CachedPairs, collate_batch  # noqa: E402
+from fedsim.client import StepSettings, autocast, make_optimizer, to_device, train_epoch  # noqa: E402
+from fedsim.flat import flatten  # noqa: E402
+from models import build_model  # noqa: E402
+
+
+def make_cache(folder: Path, count: int, context: int, detail: int) -> Path:
+    """Random uint8 patch pairs in the cache format (the pipeline's cost does not depend on content)."""
+    rng = np.random.default_rng(0)
+    np.save(folder / "context.npy", rng.integers(0, 256, (count, context, context, 3), dtype=np.uint8))
+    np.save(folder / "detail.npy", rng.integers(0, 256, (count, detail, detail, 3), dtype=np.uint8))
+    meta = [{"image": i // 4, "path": f"img{i // 4}", "label": int(i % 3), "magnification": "20x",
+             "patient": f"p{i // 8}", "hospital": "H1"} for i in range(count)]
+    (folder / "patches.json").write_text(json.dumps({"count": count, "patches": meta}))
+    return folder
+
+
+def loader(dataset: CachedPairs, args, seed: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)),
+                      collate_fn=collate_batch, num_workers=args.workers, pin_memory=args.device == "cuda",
+                      persistent_workers=args.workers > 0, drop_last=True)
+
+
+def plain_epoch(model, optimizer, batches, settings: StepSettings) -> int:
+    """The reference: the textbook PyTorch loop over the same batches."""
+    model.train()
+    seen = 0
+    for context, detail, labels, _ in batches:
+        context, detail = to_device(context, settings), to_device(detail, settings)
+        labels = labels.to(settings.device, non_blocking=True)
+        with autocast(settings):
+            loss = F.cross_entropy(model(context, detail).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        seen += labels.shape[0]
+    return seen
+
+
+def timed(fn, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    samples = fn()
+    sync()
+    return samples / (time.perf_counter() - start)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    tmp = Path(tempfile.mkdtemp(prefix="fedsim-bench-"))
+    dataset = CachedPairs([make_cache(tmp, args.samples, args.context, args.detail)])
+    model = build_model(args.backbone, "dual", 3).to(device)
+    settings = StepSettings(device, torch.bfloat16 if cuda else None, cuda, mu=0.01, mixup_alpha=0.2,
+                            augment=True, grad_accum=1)
+    flat = flatten(model, channels_last=cuda)
+    forward = torch.compile(model) if args.compile else model
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    anchor = flat.params.detach().clone()
+    optimizer = make_optimizer(model, 3e-4, 1e-4)
+    rng = torch.Generator().manual_seed(0)
+    fed = lambda e: train_epoch(forward, flat, optimizer, loader(dataset, args, e), anchor, settings, rng).samples  # noqa: E731
+    plain = lambda e: plain_epoch(forward, optimizer, loader(dataset, args, e), settings)  # noqa: E731
+    fed(0), plain(0)  # warm-up: cudnn autotuning, compilation, page cache
+    result = {"plain": [], "federated": []}
+    for epoch in range(args.repeats):  # alternate so load changes hit both alike
+        result["plain"].append(timed(lambda: plain(epoch + 1), sync))
+        result["federated"].append(timed(lambda: fed(epoch + 1), sync))
+    med = {k: float(np.median(v)) for k, v in result.items()}
+    return {**med, "ratio": med["federated"] / med["plain"], "samples_per_epoch": args.samples}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backbone", default=None, help="default: resnetrs50 on CUDA, test_resnet on CPU")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--context", type=int, default=None, help="context patch side (default 320 CUDA / 160 CPU)")
+    parser.add_argument("--detail", type=int, default=None, help="detail patch side (default 224 CUDA / 112 CPU)")
+    parser.add_argument("--samples", type=int, default=None, help="patch pairs per epoch")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    args.backbone = args.backbone or ("resnetrs50" if cuda else "test_resnet")
+    args.batch_size = args.batch_size or (64 if cuda else 16)
+    args.context = args.context or (320 if cuda else 160)
+    args.detail = args.detail or (224 if cuda else 112)
+    args.samples = args.samples or (args.batch_size * (20 if args.quick else 50))
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.workers = args.workers if args.workers is not None else (6 if cuda else 0)
+    if not cuda:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    result = run(args)
+    print(f"{args.backbone} dual, {args.context}/{args.detail} px, batch {args.batch_size}, {args.device}"
+          f"{' compiled' if args.compile else ''}:")
+    print(f"  plain PyTorch loop   {result['plain']:9.1f} pairs/s  (baseline)")
+    print(f"  federated epoch      {result['federated']:9.1f} pairs/s  ratio {result['ratio']:.3f}")
+    write_json(args.json, {"machine": machine(), "args": vars(args), "result": result})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""A cache of masked, stain-normalized patch pairs, so epochs never decode a JPEG.
+
+One folder per (hospital, split) holds ``context.npy`` (N,Sc,Sc,3) and
+``detail.npy`` (N,Sd,Sd,3) uint8 arrays, read back as memory maps, plus
+``patches.json`` (per patch: image, label, magnification, patient) and a
+``DONE`` marker written last. The folder name is a hash of everything that
+shapes its content, so a change of setting never reuses a stale cache, and a
+half-written folder (no marker) is rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.datasets import SkipReport
+from data.images import BadImage, load_rgb
+from data.patches import NoTissue, PatchSpec, extract_pairs, sample_centres
+from data.records import ImageRecord
+from data.stain import build_normalizer
+from data.tissue import tissue_mask
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def default_cache_root() -> Path:
+    """``$FEDSIM_CACHE`` or ``~/.cache/fedsim``."""
+    return Path(os.environ.get("FEDSIM_CACHE") or Path.home() / ".cache" / "fedsim")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything that shapes a cached split besides its images."""
+
+    patch: PatchSpec
+    patches_per_image: int
+    stain: str = "macenko"
+    stain_reference: str = ""
+    seed: int = 0
+
+    def digest(self, records: Sequence[ImageRecord]) -> str:
+        """Hash of this spec and the images (path, size, mtime, label)."""
+        h = hashlib.sha256(json.dumps([CACHE_VERSION, asdict(self)], sort_keys=True).encode())
+        for rec in records:
+            st = os.stat(rec.path) if os.path.exists(rec.path) else None
+            h.update(f"{rec.path}|{rec.label}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def split_folder(records: Sequence[ImageRecord], spec: CacheSpec, root: Path, name: str = "") -> Path:
+    """Where the cache of these records under this spec lives (built or not)."""
+    return Path(root) / f"{name or 'split'}-{spec.digest(records)}"
+
+
+def build_split(records: Sequence[ImageRecord], spec: CacheSpec, root: Path, report: SkipReport,
+                name: str = "", progress: bool = True) -> Path:
+    """Cache one hospital's split (reusing a complete cache) and return its folder."""
+    folder = split_folder(records, spec, root, name)
+    if (folder / "DONE").exists():
+        _merge_saved_report(folder, report)
+        return folder
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    local = SkipReport()
+    _write_arrays(records, spec, tmp, local, name, progress)
+    (tmp / "skipped.json").write_text(json.dumps(local.to_dict()))
+    (tmp / "DONE").write_text("ok\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    report.merge(local)
+    return folder
+
+
+def _write_arrays(records: Sequence[ImageRecord], spec: CacheSpec, folder: Path, report: SkipReport,
+                  name: str, progress: bool) -> None:
+    p, k = spec.patch, spec.patches_per_image
+    capacity = max(1, len(records) * k)
+    contexts = np.lib.format.open_memmap(folder / "context.npy", "w+", np.uint8, (capacity, p.context_size, p.context_size, 3))
+    details = np.lib.format.open_memmap(folder / "detail.npy", "w+", np.uint8, (capacity, p.detail_size, p.detail_size, 3))
+    normalizer = _fitted_normalizer(spec)
+    meta, count = [], 0
+    for index, rec in enumerate(tqdm(records, desc=f"caching {name}", disable=None if progress else True, leave=False)):
+        pairs = _image_pairs(rec, spec, normalizer, report)
+        if pairs is None:
+            continue
+        n = len(pairs[0])
+        contexts[count : count + n], details[count : count + n] = pairs
+        meta.extend([{"image": index, "path": rec.path, "label": rec.label, "magnification": rec.magnification,
+                      "patient": rec.patient, "hospital": rec.hospital}] * n)
+        count += n
+    contexts.flush(), details.flush()
+    degenerate = int(getattr(normalizer, "num_degenerate", 0))
+    (folder / "patches.json").write_text(json.dumps({"count": count, "stain_degenerate": degenerate, "patches": meta}))
+
+
+def _fitted_normalizer(spec: CacheSpec):
+    normalizer = build_normalizer(spec.stain)
+    if normalizer is not None and spec.stain_reference:
+        normalizer.fit(load_rgb(spec.stain_reference))
+    return normalizer
+
+
+def _image_pairs(rec: ImageRecord, spec: CacheSpec, normalizer, report: SkipReport):
+    """Decode, mask, normalize and cut one image; None (and a counted skip) if unusable."""
+    try:
+        rgb = load_rgb(rec.path)
+    except BadImage as err:
+        report.add(rec.path, err.reason)
+        return None
+    mask = tissue_mask(rgb)
+    if normalizer is not None:
+        batch = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
+        rgb = normalizer.normalize(batch)[0].permute(1, 2, 0).contiguous().numpy()
+    rng = np.random.default_rng([spec.seed, zlib.crc32(rec.path.encode())])
+    try:
+        centres = sample_centres(rgb, spec.patches_per_image, spec.patch, rng, mask=mask)
+    except NoTissue as err:
+        report.add(rec.path, str(err))
+        return None
+    return extract_pairs(rgb, centres, spec.patch)
+
+
+def _merge_saved_report(folder: Path, report: SkipReport) -> None:
+    saved = folder / "skipped.json"
+    if saved.exists():
+        saved_report = SkipReport()
+        for reason, entry in json.loads(saved.read_text())["reasons"].items():
+            saved_report.counts[reason] = entry["count"]
+            saved_report.examples[reason] = entry["examples"]
+        report.merge(saved_report)
+
+
+class CachedPairs(torch.utils.data.Dataset):
+    """Patch pairs of one cached split, as uint8 CHW tensors read from memory maps.
+
+    ``__getitems__`` serves a whole batch with one fancy-index per array, so a
+    DataLoader with ``batch_size`` set pays no per-sample Python overhead.
+    """
+
+    def __init__(self, folders: Sequence[Path]):
+        self.parts = []
+        meta: list[dict] = []
+        for folder in folders:
+            info = json.loads((Path(folder) / "patches.json").read_text())
+            count = info["count"]
+            ctx = np.load(Path(folder) / "context.npy", mmap_mode="r")[:count]
+            det = np.load(Path(folder) / "detail.npy", mmap_mode="r")[:count]
+            offset = len(meta)
+            for m in info["patches"]:
+                meta.append({**m, "image": f"{folder}:{m['image']}", "part": len(self.parts)})
+            self.parts.append((offset, ctx, det))
+        self.meta = meta
+        self.labels = torch.tensor([m["label"] for m in meta], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[int]):
+        """A batch: (context uint8 (B,3,Hc,Wc), detail uint8 (B,3,Hd,Wd), labels, indices)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        ctx, det = self._gather(idx)
+        to_chw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731 - NHWC memory: a free channels-last view
+        return to_chw(ctx), to_chw(det), self.labels[idx], torch.from_numpy(idx)
+
+    def _gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.parts) == 1:
+            _, ctx, det = self.parts[0]
+            order = np.argsort(idx, kind="stable")  # sorted reads are sequential on disk
+            out_c, out_d = ctx[idx[order]], det[idx[order]]
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+            return out_c[inverse], out_d[inverse]
+        part_of = np.array([self.meta[i]["part"] for i in idx])
+        ctxs, dets = [], []
+        for i, p in zip(idx, part_of):
+            offset, ctx, det = self.parts[p]
+            ctxs.append(ctx[i - offset]), dets.append(det[i - offset])
+        return np.stack(ctxs), np.stack(dets)
+
+
+def collate_batch(batch):
+    """Identity collate: ``__getitems__`` already returns a batch."""
+    return batch

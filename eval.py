@@ -1,0 +1,39 @@
+"""Evaluate a checkpoint on a split of the data (default: the run's own test split).
+
+    python eval.py --checkpoint runs/demo/checkpoint.pt [--data PATH] [--split test] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fedsim.config import ConfigError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate a fedsim checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train.py")
+    parser.add_argument("--data", help="data to evaluate on (default: the data the run was trained on)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                        help="patient-level split to evaluate (default test; 'all' for external data)")
+    parser.add_argument("--out", help="folder for eval.json and confusion_matrix.png (default: the checkpoint's folder)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of patients for the CIs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from fedsim.evaluate import EvalError, evaluate_checkpoint
+
+    try:
+        evaluate_checkpoint(args)
+    except (EvalError, ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"eval.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

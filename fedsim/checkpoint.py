@@ -1,0 +1,85 @@
+"""Atomic checkpoints of the global model, keeping the last k, loadable with ``weights_only=True``."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+_ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (missing, corrupt, another config)."""
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file, flush, fsync, rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_round(state: dict[str, Any], out: str | Path, round_index: int, keep: int) -> Path:
+    """Write ``checkpoints/round-NNNN.pt``, point ``checkpoint.pt`` at it, keep the last ``keep``."""
+    out = Path(out)
+    path = out / "checkpoints" / f"round-{round_index + 1:04d}.pt"
+    save_atomic(state, path)
+    _link_latest(path, out / "checkpoint.pt")
+    for old in list_rounds(out)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _link_latest(source: Path, latest: Path) -> None:
+    """Make ``latest`` the same file as ``source`` (a hard link; a copy where links fail)."""
+    tmp = latest.with_name(f".{latest.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        save_atomic(torch.load(source, map_location="cpu", weights_only=True), tmp)
+    os.replace(tmp, latest)
+
+
+def list_rounds(out: str | Path) -> list[Path]:
+    """Round checkpoints in round order."""
+    folder = Path(out) / "checkpoints"
+    files = [p for p in folder.glob("round-*.pt") if _ROUND_FILE.search(p.name)] if folder.is_dir() else []
+    return sorted(files, key=lambda p: int(_ROUND_FILE.search(p.name).group(1)))
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``) with a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or "model" not in state or "round" not in state:
+        raise CheckpointError(f"checkpoint {path} does not hold a fedsim model state")
+    return state
+
+
+def load_latest_usable(out: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
+    """The newest round checkpoint that loads, falling back past corrupt ones; None if there is none."""
+    candidates = list(reversed(list_rounds(out)))
+    if not candidates and (Path(out) / "checkpoint.pt").is_file():
+        candidates = [Path(out) / "checkpoint.pt"]
+    for path in candidates:
+        try:
+            return load(path, map_location), path
+        except CheckpointError as err:
+            log.warning("%s; trying an older checkpoint", err)
+    return None

@@ -1,0 +1,133 @@
+"""One hospital's local work: epochs of Adam with MixUp and the FedProx term, and evaluation.
+
+The training step is a plain PyTorch loop; the federation adds one fused op
+per optimizer step (the proximal gradient on the flat gradient buffer).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from data.augment import colour_jitter, mixup, random_dihedral, to_float
+from fedsim.flat import FlatModel
+from fedsim.prox import add_proximal_grad_, proximal_value
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a local epoch needs to know, resolved once per run."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    mu: float
+    mixup_alpha: float
+    augment: bool
+    grad_accum: int
+
+
+@dataclass
+class EpochResult:
+    """Figures of one local epoch."""
+
+    loss: float
+    samples: int
+    steps: int
+    finite: bool
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam (L2 weight decay) over the model's parameters, foreach kernels (no per-tensor Python)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def autocast(settings: StepSettings):
+    """bf16 autocast on the device when asked, else nothing."""
+    if settings.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(settings.device.type, dtype=settings.amp_dtype)
+
+
+def to_device(batch: torch.Tensor, settings: StepSettings) -> torch.Tensor:
+    """uint8 batch -> normalized float on the device (non-blocking from pinned memory)."""
+    batch = batch.to(settings.device, non_blocking=True)
+    if settings.channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return to_float(batch)
+
+
+def train_epoch(model: nn.Module, flat: FlatModel, optimizer: torch.optim.Optimizer, loader: Iterable,
+                anchor: torch.Tensor | None, settings: StepSettings, rng: torch.Generator,
+                grad_hook: Callable[[torch.Tensor], None] | None = None, desc: str = "", show: bool = False) -> EpochResult:
+    """One pass over the loader; returns the mean (mixed) cross-entropy.
+
+    Args:
+        anchor: Global weights of the round (flat) for the proximal term; None = no term.
+        grad_hook: Called on the flat gradient before the step (centralized mode averages it across ranks).
+    """
+    model.train()
+    total_loss = torch.zeros((), device=settings.device)
+    samples = steps = 0
+    batches = tqdm(loader, desc=desc, leave=False, disable=None if show else True, dynamic_ncols=True)
+    for micro, (context, detail, labels, _) in enumerate(batches, start=1):
+        loss = _forward_loss(model, context, detail, labels, settings, rng)
+        (loss / settings.grad_accum).backward()
+        total_loss += loss.detach() * labels.shape[0]
+        samples += labels.shape[0]
+        if micro % settings.grad_accum == 0 or micro == len(loader):
+            _optimizer_step(flat, optimizer, anchor, settings, grad_hook)
+            steps += 1
+    mean_loss = float(total_loss) / max(samples, 1)  # one device sync per epoch, not per step
+    return EpochResult(mean_loss, samples, steps, math.isfinite(mean_loss))
+
+
+def _forward_loss(model: nn.Module, context, detail, labels, settings: StepSettings, rng: torch.Generator) -> torch.Tensor:
+    context, detail = to_device(context, settings), to_device(detail, settings)
+    labels = labels.to(settings.device, non_blocking=True)
+    if settings.augment:
+        context, detail = random_dihedral(context, detail, rng)
+        context, detail = colour_jitter(context, detail, rng)
+    context, detail, y_a, y_b, lam = mixup(context, detail, labels, settings.mixup_alpha, rng)
+    with autocast(settings):
+        logits = model(context, detail).float()
+    if lam == 1.0:
+        return F.cross_entropy(logits, y_a)
+    return lam * F.cross_entropy(logits, y_a) + (1 - lam) * F.cross_entropy(logits, y_b)
+
+
+def _optimizer_step(flat: FlatModel, optimizer, anchor, settings: StepSettings, grad_hook) -> None:
+    if grad_hook is not None:
+        grad_hook(flat.param_grads)
+    if anchor is not None:
+        add_proximal_grad_(flat.param_grads, flat.params, anchor, settings.mu)
+    optimizer.step()
+    flat.zero_grad()
+
+
+def local_proximal(flat: FlatModel, anchor: torch.Tensor | None, mu: float) -> float:
+    """The proximal term at the current weights."""
+    return 0.0 if anchor is None else proximal_value(flat.params, anchor, mu)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, settings: StepSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class probabilities, labels and dataset indices of every patch pair in the loader."""
+    model.eval()
+    probs, labels, indices = [], [], []
+    for context, detail, y, idx in loader:
+        with autocast(settings):
+            logits = model(to_device(context, settings), to_device(detail, settings))
+        probs.append(logits.float().softmax(dim=1).cpu())
+        labels.append(y)
+        indices.append(idx)
+    if not probs:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(indices).numpy()

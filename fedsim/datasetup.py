@@ -1,0 +1,151 @@
+"""From ``data.path`` to each rank's cached patch pairs.
+
+Every rank derives the same image list, patient-level split and hospital
+partition (they depend only on the files and the seed), so nothing about the
+data crosses ranks. Each rank then decodes, masks and normalizes the images of
+its own hospital(s) only — in federated mode no hospital touches another's
+images.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data.cache import CachedPairs, CacheSpec, build_split, default_cache_root, split_folder
+from data.datasets import SkipReport, load_records
+from data.patches import PatchSpec
+from data.records import ImageRecord
+from data.splits import count_table, hospital_names, partition, split_by_patient, write_splits_csv
+from data.synthetic import SyntheticSpec, default_root, generate
+from fedsim.config import ConfigError, RunConfig
+from fedsim.dist import DistInfo, barrier
+from fedsim.logger import write_json
+
+log = logging.getLogger(__name__)
+SYNTHETIC_HOSPITALS = 3
+
+
+@dataclass
+class HospitalData:
+    """One hospital's cached splits."""
+
+    name: str
+    index: int
+    folders: dict[str, Path] = field(default_factory=dict)
+    report: SkipReport = field(default_factory=SkipReport)
+
+    def dataset(self, split: str) -> CachedPairs:
+        return CachedPairs([self.folders[split]])
+
+
+@dataclass
+class DataPlan:
+    """What the run knows about its data."""
+
+    class_names: tuple[str, ...]
+    hospitals: list[str]
+    records: list[ImageRecord]
+    mine: list[HospitalData]
+    all_train_folders: list[Path]
+
+
+def num_hospitals(cfg: RunConfig, world_size: int) -> int:
+    """Hospitals in the federation: one per rank when federated."""
+    wanted = cfg.data.num_hospitals
+    if cfg.train.mode == "federated":
+        if wanted and wanted != world_size:
+            raise ConfigError(
+                f"data.num_hospitals = {wanted} but {world_size} rank(s) were started: "
+                f"federated mode runs one rank per hospital (use --nproc_per_node={wanted})"
+            )
+        return world_size
+    return wanted or SYNTHETIC_HOSPITALS
+
+
+def synthetic_spec(cfg: RunConfig, hospitals: int) -> SyntheticSpec:
+    """The embedded dataset's spec for this config."""
+    s = cfg.data.synthetic
+    return SyntheticSpec(num_hospitals=hospitals, patients_per_grade=s.patients_per_grade,
+                         images_per_patient=s.images_per_patient, image_size=s.image_size)
+
+
+def synthetic_root(cfg: RunConfig, spec: SyntheticSpec) -> Path:
+    """Where the embedded dataset lives: under data.cache_dir when set, else the default cache."""
+    root = default_root(spec)
+    return Path(cfg.data.cache_dir) / root.name if cfg.data.cache_dir else root
+
+
+def data_root(cfg: RunConfig, info: DistInfo, hospitals: int) -> Path:
+    """The data path, generating the embedded synthetic dataset when none is given."""
+    if cfg.data.path:
+        return Path(cfg.data.path).expanduser()
+    spec = synthetic_spec(cfg, hospitals)
+    root = synthetic_root(cfg, spec)
+    if info.local_rank == 0:  # one writer per node; the others wait at the barrier
+        generate(root, spec, progress=info.is_main)
+    barrier()
+    return root
+
+
+def plan_data(cfg: RunConfig, info: DistInfo, out: Path) -> DataPlan:
+    """Find, split, partition and cache the data this rank needs."""
+    hospitals_wanted = num_hospitals(cfg, info.world_size)
+    root = data_root(cfg, info, hospitals_wanted)
+    records, report, class_names = load_records(root, cfg.data.classes, cfg.data.patient_regex or None)
+    records = split_by_patient(records, cfg.data.split, cfg.train.seed, cfg.data.patient_regex or None)
+    records = partition(records, hospitals_wanted, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.train.seed)
+    hospitals = hospital_names(records)
+    if info.is_main:
+        write_splits_csv(records, out / "splits.csv", class_names)
+        log.info("data: %d images, classes %s\n%s", len(records), ", ".join(class_names), count_table(records, class_names))
+    mine_idx = [info.rank] if cfg.train.mode == "federated" else list(range(info.rank, len(hospitals), info.world_size))
+    mine = [_cache_hospital(cfg, records, hospitals[i], i, info) for i in mine_idx]
+    if info.is_main:
+        mine and mine[0].report.merge(report)  # file-level skips are counted once, on rank 0
+    barrier()  # centralized ranks read the caches others built
+    train_folders = [_folder(cfg, records, h, "train") for h in hospitals]
+    return DataPlan(class_names, hospitals, records, mine, train_folders)
+
+
+def cache_spec(cfg: RunConfig, split: str) -> CacheSpec:
+    d = cfg.data
+    patch = PatchSpec(d.context_size, d.detail_size, d.context_fov, d.min_tissue)
+    per_image = d.patches_per_image if split == "train" else d.eval_patches_per_image
+    return CacheSpec(patch, per_image, d.stain, d.stain_reference, cfg.train.seed)
+
+
+def cache_root(cfg: RunConfig) -> Path:
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_root() / "patches"
+
+
+def _of(records: list[ImageRecord], hospital: str, split: str) -> list[ImageRecord]:
+    return [r for r in records if r.hospital == hospital and r.split == split]
+
+
+def _folder(cfg: RunConfig, records: list[ImageRecord], hospital: str, split: str) -> Path:
+    return split_folder(_of(records, hospital, split), cache_spec(cfg, split), cache_root(cfg), f"{hospital}-{split}")
+
+
+def _cache_hospital(cfg: RunConfig, records: list[ImageRecord], hospital: str, index: int, info: DistInfo) -> HospitalData:
+    data = HospitalData(hospital, index)
+    for split in ("train", "val", "test"):
+        chosen = _of(records, hospital, split)
+        if not chosen:
+            if split == "train":
+                raise ConfigError(f"hospital {hospital} has no training images; use fewer hospitals or more data")
+            log.warning("hospital %s has no %s images: its %s figures will be empty", hospital, split, split)
+            continue
+        data.folders[split] = build_split(chosen, cache_spec(cfg, split), cache_root(cfg), data.report,
+                                          name=f"{hospital}-{split}", progress=info.local_rank == 0)
+    return data
+
+
+def write_data_report(out: Path, reports: list[dict]) -> None:
+    """``OUT/data_report.json``: skipped files by reason, per hospital and in total."""
+    total: dict[str, int] = {}
+    for entry in reports:
+        for reason, item in entry["report"]["reasons"].items():
+            total[reason] = total.get(reason, 0) + item["count"]
+    write_json(out / "data_report.json", {"total_skipped": sum(total.values()), "by_reason": total,
+                                          "hospitals": reports})

@@ -1,0 +1,99 @@
+"""Offline evaluation of a checkpoint: image- and patch-level metrics with patient-bootstrap CIs."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from data.cache import CachedPairs, build_split, collate_batch
+from data.datasets import SkipReport, load_records
+from data.splits import split_by_patient
+from data.synthetic import generate
+from fedsim import checkpoint, metrics
+from fedsim.client import StepSettings, predict
+from fedsim.config import from_dict
+from fedsim.datasetup import cache_root, cache_spec, synthetic_root, synthetic_spec
+from fedsim.dist import choose_backend
+from fedsim.logger import setup_logging, write_json
+from models import build_model
+
+log = logging.getLogger("fedsim.eval")
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot run (bad checkpoint, empty split)."""
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the evaluation described by eval.py's arguments; returns the eval.json content."""
+    setup_logging("eval")
+    try:
+        state = checkpoint.load(args.checkpoint)
+    except checkpoint.CheckpointError as err:
+        raise EvalError(str(err)) from None
+    cfg = from_dict(state["config"])
+    class_names = list(state["class_names"])
+    _, device, _ = choose_backend(args.device, 1)
+    model = build_model(cfg.model.backbone, cfg.model.scales, len(class_names), cfg.model.hidden, cfg.model.dropout)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    dataset = _dataset(cfg, args, class_names, len(state["hospitals"]))
+    settings = StepSettings(device, torch.bfloat16 if device.type == "cuda" else None, device.type == "cuda",
+                            0.0, 0.0, False, 1)
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_batch)
+    probs, labels, idx = predict(model, loader, settings)
+    result = summaries(dataset, probs, labels, idx, class_names, args.bootstrap, cfg.train.seed)
+    result.update(checkpoint=str(args.checkpoint), split=args.split, round=int(state["round"]) + 1)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "eval.json", result)
+    metrics.save_confusion_matrix_png(np.asarray(result["image"]["confusion_matrix"]), class_names,
+                                      out / "confusion_matrix.png", title=f"{args.split} split, image level")
+    print(metrics.format_report(result["image"], title=f"Image level ({args.split} split)"))
+    print(metrics.format_report(result["patch"], title=f"Patch level ({args.split} split)"))
+    print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
+    return result
+
+
+def _dataset(cfg, args: argparse.Namespace, class_names: list[str], hospitals: int) -> CachedPairs:
+    root = Path(args.data) if args.data else _data_root(cfg, hospitals)
+    records, report, names = load_records(root, cfg.data.classes, cfg.data.patient_regex or None)
+    if list(names) != class_names:
+        raise EvalError(f"the data's classes {list(names)} differ from the checkpoint's {class_names}")
+    if args.split != "all":
+        records = split_by_patient(records, cfg.data.split, cfg.train.seed, cfg.data.patient_regex or None)
+        records = [r for r in records if r.split == args.split]
+    if not records:
+        raise EvalError(f"no images in the {args.split} split of {root}")
+    folder = build_split(records, cache_spec(cfg, "test"), cache_root(cfg), SkipReport(), name=f"eval-{args.split}")
+    return CachedPairs([folder])
+
+
+def _data_root(cfg, hospitals: int) -> Path:
+    """The run's data; the embedded dataset is regenerated (identically) if its cache was cleared."""
+    if cfg.data.path:
+        return Path(cfg.data.path)
+    spec = synthetic_spec(cfg, hospitals)
+    return generate(synthetic_root(cfg, spec), spec, progress=False).parent
+
+
+def summaries(dataset: CachedPairs, probs, labels, idx, class_names, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Image-level (patch probabilities averaged) and patch-level metric summaries of predictions."""
+    meta = [dataset.meta[i] for i in idx]
+    patch = metrics.summarize(labels, probs, list(class_names), magnifications=[m["magnification"] for m in meta],
+                              hospitals=[m["hospital"] for m in meta], patients=[m["patient"] for m in meta],
+                              n_boot=n_boot, seed=seed)
+    images = [m["image"] for m in meta]
+    image_probs, order = metrics.aggregate_image_probs(probs, images)
+    first = {m["image"]: m for m in reversed(meta)}
+    image = metrics.summarize([first[i]["label"] for i in order], image_probs, list(class_names),
+                              magnifications=[first[i]["magnification"] for i in order],
+                              hospitals=[first[i]["hospital"] for i in order],
+                              patients=[first[i]["patient"] for i in order], n_boot=n_boot, seed=seed)
+    image["n_images"], patch["n_patches"] = len(order), len(meta)
+    return {"image": image, "patch": patch, "n_images": len(order), "n_patches": len(meta)}

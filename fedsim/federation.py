@@ -1,0 +1,322 @@
+"""The round loop: local epochs -> drift -> fedavg -> evaluate -> gather -> log -> checkpoint.
+
+Every rank runs this same loop for its own hospital. The only things that
+cross ranks are the model's flat buffer (one all-reduce per round) and one
+small dict of scalar figures per client (gathered to rank 0 for logging).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from data.cache import CachedPairs, collate_batch
+from fedsim import checkpoint, metrics
+from fedsim.aggregate import allreduce_mean_, fedavg
+from fedsim.client import StepSettings, local_proximal, make_optimizer, predict, train_epoch
+from fedsim.config import ConfigError, RunConfig, save
+from fedsim.datasetup import DataPlan, HospitalData, plan_data, write_data_report
+from fedsim.dist import DistInfo, gather_figures
+from fedsim.drift import DriftTracker
+from fedsim.evaluate import summaries
+from fedsim.flat import flatten
+from fedsim.logger import RunLogger, format_round, write_json
+from fedsim.seeding import derive_seed, generator
+from models import build_model, check_backbone
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientState:
+    """What one rank trains on this round."""
+
+    hospital: HospitalData | None  # None in centralized mode (the rank trains on a shard of the union)
+    train: CachedPairs
+    train_indices: np.ndarray | None
+
+
+class Federation:
+    """One rank's view of a federated (or centralized) run."""
+
+    def __init__(self, cfg: RunConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.out = Path(cfg.out)
+        check_backbone(cfg.model.backbone)
+        self.plan: DataPlan = plan_data(cfg, info, self.out)
+        self.settings = _step_settings(cfg, info)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model.backbone, cfg.model.scales, len(self.plan.class_names),
+                            cfg.model.hidden, cfg.model.dropout, cfg.model.pretrained)
+        model = model.to(info.device)
+        self.flat = flatten(model, local_bn=cfg.train.bn == "local", channels_last=self.settings.channels_last)
+        self.model = model
+        self.forward_model = torch.compile(model) if cfg.train.compile else model
+        self.client = self._client_state()
+        self.logger = RunLogger(self.out, enabled=info.is_main)
+        self.start_round = self._maybe_resume()
+        self._report_data()
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    def _client_state(self) -> ClientState:
+        if self.cfg.train.mode == "federated":
+            hospital = self.plan.mine[0]
+            return ClientState(hospital, hospital.dataset("train"), None)
+        union = CachedPairs(self.plan.all_train_folders)
+        shard = np.arange(self.info.rank, len(union), self.info.world_size)
+        return ClientState(None, union, shard)
+
+    def _maybe_resume(self) -> int:
+        found = checkpoint.load_latest_usable(self.out) if (self.out / "checkpoints").is_dir() else None
+        if found is None:
+            if self.cfg.train.resume:
+                log.warning("--resume: no checkpoint in %s, starting from round 1", self.out)
+            return 0
+        state, path = found
+        if state.get("config_digest") != self.cfg.digest():
+            raise ConfigError(
+                f"{path} was written by a run with another config; use a new --out or the same settings to resume"
+            )
+        self.model.load_state_dict(state["model"])  # copies into the flat views, keeping them bound
+        self._load_local_state(state["round"])
+        log.info("resuming after round %d from %s", state["round"] + 1, path)
+        return state["round"] + 1
+
+    def _report_data(self) -> None:
+        reports = gather_figures({"hospitals": [h.name for h in self.plan.mine],
+                                  "report": [h.report.to_dict() for h in self.plan.mine]})
+        if self.info.is_main:
+            flat_reports = [{"hospital": name, "report": rep} for r in reports
+                            for name, rep in zip(r["hospitals"], r["report"])]
+            write_data_report(self.out, flat_reports)
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """All remaining rounds, then the final test evaluation."""
+        for round_index in range(self.start_round, self.cfg.train.rounds):
+            self.round(round_index)
+        self.finish()
+
+    def round(self, r: int) -> None:
+        """One communication round."""
+        started = time.perf_counter()
+        anchor = self.flat.params.detach().clone()  # the global weights this round starts from
+        figures = self._local_work(r, anchor)
+        tracker = DriftTracker(self.flat, anchor)
+        if self.cfg.train.mode == "federated":
+            figures["val_acc_local"], _ = self._val_accuracy(self.client.hospital)
+        weight = figures["num_samples"] if figures["status"] == "ok" else 0
+        total = fedavg(self.model, weight, bn=self.cfg.train.bn)
+        figures.update(tracker.after_aggregation(self.flat))
+        figures["weights_checksum"] = _checksum(self.flat.reduced)
+        self._gather_and_log(r, figures, total, tracker, started)
+
+    def _local_work(self, r: int, anchor: torch.Tensor) -> dict[str, Any]:
+        cfg, client = self.cfg.train, self.client
+        index = self.info.rank
+        figures: dict[str, Any] = {"rank": index, "num_samples": self._num_train(), "status": "ok"}
+        if cfg.mode == "federated":
+            figures["hospital"] = client.hospital.name
+        chance = np.random.default_rng(derive_seed(cfg.seed, r, index, "participation"))
+        dropped, straggle = chance.random() < cfg.dropout, chance.random() < cfg.straggler
+        epochs = cfg.local_epochs
+        if straggle and cfg.local_epochs > 1:
+            epochs = int(chance.integers(1, cfg.local_epochs))
+            figures["status"] = "straggler"
+        if dropped and cfg.mode == "federated":
+            figures.update(status="dropped", epochs=0, train_loss=None, prox=0.0)
+            return figures
+        figures.update(self._train_epochs(r, epochs, anchor))
+        return figures
+
+    def _train_epochs(self, r: int, epochs: int, anchor: torch.Tensor) -> dict[str, Any]:
+        cfg = self.cfg.train
+        federated = cfg.mode == "federated"
+        optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)  # clients keep no state across rounds
+        prox_anchor = anchor if federated and cfg.mu > 0 else None
+        hook = None if federated or self.info.world_size == 1 else allreduce_mean_
+        rng = generator(cfg.seed, r, self.info.rank, "augment")
+        result = None
+        for epoch in range(epochs):
+            loader = self._train_loader(r, epoch)
+            desc = f"round {r + 1}/{cfg.rounds} epoch {epoch + 1}/{epochs}"
+            result = train_epoch(self.forward_model, self.flat, optimizer, loader, prox_anchor, self.settings, rng,
+                                 grad_hook=hook, desc=desc, show=self.info.is_main)
+            if not result.finite:
+                break
+        finite = result.finite and bool(torch.isfinite(self.flat.params).all())
+        if not finite:
+            # A diverged client restarts from the global model and sits this round out.
+            with torch.no_grad():
+                self.flat.params.copy_(anchor)
+            log.warning("local update is not finite (loss %s): contributing weight 0 this round", result.loss)
+        return {"epochs": epochs, "train_loss": result.loss, "status": "ok" if finite else "diverged",
+                "prox": local_proximal(self.flat, prox_anchor, cfg.mu)}
+
+    def _train_loader(self, r: int, epoch: int) -> DataLoader:
+        client, cfg = self.client, self.cfg
+        shuffle = generator(cfg.train.seed, r, self.info.rank, f"shuffle-{epoch}")
+        if client.train_indices is None:
+            sampler = RandomSampler(client.train, generator=shuffle)
+        else:
+            order = torch.randperm(len(client.train_indices), generator=shuffle)
+            sampler = client.train_indices[order.numpy()].tolist()
+        return DataLoader(client.train, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate_batch,
+                          num_workers=cfg.data.num_workers, pin_memory=self.info.device.type == "cuda",
+                          persistent_workers=False)
+
+    def _num_train(self) -> int:
+        client = self.client
+        return len(client.train) if client.train_indices is None else len(client.train_indices)
+
+    # ---- evaluation and logging ----------------------------------------------------------
+
+    def _eval_loader(self, dataset: CachedPairs) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.cfg.train.batch_size * 2, collate_fn=collate_batch,
+                          num_workers=self.cfg.data.num_workers, pin_memory=self.info.device.type == "cuda")
+
+    def _predict(self, dataset: CachedPairs):
+        return predict(self.forward_model, self._eval_loader(dataset), self.settings)
+
+    def _val_accuracy(self, hospital: HospitalData) -> tuple[float | None, int]:
+        """Image-level accuracy on the hospital's validation split, and its number of images."""
+        if "val" not in hospital.folders:
+            return None, 0
+        dataset = hospital.dataset("val")
+        probs, labels, idx = self._predict(dataset)
+        result = image_level(dataset, probs, labels, idx)
+        return result["accuracy"], result["n"]
+
+    def _gather_and_log(self, r: int, figures: dict[str, Any], total: int, tracker: DriftTracker, started: float) -> None:
+        clients = []
+        if self.cfg.train.mode == "federated":
+            figures["val_acc_global"], figures["num_val"] = self._val_accuracy(self.client.hospital)
+            clients.append(figures)
+        else:
+            for hospital in self.plan.mine:
+                acc, n = self._val_accuracy(hospital)
+                clients.append({**figures, "hospital": hospital.name, "val_acc_global": acc, "num_val": n})
+        gathered = gather_figures({"clients": clients, "layer_drift": tracker.layer_drift()})
+        self._save_local_state(r)
+        if not self.info.is_main:
+            return
+        all_clients = [c for g in gathered for c in g["clients"]]
+        record = {"round": r, "rounds": self.cfg.train.rounds, "mode": self.cfg.train.mode,
+                  "clients": all_clients, "global": _global_figures(all_clients, total),
+                  "seconds": time.perf_counter() - started}
+        self._checkpoint(r)
+        self.logger.log_round(record)
+        for g, client in zip(gathered, (g["clients"][0] for g in gathered)):
+            self.logger.histogram(f"client/{client['hospital']}/layer_drift", np.asarray(g["layer_drift"]), r)
+        log.info(format_round(record))
+
+    def _checkpoint(self, r: int) -> None:
+        state = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                 "round": r, "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
+                 "class_names": list(self.plan.class_names), "hospitals": list(self.plan.hospitals)}
+        checkpoint.save_round(state, self.out, r, self.cfg.train.keep_checkpoints)
+
+    def _local_path(self) -> Path:
+        return self.out / "clients" / f"rank{self.info.rank}.pt"
+
+    def _save_local_state(self, r: int) -> None:
+        """Under FedBN each client's BatchNorm tensors are its own: saved by that rank."""
+        if self.cfg.train.bn != "local":
+            return
+        local = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if _is_bn_key(self.model, k)}
+        checkpoint.save_atomic({"round": r, "model": local}, self._local_path())
+
+    def _load_local_state(self, r: int) -> None:
+        if self.cfg.train.bn != "local":
+            return
+        state = checkpoint.load(self._local_path())
+        if state["round"] != r:
+            raise checkpoint.CheckpointError(f"{self._local_path()} is from round {state['round'] + 1}, not {r + 1}")
+        self.model.load_state_dict(state["model"], strict=False)
+
+    def finish(self) -> None:
+        """Test the final global model at every hospital; rank 0 writes final.json."""
+        results = []
+        for hospital in self.plan.mine:
+            if "test" not in hospital.folders:
+                continue
+            dataset = hospital.dataset("test")
+            probs, labels, idx = self._predict(dataset)
+            results.append({"hospital": hospital.name,
+                            **summaries(dataset, probs, labels, idx, self.plan.class_names, seed=self.cfg.train.seed)})
+        gathered = gather_figures({"results": results})
+        if self.info.is_main:
+            per_hospital = [res for g in gathered for res in g["results"]]
+            final = final_report(per_hospital, self.plan.class_names)
+            write_json(self.out / "final.json", final)
+            log.info("final test accuracy %.3f (image level) over %d images; per hospital %s",
+                     final["accuracy"], final["n_images"], final["per_hospital_accuracy"])
+        self.logger.close()
+
+
+def _step_settings(cfg: RunConfig, info: DistInfo) -> StepSettings:
+    cuda = info.device.type == "cuda"
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    if cfg.train.compile and not cuda:
+        log.info("torch.compile on CPU: expect a long first step")
+    return StepSettings(device=info.device, amp_dtype=torch.bfloat16 if precision == "bf16" else None,
+                        channels_last=cuda, mu=cfg.train.mu, mixup_alpha=cfg.train.mixup_alpha,
+                        augment=cfg.data.augment, grad_accum=cfg.train.grad_accum)
+
+
+def _checksum(values: torch.Tensor) -> list[float]:
+    """Two float64 moments of the aggregated weights: equal on every rank iff they agree (up to chance)."""
+    v = values.detach().double()
+    ramp = torch.linspace(0, 1, v.numel(), dtype=torch.float64, device=v.device)
+    return [float(v.sum()), float((v * ramp).sum())]
+
+
+def _is_bn_key(model: torch.nn.Module, key: str) -> bool:
+    module_name = key.rsplit(".", 1)[0]
+    module = dict(model.named_modules()).get(module_name)
+    return module is not None and isinstance(module, torch.nn.modules.batchnorm._NormBase)
+
+
+def _global_figures(clients: list[dict[str, Any]], total: int) -> dict[str, Any]:
+    drifts = [c["drift"] for c in clients if c.get("drift") is not None and c["status"] != "dropped"]
+    accs = [(c["val_acc_global"], c["num_val"]) for c in clients if c.get("val_acc_global") is not None]
+    losses = [(c["train_loss"], c["num_samples"]) for c in clients if c.get("train_loss") is not None]
+    weighted = lambda pairs: sum(a * n for a, n in pairs) / max(sum(n for _, n in pairs), 1) if pairs else None  # noqa: E731
+    return {"val_acc": weighted(accs), "train_loss": weighted(losses), "samples_aggregated": total,
+            "drift_spread": (max(drifts) - min(drifts)) if drifts else None,
+            "update_norm": clients[0].get("global_update_norm") if clients else None,
+            "clients_aggregated": sum(c["status"] in ("ok", "straggler") for c in clients)}
+
+
+def image_level(dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> dict[str, Any]:
+    """Image-level accuracy: the mean of each image's patch probabilities."""
+    images = [dataset.meta[i]["image"] for i in idx]
+    image_probs, order = metrics.aggregate_image_probs(probs, images)
+    first = {img: labels[k] for k, img in reversed(list(enumerate(images)))}
+    y = np.array([first[img] for img in order])
+    return {"accuracy": float((image_probs.argmax(1) == y).mean()) if len(y) else float("nan"), "n": len(y)}
+
+
+def final_report(per_hospital: list[dict[str, Any]], class_names) -> dict[str, Any]:
+    """Pool the hospitals' confusion matrices (no per-image data crosses ranks) into overall figures."""
+    out: dict[str, Any] = {"hospitals": {h["hospital"]: {"image": h["image"], "patch": h["patch"]} for h in per_hospital}}
+    for level in ("image", "patch"):
+        cm = sum(np.asarray(h[level]["confusion_matrix"]) for h in per_hospital)
+        out[level] = {"accuracy": metrics.accuracy(cm), "balanced_accuracy": metrics.balanced_accuracy(cm),
+                      "macro_f1": metrics.macro_f1(cm), "qwk": metrics.quadratic_weighted_kappa(cm),
+                      "per_class_recall": dict(zip(class_names, metrics.per_class_recall(cm).tolist())),
+                      "confusion_matrix": cm.tolist(), "n": int(cm.sum())}
+    out["accuracy"] = out["image"]["accuracy"]
+    out["n_images"] = out["image"]["n"]
+    out["per_hospital_accuracy"] = {h["hospital"]: h["image"]["accuracy"] for h in per_hospital}
+    return out

@@ -1,0 +1,53 @@
+"""Run lifecycle: logging, process group, the federation, teardown — and one-line errors."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from fedsim.config import ConfigError, RunConfig, save
+from fedsim.dist import init_distributed, teardown
+from fedsim.logger import setup_logging
+
+log = logging.getLogger("fedsim")
+
+#: Errors that mean "the input or the settings are wrong": one line, exit code 2, no traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
+
+
+@record
+def run_training(cfg: RunConfig) -> int:
+    """Train under the config; returns the process exit code."""
+    setup_logging(os.environ.get("RANK", "0"))
+    info = None
+    try:
+        info = init_distributed(cfg.train.device, cfg.train.timeout_s)
+        setup_logging(info.rank)
+        _prepare_out(cfg, info.is_main)
+        if info.is_main:
+            log.info("%d rank(s), backend %s on %s (%s); mode %s, %s backbone, scales %s",
+                     info.world_size, info.backend, info.device, info.reason, cfg.train.mode,
+                     cfg.model.backbone, cfg.model.scales)
+        from fedsim.federation import Federation
+
+        federation = Federation(cfg, info)
+        setup_logging(info.rank, federation.client.hospital.name if federation.client.hospital else "pooled")
+        federation.run()
+        return 0
+    except USER_ERRORS as err:
+        print(f"train.py: error (rank {info.rank if info else os.environ.get('RANK', 0)}): {err}", file=sys.stderr)
+        return 2
+    finally:
+        teardown()
+
+
+def _prepare_out(cfg: RunConfig, is_main: bool) -> None:
+    out = Path(cfg.out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save(cfg, out / "config.json")
+    torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -1,0 +1,62 @@
+"""Dual/single-stream output shapes; the real ResNetRS50 is built once to check its shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import DualStreamNet, build_model, check_backbone, load_pretrained
+
+
+@pytest.mark.parametrize("scales, streams", [("dual", 2), ("context", 1), ("detail", 1)])
+def test_output_shapes(scales, streams):
+    # Prepare
+    model = build_model("test_resnet", scales=scales, num_classes=3, hidden=16).eval()
+    context, detail = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 48, 48)
+
+    # Execute
+    logits = model(context, detail)
+    probs = model.predict_proba(context, detail)
+
+    # Assert
+    assert logits.shape == (2, 3)
+    assert len(model.streams) == streams
+    assert model.head[0].in_features == streams * getattr(model, model.streams[0]).num_features
+    torch.testing.assert_close(probs.sum(1), torch.ones(2))
+
+
+def test_single_stream_ignores_the_other_input():
+    model = build_model("test_resnet", scales="detail", num_classes=3, hidden=8).eval()
+    torch.testing.assert_close(model(None, torch.ones(1, 3, 32, 32)), model(torch.zeros(1, 3, 9, 9), torch.ones(1, 3, 32, 32)))
+
+
+def test_resnetrs50_dual_stream_shapes():
+    # The real backbone: 2048 features per stream, 4096 into the head.
+    model = DualStreamNet("resnetrs50", "dual", num_classes=3).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 320, 320), torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 3)
+    assert model.head[0].in_features == 4096
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a timm model"):
+        check_backbone("resnet_does_not_exist")
+
+
+def test_pretrained_backbone_weights_load_into_both_streams(tmp_path):
+    # Prepare: a backbone state dict saved locally (nothing is downloaded)
+    import timm
+
+    torch.manual_seed(1)
+    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    path = tmp_path / "backbone.pt"
+    torch.save(backbone.state_dict(), path)
+    model = build_model("test_resnet", num_classes=3, hidden=8)
+
+    # Execute
+    load_pretrained(model, path)
+
+    # Assert
+    for stream in (model.context, model.detail):
+        for key, value in backbone.state_dict().items():
+            torch.testing.assert_close(stream.state_dict()[key], value)
