@@ -145,9 +145,9 @@ def split_by_patient(
     seed: int = 0,
     patient_regex: str | None = None,
 ) -> list[ImageRecord]:
-    """Assign train/val/test by patient, stratified by grade.
+    """Assign train/val/test by patient, stratified by hospital and grade.
 
-    Patients (grade = majority label of their images) are shuffled per grade with
+    Patients (grade = majority label of their images) are shuffled per (hospital, grade) with
     the seed and cut by ``fractions``; each split with a positive fraction gets at
     least one patient of every grade that has three or more. When every record
     already has a split (a manifest column) it is kept as it is.
@@ -175,10 +175,13 @@ def split_by_patient(
                          "give a split for all of them or for none")
     shares = _check_fractions(fractions)
     grades = patient_grades(records)
+    # Stratify within each hospital when hospitals are known, so that every
+    # hospital (client) gets validation and test patients of every grade.
+    hospital_of = {p: _majority(r.hospital for r in rs) for p, rs in _by_patient(records).items()}
     split_of: dict[str, str] = {}
-    for grade in sorted(set(grades.values())):
-        patients = sorted(p for p, g in grades.items() if g == grade)
-        random.Random(f"split:{seed}:{grade}").shuffle(patients)
+    for hospital, grade in sorted({(hospital_of[p], g) for p, g in grades.items()}):
+        patients = sorted(p for p, g in grades.items() if g == grade and hospital_of[p] == hospital)
+        random.Random(f"split:{seed}:{hospital}:{grade}").shuffle(patients)
         start = 0
         for split, count in zip(SPLITS, _split_counts(len(patients), shares)):
             split_of.update((p, split) for p in patients[start:start + count])

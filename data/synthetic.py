@@ -306,30 +306,38 @@ def _noise(rng: np.random.Generator, size: int, cells_y: float, cells_x: float |
 def _fibres(rng: np.random.Generator, size: int, unit: float) -> tuple[np.ndarray, float]:
     """Streaky collagen texture in about [0, 1], and the direction of its streaks (radians).
 
-    The streaks are drawn and turned at half resolution, then enlarged: turning
-    is the costly step and the texture is smooth anyway.
+    A small grid of random values, long along the fibres and short across
+    them, is mapped onto a half-resolution image turned by a random angle, then
+    enlarged: turning is the costly step and the texture is smooth anyway.
     """
     half = max(size // 2, 2)
-    big = int(half * 1.42) + 2  # room to turn without empty corners
-    across = big / max(2.0 * unit, 1.0)
-    along = big / max(35.0 * unit, 2.0)
-    degrees = float(rng.uniform(0, 180))
-    streaks = Image.fromarray(_noise(rng, big, across, along)).rotate(degrees, Image.BILINEAR)
-    start = (big - half) // 2
-    turned = streaks.crop((start, start, start + half, start + half))
-    fibres = np.asarray(turned.resize((size, size), Image.BICUBIC))
-    # PIL turns counter-clockwise on screen, i.e. clockwise in (x, y-down) coordinates.
-    return fibres, -math.radians(degrees)
+    span = 1.42 * half  # the image diagonal, so the turned grid covers every corner
+    across = int(min(max(span / max(2.0 * unit, 1.0), 2), half))
+    along = int(max(span / max(35.0 * unit, 2.0), 2))
+    theta = float(rng.uniform(0.0, np.pi))
+    c, s = math.cos(theta), math.sin(theta)
+    k_along, k_across, mid = along / span, across / span, half / 2.0
+    # Output (x, y) -> grid (along, across): a rotation, a scaling and a shift.
+    affine = (c * k_along, s * k_along, along / 2.0 - mid * (c + s) * k_along,
+              -s * k_across, c * k_across, across / 2.0 - mid * (c - s) * k_across)
+    grid = Image.fromarray(rng.random((across, along), dtype=np.float32))
+    turned = grid.transform((half, half), Image.AFFINE, affine, resample=Image.BILINEAR)
+    return np.asarray(turned.resize((size, size), Image.BICUBIC)), theta
 
 
-def _tissue_mask(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Soft mask of the tissue section: ragged edges and holes, 65-95 % of the image."""
+def _tissue_mask(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Soft mask of the tissue section (ragged edges and holes, 65-95 % of the image).
+
+    Returns:
+        The mask and the smooth field it was cut from, which doubles as the
+        section's thickness (thicker away from its edges).
+    """
     field = 0.65 * _noise(rng, size, 4) + 0.28 * _noise(rng, size, 9) + 0.07 * _noise(rng, size, 40)
     # A tilt pushes the glass to one side, like the edge of a section.
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32) * rng.uniform(0.0, 0.35)
     field += ramp[None, :] if rng.random() < 0.5 else ramp[:, None]
     cut = np.quantile(field[::4, ::4], 1.0 - rng.uniform(0.65, 0.95))
-    return np.clip((field - cut) * (size / 3.0) + 0.5, 0.0, 1.0)
+    return np.clip((field - cut) * (size / 3.0) + 0.5, 0.0, 1.0), field
 
 
 @lru_cache(maxsize=8)
@@ -804,7 +812,7 @@ def render_image(grade: int, magnification: str, stain: StainProfile, rng: np.ra
         layout = _gland_layout(rng, size, unit, _GLANDULAR[arch], look)
     else:
         layout = _sheet_layout(rng, size, unit)
-    tissue = _tissue_mask(rng, size)
+    tissue, thickness = _tissue_mask(rng, size)
     hema, eos, grain, stroma, fibre_angle = _background_stains(rng, layout, unit, arch)
     packed = _scatter(rng, layout.solid, 2.25 * look.radius * unit)
     spots = np.concatenate([layout.lining, packed])
@@ -812,6 +820,8 @@ def render_image(grade: int, magnification: str, stain: StainProfile, rng: np.ra
     nuclei = _Nuclei.join([_tumour_nuclei(rng, spots, look, unit),
                            _stromal_nuclei(rng, stroma, unit, fibre_angle)])
     hema += _nuclear_haematoxylin(nuclei, size, grain, stain.sharpness)
+    # Thicker parts of the section hold more of both stains.
+    tissue *= 0.85 + 0.3 * np.clip(thickness, 0.0, 1.0)
     return _to_rgb(hema * tissue, eos * tissue, stain, rng)
 
 
@@ -847,19 +857,21 @@ def _background_stains(rng: np.random.Generator, layout: _Layout, unit: float, a
 
 def _to_rgb(hema: np.ndarray, eos: np.ndarray, stain: StainProfile, rng: np.random.Generator
             ) -> np.ndarray:
-    """Light through the stained section (Beer-Lambert), with mottle, vignetting and noise."""
+    """Light through the stained section (Beer-Lambert), with vignetting and sensor noise."""
     size = hema.shape[0]
-    # Uneven section thickness scales both stains; sensor noise adds to both.
-    mottle = 0.9 + 0.2 * _noise(rng, size, 3)
-    grit = (rng.random(hema.shape, dtype=np.float32) - 0.5) * 0.04
-    hema = np.maximum(hema * mottle + grit, 0.0) * np.float32(stain.h_strength)
-    eos = np.maximum(eos * mottle + grit, 0.0) * np.float32(stain.e_strength)
+    grit = (rng.random(hema.shape, dtype=np.float32) - np.float32(0.5)) * np.float32(0.04)
+    hema = np.maximum(hema + grit, 0.0) * np.float32(stain.h_strength)
+    eos = np.maximum(eos + grit, 0.0) * np.float32(stain.e_strength)
     light = (1.0 - stain.vignette * _radial(size)).astype(np.float32)
     rgb = np.empty((size, size, 3), np.uint8)
     for channel in range(3):
-        od = hema * np.float32(stain.haematoxylin[channel]) + eos * np.float32(stain.eosin[channel])
-        value = np.exp(-od) * light * np.float32(stain.background[channel]) + np.float32(0.5)
-        rgb[..., channel] = np.clip(value, 0.0, 255.0)
+        od = hema * np.float32(-stain.haematoxylin[channel])
+        od -= eos * np.float32(stain.eosin[channel])
+        value = np.exp(od, out=od)
+        value *= light
+        value *= np.float32(stain.background[channel])
+        value += np.float32(0.5)
+        rgb[..., channel] = np.clip(value, 0.0, 255.0, out=value)
     return rgb
 
 
