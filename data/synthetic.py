@@ -361,6 +361,12 @@ def _harmonic_edge(cos_t, sin_t, alphas, betas):
     return edge
 
 
+def _trefoil_edge(cos_t, sin_t, alpha, beta):
+    """``1 + alpha cos(3 t) + beta sin(3 t)``, by the triple-angle formulas."""
+    four_c2 = 4.0 * cos_t * cos_t
+    return 1.0 + alpha * cos_t * (four_c2 - 3.0) + beta * sin_t * (four_c2 - 1.0)
+
+
 # ---------------------------------------------------------------------- shapes
 
 
@@ -403,7 +409,7 @@ class _Nuclei(_Table):
     a: np.ndarray
     b: np.ndarray
     angle: np.ndarray
-    harmonics: np.ndarray     # (N, 2, K), as for glands
+    harmonics: np.ndarray     # (N, 2, 1): cosine and sine weights of the third harmonic
     density: np.ndarray       # haematoxylin concentration
     chromatin: np.ndarray     # clumping amplitude
 
@@ -462,9 +468,13 @@ def _box_rho(shapes, reach: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     v = dy * (cos_a * inv_b).astype(f32) - dx * (sin_a * inv_b).astype(f32)
     r = np.sqrt(u * u + v * v) + f32(1e-6)
     h = shapes.harmonics.astype(f32)[..., None, None]
-    rho = r / _harmonic_edge(u / r, v / r, h[:, 0].transpose(1, 0, 2, 3),
-                             h[:, 1].transpose(1, 0, 2, 3))
-    return rho, rows[:, :, None] * size + cols[:, None, :]
+    if isinstance(shapes, _Nuclei):
+        # Ellipses already vary in elongation; a third harmonic adds lobes and dents.
+        edge = _trefoil_edge(u / r, v / r, h[:, 0, 0], h[:, 1, 0])
+    else:
+        edge = _harmonic_edge(u / r, v / r, h[:, 0].transpose(1, 0, 2, 3),
+                              h[:, 1].transpose(1, 0, 2, 3))
+    return r / edge, rows[:, :, None] * size + cols[:, None, :]
 
 
 def _rasterise(shapes, size: int, shade: Callable, layers: int = 1) -> list[np.ndarray]:
@@ -613,7 +623,7 @@ def _coarse_glands(glands: _Glands, size: int) -> list[np.ndarray]:
     """Epithelium, lumen and cribriform maps of glands, drawn at reduced resolution.
 
     Glands are large and smooth, so their soft masks are drawn a few times
-    smaller, enlarged, and their one-(small)-pixel edges sharpened again.
+    smaller, enlarged, and their edges sharpened back to about a pixel.
     """
     factor = max(1, min(4, size // 128))
     small = size // factor + 1
@@ -624,10 +634,14 @@ def _coarse_glands(glands: _Glands, size: int) -> list[np.ndarray]:
                      glands.angle, glands.harmonics, glands.wall, glands.cribriform)
     maps = []
     for layer in _rasterise(shrunk, small, _shade_glands, layers=3):
+        if not layer.any():  # most images have no cribriform glands
+            maps.append(np.zeros((size, size), np.float32))
+            continue
         big = Image.fromarray(np.minimum(layer, 1.0)).resize(
             (small * factor, small * factor), Image.BILINEAR)
-        sharp = (np.asarray(big)[:size, :size] - 0.5) * factor + 0.5
-        maps.append(np.clip(sharp, 0.0, 1.0))
+        sharp = np.asarray(big)[:size, :size] * np.float32(factor)
+        sharp += np.float32(0.5 - 0.5 * factor)
+        maps.append(np.clip(sharp, 0.0, 1.0, out=sharp))
     return maps
 
 
@@ -679,7 +693,7 @@ def _make_nuclei(rng: np.random.Generator, spots: np.ndarray, radius: float, rad
     # Darker nuclei also vary more in darkness: hyperchromasia is patchy.
     dens = density * np.exp(rng.normal(0.0, 0.05 + radius_cv / 3, n))
     return _Nuclei(spots[:, 0], spots[:, 1], r * np.sqrt(e), r / np.sqrt(e), spots[:, 2],
-                   _wobble(rng, n, roughness, 2), dens, np.full(n, chromatin))
+                   _wobble(rng, n, roughness, 1), dens, np.full(n, chromatin))
 
 
 def _tumour_nuclei(rng: np.random.Generator, spots: np.ndarray, look: _NuclearLook,
@@ -692,7 +706,7 @@ def _tumour_nuclei(rng: np.random.Generator, spots: np.ndarray, look: _NuclearLo
     nuclei.a[mitotic] *= 0.9
     nuclei.b[mitotic] *= 0.35
     nuclei.density[mitotic] *= 2.2
-    nuclei.harmonics[mitotic] = _wobble(rng, int(mitotic.sum()), 0.3, 2)
+    nuclei.harmonics[mitotic] = _wobble(rng, int(mitotic.sum()), 0.3, 1)
     return nuclei
 
 
@@ -735,7 +749,9 @@ def _nuclear_haematoxylin(nuclei: _Nuclei, size: int, grain: np.ndarray, sharpne
     # Nuclei of a pixel or two show no shape: their dye is spread over a few pixels.
     tiny = nuclei.a * nuclei.b < 4.0
     dots = nuclei.take(tiny)
-    hema = _splat(dots.x, dots.y, dots.density * np.pi * dots.a * dots.b, size)
+    hema = np.zeros((size, size), np.float32)
+    if len(dots):
+        hema += _splat(dots.x, dots.y, dots.density * np.pi * dots.a * dots.b, size)
     nuclei = nuclei.take(~tiny)
     texture = grain.ravel()
 
@@ -743,10 +759,14 @@ def _nuclear_haematoxylin(nuclei: _Nuclei, size: int, grain: np.ndarray, sharpne
         f32 = np.float32
         edge = (part.b / sharpness).astype(f32)[:, None, None]
         fill = np.clip((1.0 - rho) * edge + f32(0.5), 0.0, 1.0)
-        # Chromatin clumps, and a slightly darker rim for the nuclear membrane.
-        clump = (texture[index] - f32(0.5)) * (2.0 * part.chromatin).astype(f32)[:, None, None]
-        value = fill * (f32(0.8) + f32(0.3) * np.minimum(rho, 1.0) ** 2) * (1.0 + clump)
-        return [value * part.density.astype(f32)[:, None, None]]
+        # A slightly darker rim for the nuclear membrane...
+        rim = np.minimum(rho, 1.0)
+        rim *= rim
+        fill *= rim * f32(0.3) + f32(0.8)
+        # ...and chromatin clumps: density * (1 + chromatin * (2 * texture - 1)).
+        clumps = (2.0 * part.density * part.chromatin).astype(f32)[:, None, None]
+        dye = (texture[index] - f32(0.5)) * clumps + part.density.astype(f32)[:, None, None]
+        return [fill * dye]
 
     return hema + _rasterise(nuclei, size, shade)[0]
 

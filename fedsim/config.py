@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -93,6 +94,8 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     augment: bool = True
     """Random flips, 90-degree rotations and light colour jitter in training."""
+    only_hospital: str = ""
+    """Centralized mode only: train on this hospital alone (the local-only baseline); tests still cover all."""
 
     def __post_init__(self) -> None:
         if isinstance(self.synthetic, dict):
@@ -164,6 +167,12 @@ class TrainConfig:
     """Probability that a client drops out of a round (seeded); it then contributes weight 0."""
     straggler: float = 0.0
     """Probability that a client stops after a random 1..local_epochs-1 epochs in a round."""
+    faulty_hospitals: list[str] = field(default_factory=list)
+    """Hospitals that dropout/straggler apply to; empty = every hospital."""
+    simulate_nan: list[str] = field(default_factory=list)
+    """Fault simulation: these hospitals' local updates turn NaN every round (the update guard must catch it)."""
+    simulate_crash: str = ""
+    """Fault simulation: "H2:3" kills hospital H2's process (SIGKILL) in the middle of round 3, once per run directory."""
     seed: int = 0
     """Every random draw derives from (seed, round, client)."""
     device: str = "auto"
@@ -190,6 +199,8 @@ class TrainConfig:
         for name in ("weight_decay", "mu", "mixup_alpha"):
             _at_least(f"train.{name}", getattr(self, name), 0.0)
         _at_least("train.timeout_s", self.timeout_s, 1.0)
+        if self.simulate_crash and not re.fullmatch(r"[^:]+:[1-9][0-9]*", self.simulate_crash):
+            raise ConfigError(f"train.simulate_crash = {self.simulate_crash!r} must look like HOSPITAL:ROUND, e.g. H2:3")
         for name in ("dropout", "straggler"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"train.{name} = {getattr(self, name)} must be a probability in [0, 1]")

@@ -96,6 +96,7 @@ def plan_data(cfg: RunConfig, info: DistInfo, out: Path) -> DataPlan:
     records = split_by_patient(records, cfg.data.split, cfg.train.seed, cfg.data.patient_regex or None)
     records = partition(records, hospitals_wanted, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.train.seed)
     hospitals = hospital_names(records)
+    trained = _trained_on(cfg, hospitals)
     if info.is_main:
         write_splits_csv(records, out / "splits.csv", class_names)
         log.info("data: %d images, classes %s\n%s", len(records), ", ".join(class_names), count_table(records, class_names))
@@ -104,8 +105,19 @@ def plan_data(cfg: RunConfig, info: DistInfo, out: Path) -> DataPlan:
     if info.is_main:
         mine and mine[0].report.merge(report)  # file-level skips are counted once, on rank 0
     barrier()  # centralized ranks read the caches others built
-    train_folders = [_folder(cfg, records, h, "train") for h in hospitals]
-    return DataPlan(class_names, hospitals, records, mine, train_folders)
+    return DataPlan(class_names, hospitals, records, mine, [_folder(cfg, records, h, "train") for h in trained])
+
+
+def _trained_on(cfg: RunConfig, hospitals: list[str]) -> list[str]:
+    """Hospitals whose training data the pooled (centralized) model sees."""
+    only = cfg.data.only_hospital
+    if not only:
+        return hospitals
+    if cfg.train.mode != "centralized":
+        raise ConfigError("data.only_hospital needs train.mode = centralized (it trains one hospital alone)")
+    if only not in hospitals:
+        raise ConfigError(f"data.only_hospital = {only!r} is not a hospital of this data; choose one of: {', '.join(hospitals)}")
+    return [only]
 
 
 def cache_spec(cfg: RunConfig, split: str) -> CacheSpec:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,15 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+_CONTROL: dist.ProcessGroup | None = None  # gloo group for small objects and barriers (NCCL runs)
+
+
+class HungRanks(RuntimeError):
+    """Some ranks did not reach a synchronisation point within the timeout."""
+
+    def __init__(self, ranks: list[int], message: str):
+        super().__init__(message)
+        self.ranks = ranks
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,10 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
         else:
             # A group of one without torchrun: same collectives, no network.
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    global _CONTROL
+    if dist.get_backend() == "nccl" and _CONTROL is None:
+        # Figures and barriers travel on CPU: no device syncs, and monitored_barrier needs gloo.
+        _CONTROL = dist.new_group(backend="gloo", timeout=timeout)
     info = DistInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -97,8 +111,26 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
 
 def teardown() -> None:
     """Leave the process group (safe to call twice)."""
+    global _CONTROL
+    _CONTROL = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wait_for_all(timeout_s: float, what: str) -> None:
+    """A barrier that names the ranks which did not arrive, instead of hanging.
+
+    Raises:
+        HungRanks: on rank 0 with the missing ranks, on the others when rank 0 gave up.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    try:
+        dist.monitored_barrier(group=_CONTROL, timeout=_dt.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as err:
+        found = re.search(r"[Rr]anks?\s+([\d,\s]+?)\s+failed", str(err))
+        ranks = [int(r) for r in re.findall(r"\d+", found.group(1))] if found else []
+        raise HungRanks(ranks, f"{what}: rank(s) {ranks or '?'} did not arrive within {timeout_s:.0f}s") from None
 
 
 def barrier() -> None:
@@ -118,7 +150,7 @@ def gather_figures(figures: dict[str, Any]) -> list[dict[str, Any]] | None:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [figures]
     out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(figures, out, dst=0)
+    dist.gather_object(figures, out, dst=0, group=_CONTROL)
     return out
 
 
@@ -127,7 +159,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_CONTROL)
     return box[0]
 
 

@@ -7,6 +7,8 @@ small dict of scalar figures per client (gathered to rank 0 for logging).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from fedsim.aggregate import allreduce_mean_, fedavg
 from fedsim.client import StepSettings, local_proximal, make_optimizer, predict, train_epoch
 from fedsim.config import ConfigError, RunConfig, save
 from fedsim.datasetup import DataPlan, HospitalData, plan_data, write_data_report
-from fedsim.dist import DistInfo, gather_figures
+from fedsim.dist import DistInfo, HungRanks, broadcast_object, gather_figures, wait_for_all
 from fedsim.drift import DriftTracker
 from fedsim.evaluate import summaries
 from fedsim.flat import flatten
@@ -74,20 +76,31 @@ class Federation:
         return ClientState(None, union, shard)
 
     def _maybe_resume(self) -> int:
-        found = checkpoint.load_latest_usable(self.out) if (self.out / "checkpoints").is_dir() else None
-        if found is None:
+        """Continue after the newest usable checkpoint of this config, if the run directory has one.
+
+        Rank 0 picks the file (falling back past corrupt ones) and every rank
+        loads that same file, so a restarted group agrees on the round.
+        """
+        chosen = None
+        if self.info.is_main:
+            found = checkpoint.load_latest_usable(self.out)
+            chosen = str(found[1]) if found else None
+        chosen = broadcast_object(chosen)
+        if chosen is None:
             if self.cfg.train.resume:
                 log.warning("--resume: no checkpoint in %s, starting from round 1", self.out)
             return 0
-        state, path = found
+        state = checkpoint.load(chosen)
         if state.get("config_digest") != self.cfg.digest():
-            raise ConfigError(
-                f"{path} was written by a run with another config; use a new --out or the same settings to resume"
-            )
+            raise ConfigError(f"{chosen} was written by a run with another config; "
+                              f"use a new --out, or the same settings to resume")
         self.model.load_state_dict(state["model"])  # copies into the flat views, keeping them bound
         self._load_local_state(state["round"])
-        log.info("resuming after round %d from %s", state["round"] + 1, path)
-        return state["round"] + 1
+        start = state["round"] + 1
+        if self.info.is_main:
+            self.logger.truncate(start)  # rounds after the checkpoint will be logged again
+            log.info("resuming after round %d from %s", start, chosen)
+        return start
 
     def _report_data(self) -> None:
         reports = gather_figures({"hospitals": [h.name for h in self.plan.mine],
@@ -108,33 +121,47 @@ class Federation:
     def round(self, r: int) -> None:
         """One communication round."""
         started = time.perf_counter()
+        torch.manual_seed(derive_seed(self.cfg.train.seed, r, self.info.rank, "torch"))  # dropout layers
         anchor = self.flat.params.detach().clone()  # the global weights this round starts from
         figures = self._local_work(r, anchor)
         tracker = DriftTracker(self.flat, anchor)
         if self.cfg.train.mode == "federated":
             figures["val_acc_local"], _ = self._val_accuracy(self.client.hospital)
-        weight = figures["num_samples"] if figures["status"] == "ok" else 0
+        weight = figures["num_samples"] if figures["status"] in ("ok", "straggler") else 0
+        self._wait_for_clients(r)
         total = fedavg(self.model, weight, bn=self.cfg.train.bn)
         figures.update(tracker.after_aggregation(self.flat))
         figures["weights_checksum"] = _checksum(self.flat.reduced)
         self._gather_and_log(r, figures, total, tracker, started)
 
+    def _wait_for_clients(self, r: int) -> None:
+        """Meet every client before aggregating; a hung one ends the run with its name, not a hang."""
+        try:
+            wait_for_all(self.cfg.train.timeout_s, f"round {r + 1} aggregation")
+        except HungRanks as err:
+            names = [self.plan.hospitals[k] for k in err.ranks if self.cfg.train.mode == "federated" and k < len(self.plan.hospitals)]
+            who = f"hospital(s) {', '.join(names)} " if names else ""
+            raise HungRanks(err.ranks, f"{who}{err} (raise train.timeout_s if local training is that slow)") from None
+
     def _local_work(self, r: int, anchor: torch.Tensor) -> dict[str, Any]:
-        cfg, client = self.cfg.train, self.client
-        index = self.info.rank
-        figures: dict[str, Any] = {"rank": index, "num_samples": self._num_train(), "status": "ok"}
-        if cfg.mode == "federated":
-            figures["hospital"] = client.hospital.name
-        chance = np.random.default_rng(derive_seed(cfg.seed, r, index, "participation"))
-        dropped, straggle = chance.random() < cfg.dropout, chance.random() < cfg.straggler
+        """Local epochs, unless this client drops out; partial work for a straggler."""
+        cfg, hospital = self.cfg.train, self.client.hospital
+        figures: dict[str, Any] = {"rank": self.info.rank, "num_samples": self._num_train(), "status": "ok"}
+        if hospital is not None:
+            figures["hospital"] = hospital.name
         epochs = cfg.local_epochs
-        if straggle and cfg.local_epochs > 1:
-            epochs = int(chance.integers(1, cfg.local_epochs))
-            figures["status"] = "straggler"
-        if dropped and cfg.mode == "federated":
-            figures.update(status="dropped", epochs=0, train_loss=None, prox=0.0)
-            return figures
+        if hospital is not None and (not cfg.faulty_hospitals or hospital.name in cfg.faulty_hospitals):
+            chance = np.random.default_rng(derive_seed(cfg.seed, r, self.info.rank, "participation"))
+            dropped, straggles = chance.random() < cfg.dropout, chance.random() < cfg.straggler
+            if dropped:
+                figures.update(status="dropped", epochs=0, train_loss=None, prox=0.0)
+                return figures
+            if straggles and cfg.local_epochs > 1:
+                epochs = int(chance.integers(1, cfg.local_epochs))
+                figures["status"] = "straggler"
         figures.update(self._train_epochs(r, epochs, anchor))
+        if not figures.pop("finite"):
+            figures["status"] = "diverged"
         return figures
 
     def _train_epochs(self, r: int, epochs: int, anchor: torch.Tensor) -> dict[str, Any]:
@@ -150,6 +177,7 @@ class Federation:
             desc = f"round {r + 1}/{cfg.rounds} epoch {epoch + 1}/{epochs}"
             result = train_epoch(self.forward_model, self.flat, optimizer, loader, prox_anchor, self.settings, rng,
                                  grad_hook=hook, desc=desc, show=self.info.is_main)
+            self._simulate_faults(r)
             if not result.finite:
                 break
         finite = result.finite and bool(torch.isfinite(self.flat.params).all())
@@ -158,8 +186,23 @@ class Federation:
             with torch.no_grad():
                 self.flat.params.copy_(anchor)
             log.warning("local update is not finite (loss %s): contributing weight 0 this round", result.loss)
-        return {"epochs": epochs, "train_loss": result.loss, "status": "ok" if finite else "diverged",
+        return {"epochs": epochs, "train_loss": result.loss if finite else None, "finite": finite,
                 "prox": local_proximal(self.flat, prox_anchor, cfg.mu)}
+
+    def _simulate_faults(self, r: int) -> None:
+        """The fault simulations of the config (a diverging client, a crashing hospital)."""
+        cfg, hospital = self.cfg.train, self.client.hospital
+        if hospital is None:
+            return
+        if hospital.name in cfg.simulate_nan:
+            with torch.no_grad():
+                self.flat.params.fill_(float("nan"))
+        if cfg.simulate_crash == f"{hospital.name}:{r + 1}":
+            marker = self.out / f".crashed-{hospital.name}-round{r + 1}"
+            if not marker.exists():
+                marker.touch()
+                log.warning("simulated crash: killing this process (SIGKILL) in round %d", r + 1)
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def _train_loader(self, r: int, epoch: int) -> DataLoader:
         client, cfg = self.client, self.cfg

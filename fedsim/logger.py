@@ -90,16 +90,29 @@ class RunLogger:
     def __init__(self, out: str | Path, enabled: bool, tensorboard: bool = True):
         self.out = Path(out)
         self.enabled = enabled
+        self.tensorboard = enabled and tensorboard
         self.writer = None
-        if enabled and tensorboard:
+
+    def _open_writer(self, first_step: int) -> None:
+        """Open the events file at the first logged round; purge_step drops events a resumed run redoes."""
+        if self.tensorboard and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out / "tb"))
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=first_step or None)
+
+    def truncate(self, first_round: int) -> None:
+        """Drop metrics of rounds >= first_round (they are about to be recomputed after a resume)."""
+        path = self.out / "metrics.jsonl"
+        if not self.enabled or not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["round"] < first_round]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def log_round(self, record: dict[str, Any]) -> None:
         """Append one round to metrics.jsonl and write its scalars."""
         if not self.enabled:
             return
+        self._open_writer(record["round"])
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(clean(record), allow_nan=False) + "\n")
         if self.writer is not None:

@@ -9,14 +9,16 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from fedsim.checkpoint import CheckpointError
 from fedsim.config import ConfigError, RunConfig, save
-from fedsim.dist import init_distributed, teardown
+from fedsim.dist import HungRanks, init_distributed, teardown
 from fedsim.logger import setup_logging
+from models import check_backbone
 
 log = logging.getLogger("fedsim")
 
-#: Errors that mean "the input or the settings are wrong": one line, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
+#: Errors that mean "the input or the settings are wrong": one line, exit code 2 (traceback at debug level).
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, CheckpointError)
 
 
 @record
@@ -27,6 +29,7 @@ def run_training(cfg: RunConfig) -> int:
     try:
         info = init_distributed(cfg.train.device, cfg.train.timeout_s)
         setup_logging(info.rank)
+        check_backbone(cfg.model.backbone)
         _prepare_out(cfg, info.is_main)
         if info.is_main:
             log.info("%d rank(s), backend %s on %s (%s); mode %s, %s backbone, scales %s",
@@ -39,10 +42,18 @@ def run_training(cfg: RunConfig) -> int:
         federation.run()
         return 0
     except USER_ERRORS as err:
-        print(f"train.py: error (rank {info.rank if info else os.environ.get('RANK', 0)}): {err}", file=sys.stderr)
+        log.debug("details", exc_info=True)
+        print(f"train.py: error (rank {_rank(info)}): {err}", file=sys.stderr)
         return 2
+    except HungRanks as err:
+        print(f"train.py: error (rank {_rank(info)}): {err}", file=sys.stderr)
+        return 3
     finally:
         teardown()
+
+
+def _rank(info) -> str:
+    return str(info.rank) if info else os.environ.get("RANK", "0")
 
 
 def _prepare_out(cfg: RunConfig, is_main: bool) -> None:
