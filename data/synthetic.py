@@ -78,6 +78,8 @@ _REFERENCE_SIZE = 800
 _MAG_SCALE = {"4x": 0.1, "10x": 0.25, "20x": 0.5, "40x": 1.0}
 #: Outer radius of an average gland, in pixels at 40x and 800 px.
 _GLAND_RADIUS = 250.0
+#: Turn between the stain-strength directions of successive hospitals (radians).
+_GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 #: Seed-stream tags, so stain, slide and image draws never share a stream.
 _STAIN_STREAM, _SLIDE_STREAM, _IMAGE_STREAM = 11, 12, 13
 
@@ -159,6 +161,12 @@ def default_root(spec: SyntheticSpec) -> Path:
 # ----------------------------------------------------------------- stain profiles
 
 
+def _unit(vector: Sequence[float]) -> tuple[float, float, float]:
+    """``vector`` scaled to length 1."""
+    v = np.asarray(vector, dtype=np.float64)
+    return tuple(float(x) for x in v / np.linalg.norm(v))
+
+
 @dataclass(frozen=True)
 class StainProfile:
     """How one lab's staining and microscope turn stain amounts into colour.
@@ -173,8 +181,8 @@ class StainProfile:
         vignette: Fraction of light lost in the image corners.
     """
 
-    haematoxylin: tuple[float, float, float] = STANDARD_HAEMATOXYLIN
-    eosin: tuple[float, float, float] = STANDARD_EOSIN
+    haematoxylin: tuple[float, float, float] = _unit(STANDARD_HAEMATOXYLIN)
+    eosin: tuple[float, float, float] = _unit(STANDARD_EOSIN)
     h_strength: float = 1.0
     e_strength: float = 1.0
     background: tuple[float, float, float] = (248.0, 248.0, 248.0)
@@ -183,18 +191,25 @@ class StainProfile:
 
     @classmethod
     def for_hospital(cls, seed: int, hospital: int) -> "StainProfile":
-        """The profile of hospital number ``hospital`` (0 is ``H1``, nearest to standard H&E)."""
+        """The profile of hospital number ``hospital`` (0 is ``H1``, nearest to standard H&E).
+
+        The other labs differ in dye strengths along directions spread by the
+        golden angle, so that no two of the first few labs stain alike.
+        """
         rng = np.random.default_rng([seed, _STAIN_STREAM, hospital])
-        # H1 is the reference lab; the others drift as real labs do, and by
-        # at least a noticeable amount, so no two labs look alike by chance.
-        spread = 0.2 if hospital == 0 else 1.0
-        tint = rng.uniform(-5.0, 5.0, 3) * spread
+        spread = 0.15 if hospital == 0 else 1.0
+        offset = np.random.default_rng([seed, _STAIN_STREAM]).uniform(0.0, 2 * np.pi)
+        direction = offset + hospital * _GOLDEN_ANGLE
+        strength = rng.uniform(0.25, 0.45) * spread
+        # Camera white balance: a per-channel gain on the light.
+        balance = 1.0 + np.array([_signed(rng, 0.02, 0.07) for _ in range(3)]) * spread
+        light = np.clip(rng.uniform(236.0, 252.0) * balance, 220.0, 255.0)
         return cls(
-            haematoxylin=_rotate(STANDARD_HAEMATOXYLIN, rng.uniform(4.0, 10.0) * spread, rng),
-            eosin=_rotate(STANDARD_EOSIN, rng.uniform(4.0, 10.0) * spread, rng),
-            h_strength=float(np.exp(_signed(rng, 0.1, 0.3) * spread)),
-            e_strength=float(np.exp(_signed(rng, 0.12, 0.35) * spread)),
-            background=tuple(float(v) for v in np.clip(rng.uniform(238, 252) + tint, 230, 255)),
+            haematoxylin=_rotate(STANDARD_HAEMATOXYLIN, rng.uniform(6.0, 14.0) * spread, rng),
+            eosin=_rotate(STANDARD_EOSIN, rng.uniform(6.0, 14.0) * spread, rng),
+            h_strength=float(np.exp(strength * math.cos(direction))),
+            e_strength=float(np.exp(strength * math.sin(direction))),
+            background=tuple(float(v) for v in light),
             sharpness=float(rng.uniform(0.8, 1.0 + 0.8 * spread)),
             vignette=float(rng.uniform(0.0, 0.12 * spread)),
         )
@@ -217,14 +232,12 @@ def _signed(rng: np.random.Generator, low: float, high: float) -> float:
 def _rotate(vector: Sequence[float], degrees: float, rng: np.random.Generator
             ) -> tuple[float, float, float]:
     """``vector`` turned by ``degrees`` towards a random direction, kept non-negative and unit."""
-    v = np.asarray(vector, dtype=np.float64)
-    v = v / np.linalg.norm(v)
+    v = np.asarray(_unit(vector))
     w = rng.standard_normal(3)
     w -= w.dot(v) * v
     w /= np.linalg.norm(w)
     angle = math.radians(degrees)
-    out = np.clip(v * math.cos(angle) + w * math.sin(angle), 0.01, None)
-    return tuple(float(x) for x in out / np.linalg.norm(out))
+    return _unit(np.clip(v * math.cos(angle) + w * math.sin(angle), 0.01, None))
 
 
 # ------------------------------------------------------------------ cue tables
@@ -828,11 +841,12 @@ def render_image(grade: int, magnification: str, stain: StainProfile, rng: np.ra
     nuc = draw_cue_grade(grade, rng) if nuclear is None else nuclear
     unit = size / _REFERENCE_SIZE * _MAG_SCALE[magnification]
     look = _NUCLEAR[nuc]
+    # The section outline comes first, so it does not depend on the grades.
+    tissue, thickness = _tissue_mask(rng, size)
     if arch < len(_GLANDULAR):
         layout = _gland_layout(rng, size, unit, _GLANDULAR[arch], look)
     else:
         layout = _sheet_layout(rng, size, unit)
-    tissue, thickness = _tissue_mask(rng, size)
     hema, eos, grain, stroma, fibre_angle = _background_stains(rng, layout, unit, arch)
     packed = _scatter(rng, layout.solid, 2.25 * look.radius * unit)
     spots = np.concatenate([layout.lining, packed])

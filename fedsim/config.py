@@ -173,6 +173,8 @@ class TrainConfig:
     """Fault simulation: these hospitals' local updates turn NaN every round (the update guard must catch it)."""
     simulate_crash: str = ""
     """Fault simulation: "H2:3" kills hospital H2's process (SIGKILL) in the middle of round 3, once per run directory."""
+    simulate_hang: str = ""
+    """Fault simulation: "H2:3" makes hospital H2 stop responding in round 3 (the timeout must name it)."""
     seed: int = 0
     """Every random draw derives from (seed, round, client)."""
     device: str = "auto"
@@ -199,8 +201,10 @@ class TrainConfig:
         for name in ("weight_decay", "mu", "mixup_alpha"):
             _at_least(f"train.{name}", getattr(self, name), 0.0)
         _at_least("train.timeout_s", self.timeout_s, 1.0)
-        if self.simulate_crash and not re.fullmatch(r"[^:]+:[1-9][0-9]*", self.simulate_crash):
-            raise ConfigError(f"train.simulate_crash = {self.simulate_crash!r} must look like HOSPITAL:ROUND, e.g. H2:3")
+        for name in ("simulate_crash", "simulate_hang"):
+            value = getattr(self, name)
+            if value and not re.fullmatch(r"[^:]+:[1-9][0-9]*", value):
+                raise ConfigError(f"train.{name} = {value!r} must look like HOSPITAL:ROUND, e.g. H2:3")
         for name in ("dropout", "straggler"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"train.{name} = {getattr(self, name)} must be a probability in [0, 1]")

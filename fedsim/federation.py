@@ -30,7 +30,7 @@ from fedsim.evaluate import summaries
 from fedsim.flat import flatten
 from fedsim.logger import RunLogger, format_round, write_json
 from fedsim.seeding import derive_seed, generator
-from models import build_model, check_backbone
+from models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ class Federation:
     def __init__(self, cfg: RunConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
         self.out = Path(cfg.out)
-        check_backbone(cfg.model.backbone)
         self.plan: DataPlan = plan_data(cfg, info, self.out)
         self.settings = _step_settings(cfg, info)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -197,6 +196,9 @@ class Federation:
         if hospital.name in cfg.simulate_nan:
             with torch.no_grad():
                 self.flat.params.fill_(float("nan"))
+        if cfg.simulate_hang == f"{hospital.name}:{r + 1}":
+            log.warning("simulated hang: this hospital stops responding in round %d", r + 1)
+            time.sleep(10**7)
         if cfg.simulate_crash == f"{hospital.name}:{r + 1}":
             marker = self.out / f".crashed-{hospital.name}-round{r + 1}"
             if not marker.exists():

@@ -38,6 +38,18 @@ class _Context(logging.Filter):
 _CONTEXT = _Context()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be replaced after set-up)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(rank: int | str = "-", hospital: str = "-", level: int | None = None) -> None:
     """Route stdlib logging to stderr with the rank and hospital in every line.
 
@@ -49,7 +61,7 @@ def setup_logging(rank: int | str = "-", hospital: str = "-", level: int | None 
     _CONTEXT.rank, _CONTEXT.hospital = rank, hospital
     root = logging.getLogger()
     if not any(getattr(h, "_fedsim", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
         handler.addFilter(_CONTEXT)
         handler._fedsim = True  # type: ignore[attr-defined]
@@ -151,7 +163,8 @@ def format_round(record: dict[str, Any]) -> str:
     g = record.get("global", {})
     parts = [f"round {record['round'] + 1}/{record['rounds']}"]
     for c in record.get("clients", []):
-        bits = [f"{c['hospital']}: loss {c.get('train_loss', float('nan')):.3f}"]
+        loss = c.get("train_loss")
+        bits = [f"{c['hospital']}: loss {loss:.3f}" if loss is not None else f"{c['hospital']}:"]
         if c.get("drift") is not None:
             bits.append(f"drift {c['drift']:.3g}")
         if c.get("val_acc_global") is not None:

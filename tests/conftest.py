@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +17,33 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+#: A tiny run: small synthetic images and patches, test_resnet, one local epoch (CPU, seconds per round).
+SMALL = [
+    "--set", "data.synthetic.image_size=256", "--set", "data.synthetic.patients_per_grade=3",
+    "--set", "data.synthetic.images_per_patient=2", "--set", "data.context_size=64",
+    "--set", "data.detail_size=48", "--set", "data.context_fov=96", "--set", "data.patches_per_image=2",
+    "--set", "data.eval_patches_per_image=2", "--set", "model.hidden=16", "--batch-size", "8",
+    "--backbone", "test_resnet", "--local-epochs", "1", "--device", "cpu",
+]
+
+
+def torchrun(args: list[str], cache, nproc: int = 3, timeout: float = 600, extra: list[str] | None = None,
+             nnodes: int = 1, endpoint: str | None = None) -> subprocess.CompletedProcess:
+    """``torchrun ... train.py ARGS`` on loopback, with the data cache in ``cache``."""
+    env = {**os.environ, "FEDSIM_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint or f'127.0.0.1:{free_port()}'}", *(extra or []),
+           str(REPO / "train.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_single(args: list[str], cache, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` without torchrun (a group of one)."""
+    env = {**os.environ, "FEDSIM_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def free_port() -> int:

@@ -9,23 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, free_port
-
-SMALL = [
-    "--set", "data.synthetic.image_size=256", "--set", "data.synthetic.patients_per_grade=3",
-    "--set", "data.synthetic.images_per_patient=2", "--set", "data.context_size=64",
-    "--set", "data.detail_size=48", "--set", "data.context_fov=96", "--set", "data.patches_per_image=2",
-    "--set", "data.eval_patches_per_image=2", "--set", "model.hidden=16", "--batch-size", "8",
-    "--backbone", "test_resnet", "--local-epochs", "1", "--device", "cpu",
-]
-
-
-def torchrun(args: list[str], cache, nproc: int = 3, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FEDSIM_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(REPO / "train.py"), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
+from conftest import REPO, SMALL, torchrun
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):

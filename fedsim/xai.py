@@ -1,0 +1,158 @@
+"""Grad-CAM panels of a hospital's own patch pairs, for a look at what the model attends to.
+
+Everything runs on the local dataset and is written to local files (and the
+local TensorBoard writer, if given): no image or map leaves the process, which
+keeps the federation's privacy boundary intact.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from data.augment import to_float
+from models.gradcam import GradCAM, eval_mode, overlay
+
+#: Patch pairs explained per forward/backward pass: bounds memory with large backbones.
+_BATCH = 8
+_GAP = 4
+_BACKGROUND = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One patch pair chosen for a panel."""
+
+    index: int
+    label: int
+    name: str
+
+
+def slug(text: str) -> str:
+    """``"Grade II"`` -> ``"grade-ii"``: a file-name-safe lowercase form."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def pick_examples(dataset, class_names: Sequence[str], per_grade: int) -> list[Example]:
+    """The first ``per_grade`` pairs of each true grade in dataset order, named ``<grade-slug>_<n>``.
+
+    Returned grouped by grade, then in dataset order.
+    """
+    taken = {k: 0 for k in range(len(class_names))}
+    chosen = []
+    for index, meta in enumerate(dataset.meta):
+        label = int(meta["label"])
+        if taken.get(label, per_grade) >= per_grade:
+            continue
+        taken[label] += 1
+        stem = slug(class_names[label]) or f"class{label}"
+        chosen.append(Example(index, label, f"{stem}_{taken[label]}"))
+        if min(taken.values(), default=per_grade) >= per_grade:
+            break  # every grade is full: no need to scan a large split to the end
+    return sorted(chosen, key=lambda e: (e.label, e.index))
+
+
+def _explain(model: nn.Module, dataset, indices: list[int], device: torch.device | str):
+    """uint8 HWC context/detail images, class probabilities and per-stream CAMs of a batch."""
+    context, detail, _, _ = dataset.__getitems__(indices)
+    streams = [s for s in ("context", "detail") if getattr(model, s, None) is not None]
+    c = to_float(context.to(device)) if "context" in streams else None
+    d = to_float(detail.to(device)) if "detail" in streams else None
+    with eval_mode(model), torch.no_grad():
+        probs = model(c, d).float().softmax(dim=1)
+    with GradCAM(model) as gradcam:
+        # The CAM explains the class shown in the caption, computed above.
+        cams = gradcam.cams(c, d, target=probs.argmax(dim=1))
+    images = {"context": context, "detail": detail}
+    hwc = {s: images[s].permute(0, 2, 3, 1).contiguous().numpy() for s in streams}
+    return hwc, probs.cpu().numpy(), {s: m.cpu().numpy() for s, m in cams.items()}
+
+
+def _label_tile(tile: Image.Image, text: str, font: ImageFont.ImageFont) -> None:
+    """Write the stream's name in the tile's top-left corner on a dark box."""
+    draw = ImageDraw.Draw(tile)
+    _, _, right, bottom = draw.textbbox((2, 2), text, font=font)
+    draw.rectangle((0, 0, right + 2, bottom + 2), fill=(0, 0, 0))
+    draw.text((2, 2), text, fill=(255, 255, 255), font=font)
+
+
+def compose_panel(tiles: Sequence[tuple[str, np.ndarray]], caption: str) -> np.ndarray:
+    """Tiles side by side at a common height above a caption strip; uint8 HxWx3."""
+    font = ImageFont.load_default()
+    height = max(t.shape[0] for _, t in tiles)
+    images = []
+    for name, tile in tiles:
+        image = Image.fromarray(tile)
+        if tile.shape[0] != height:
+            image = image.resize((round(tile.shape[1] * height / tile.shape[0]), height), Image.BILINEAR)
+        _label_tile(image, name, font)
+        images.append(image)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    _, _, text_w, bottom = probe.textbbox((0, 0), caption, font=font)
+    strip = bottom + 8
+    width = max(sum(i.width for i in images) + _GAP * (len(images) - 1), text_w + 8)
+    canvas = Image.new("RGB", (width, height + strip), _BACKGROUND)
+    x = 0
+    for image in images:
+        canvas.paste(image, (x, 0))
+        x += image.width + _GAP
+    ImageDraw.Draw(canvas).text((4, height + 4), caption, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def save_png_atomic(rgb: np.ndarray, path: Path) -> None:
+    """Write a PNG through a temporary file and ``os.replace``: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(rgb).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _caption(class_names: Sequence[str], label: int, probs: np.ndarray) -> str:
+    pred = int(probs.argmax())
+    return f"true: {class_names[label]}  pred: {class_names[pred]}  p={probs[pred]:.2f}"
+
+
+def write_overlays(model: nn.Module, dataset, out_dir: Path, class_names: Sequence[str],
+                   device: torch.device | str, per_grade: int = 2, writer=None, step: int = 0) -> list[Path]:
+    """Save Grad-CAM panels (context overlay | detail overlay, caption) for a few pairs per grade.
+
+    Args:
+        model: The network, already on ``device``; its train/eval state is restored afterwards.
+        dataset: A ``CachedPairs`` of this hospital's patches.
+        out_dir: Folder for ``<grade-slug>_<n>.png`` (n from 1, first pairs in dataset order).
+        class_names: Grade names, indexed by label.
+        device: Where the forward and backward passes run.
+        per_grade: Pairs per true grade (fewer if the dataset has fewer).
+        writer: Optional TensorBoard ``SummaryWriter``; panels go to ``xai/<hospital>/<name>``.
+        step: TensorBoard global step.
+
+    Returns:
+        The written PNG paths, in grade order.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    examples = pick_examples(dataset, class_names, per_grade)
+    written = []
+    for start in range(0, len(examples), _BATCH):
+        chunk = examples[start : start + _BATCH]
+        images, probs, cams = _explain(model, dataset, [e.index for e in chunk], device)
+        for row, example in enumerate(chunk):
+            tiles = [(s, overlay(images[s][row], cams[s][row])) for s in cams]
+            panel = compose_panel(tiles, _caption(class_names, example.label, probs[row]))
+            path = out_dir / f"{example.name}.png"
+            save_png_atomic(panel, path)
+            written.append(path)
+            if writer is not None:
+                hospital = dataset.meta[example.index].get("hospital", "local")
+                writer.add_image(f"xai/{hospital}/{example.name}", panel.transpose(2, 0, 1), step)
+    return written

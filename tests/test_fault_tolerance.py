@@ -1,0 +1,210 @@
+"""Resume, killed ranks, dropped/straggling/diverging clients, multi-node on loopback, bad settings."""
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+
+import pytest
+import torch
+
+from conftest import SMALL, free_port, torchrun, train_single
+from fedsim import checkpoint
+
+
+def _rounds(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("full") / "run"
+    proc = torchrun([*SMALL, "--rounds", "3", "--out", str(out)], cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_resume_is_bit_identical(uninterrupted, cache, tmp_path):
+    # Prepare: the same run stopped after round 1
+    out = tmp_path / "run"
+    first = torchrun([*SMALL, "--rounds", "1", "--out", str(out)], cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    # Execute: continue to round 3
+    second = torchrun([*SMALL, "--rounds", "3", "--resume", "--out", str(out)], cache)
+
+    # Assert
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming after round 1" in second.stderr
+    assert [r["round"] for r in _rounds(out)] == [0, 1, 2]
+    _assert_identical(_weights(out), _weights(uninterrupted))
+
+
+def test_killed_rank_restarts_and_ends_identical(uninterrupted, cache, tmp_path):
+    # Prepare: hospital H2 (rank 1) is SIGKILLed in the middle of round 2
+    out = tmp_path / "run"
+
+    # Execute: torchrun restarts the group once; it resumes after round 1
+    proc = torchrun([*SMALL, "--rounds", "3", "--out", str(out), "--set", 'train.simulate_crash="H2:2"'],
+                    cache, extra=["--max-restarts=1"])
+
+    # Assert
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / ".crashed-H2-round2").exists()
+    assert "resuming after round 1" in proc.stderr
+    assert [r["round"] for r in _rounds(out)] == [0, 1, 2]
+    # The config differs only by the crash simulation, which does not touch the arithmetic.
+    _assert_identical(_weights(out), _weights(uninterrupted))
+
+
+def test_corrupt_latest_checkpoint_falls_back(uninterrupted, tmp_path):
+    # Prepare: a copy of the run directory whose newest checkpoint is truncated
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    newest = checkpoint.list_rounds(out)[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+
+    # Execute
+    found = checkpoint.load_latest_usable(out)
+
+    # Assert: round 2's checkpoint (index 1) is used instead
+    assert found is not None and found[1].name == "round-0002.pt" and found[0]["round"] == 1
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt or truncated"):
+        checkpoint.load(newest)
+
+
+def test_resume_refuses_another_config(uninterrupted, cache, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    proc = torchrun([*SMALL, "--rounds", "4", "--mu", "0.5", "--out", str(out)], cache)
+    assert proc.returncode != 0
+    assert "another config" in proc.stderr
+
+
+def test_dropout_of_one_client_and_of_all(cache, tmp_path):
+    # Execute: H2 always drops out; then every client drops out
+    one = torchrun([*SMALL, "--rounds", "2", "--dropout", "1", "--set", 'train.faulty_hospitals=["H2"]',
+                    "--out", str(tmp_path / "one")], cache)
+    every = torchrun([*SMALL, "--rounds", "2", "--dropout", "1", "--out", str(tmp_path / "all")], cache)
+
+    # Assert: H2 contributes nothing, the others are averaged and stay in sync
+    assert one.returncode == 0, one.stderr[-3000:]
+    for record in _rounds(tmp_path / "one"):
+        by_name = {c["hospital"]: c for c in record["clients"]}
+        assert by_name["H2"]["status"] == "dropped"
+        assert record["global"]["samples_aggregated"] == by_name["H1"]["num_samples"] + by_name["H3"]["num_samples"]
+        assert len({tuple(c["weights_checksum"]) for c in record["clients"]}) == 1
+    # With everyone gone the global model never changes.
+    assert every.returncode == 0, every.stderr[-3000:]
+    records = _rounds(tmp_path / "all")
+    assert all(r["global"]["samples_aggregated"] == 0 for r in records)
+    assert all(c["global_update_norm"] == 0 for r in records for c in r["clients"])
+
+
+def test_straggler_does_partial_work(cache, tmp_path):
+    proc = torchrun([*SMALL, "--rounds", "1", "--local-epochs", "3", "--straggler", "1",
+                     "--set", 'train.faulty_hospitals=["H1"]', "--out", str(tmp_path / "run")], cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    clients = {c["hospital"]: c for c in _rounds(tmp_path / "run")[0]["clients"]}
+    assert clients["H1"]["status"] == "straggler" and 1 <= clients["H1"]["epochs"] <= 2
+    assert clients["H2"]["epochs"] == 3
+    # Partial work is still aggregated.
+    assert _rounds(tmp_path / "run")[0]["global"]["samples_aggregated"] == sum(c["num_samples"] for c in clients.values())
+
+
+def test_nan_client_is_excluded_and_global_stays_finite(cache, tmp_path):
+    proc = torchrun([*SMALL, "--rounds", "2", "--set", 'train.simulate_nan=["H3"]', "--out", str(tmp_path / "run")], cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for record in _rounds(tmp_path / "run"):
+        clients = {c["hospital"]: c for c in record["clients"]}
+        assert clients["H3"]["status"] == "diverged"
+        assert record["global"]["samples_aggregated"] == clients["H1"]["num_samples"] + clients["H2"]["num_samples"]
+    assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "run").values() if v.is_floating_point())
+
+
+def test_two_launches_form_one_group_of_four(cache, tmp_path):
+    # Prepare: two "nodes" on loopback, each with its own local disk (cache)
+    endpoint = f"127.0.0.1:{free_port()}"
+    out = tmp_path / "run"
+    args = [*SMALL, "--rounds", "1", "--out", str(out)]
+    results = {}
+
+    def node(index: int) -> None:
+        results[index] = torchrun(args, tmp_path / f"node{index}", nproc=2, nnodes=2, endpoint=endpoint)
+
+    # Execute
+    threads = [threading.Thread(target=node, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    # Assert
+    for proc in results.values():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    record = _rounds(out)[0]
+    assert sorted(c["hospital"] for c in record["clients"]) == ["H1", "H2", "H3", "H4"]
+    assert len({tuple(c["weights_checksum"]) for c in record["clients"]}) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mu", "-1"], "train.mu = -1.0 must be >= 0"),
+    (["--rounds", "0"], "train.rounds = 0 must be >= 1"),
+    (["--backbone", "resnet_nope"], "is not a timm model"),
+    (["--data", "/nonexistent/crc-hgd"], "data path does not exist"),
+    (["--num-hospitals", "4"], "federated mode runs one rank per hospital"),
+    (["--mode", "sideways"], "train.mode = 'sideways' is not allowed; choose one of: federated, centralized"),
+    (["--set", "train.nope=1"], "unknown setting train.nope"),
+    (["--set", 'train.simulate_crash="H2"'], "must look like HOSPITAL:ROUND"),
+])
+def test_bad_settings_give_one_line_and_exit_code(args, message, cache, tmp_path, capfd, monkeypatch):
+    # In-process: the same main() a rank runs, without paying for a new interpreter per case.
+    import train
+
+    monkeypatch.setenv("FEDSIM_CACHE", str(cache))
+    code = train.main([*SMALL, "--out", str(tmp_path / "run"), *args])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_bad_setting_exit_code_through_the_interpreter(cache, tmp_path):
+    proc = train_single([*SMALL, "--out", str(tmp_path / "run"), "--rounds", "-3"], cache)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "train.py: error: train.rounds = -3 must be >= 1"
+
+
+def test_world_size_must_match_natural_partition(uninterrupted, cache, tmp_path):
+    # The embedded data has 3 hospitals in its manifest; a federation of 2 cannot take it.
+    manifest = next(cache.glob("synthetic-*/manifest.csv"))
+    proc = torchrun([*SMALL, "--rounds", "1", "--data", str(manifest), "--out", str(tmp_path / "run")], cache, nproc=2)
+    assert proc.returncode != 0
+    assert "3" in proc.stderr and "2" in proc.stderr and "hospital" in proc.stderr
+
+
+def test_timeout_names_the_hung_hospital(cache, tmp_path):
+    # H3 stops responding in round 1; the others must not wait forever
+    proc = torchrun([*SMALL, "--rounds", "1", "--set", 'train.simulate_hang="H3:1"', "--set", "train.timeout_s=15",
+                     "--out", str(tmp_path / "run")], cache, timeout=300)
+    assert proc.returncode != 0
+    assert "hospital(s) H3" in proc.stderr and "did not arrive within 15s" in proc.stderr

@@ -1,0 +1,269 @@
+"""Tests of data.stain: batched Macenko and Reinhard stain normalization."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage.color import lab2rgb, rgb2lab
+
+from data.stain import (
+    MACENKO_HE_REF,
+    MACENKO_MAX_C_REF,
+    Macenko,
+    Reinhard,
+    build_normalizer,
+    lab_to_rgb,
+    rgb_to_lab,
+)
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "he_cmu_small_region.jpg"
+# top-left corners of tissue-rich 224 x 224 crops of the sample (row, column)
+CORNERS = [(1800, 700), (2200, 900), (2500, 1200), (1500, 800), (1000, 1000), (2600, 1500), (600, 900), (2000, 1300)]
+
+
+@pytest.fixture(scope="module")
+def he_image() -> np.ndarray:
+    """The real H&E sample, uint8 HxWx3."""
+    if not SAMPLE.is_file():
+        pytest.skip(f"real H&E sample not found at {SAMPLE}")
+    from PIL import Image
+
+    with Image.open(SAMPLE) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def crops(he_image: np.ndarray) -> list[np.ndarray]:
+    """Eight 224 x 224 tissue crops, HxWx3 uint8."""
+    return [he_image[r : r + 224, c : c + 224].copy() for r, c in CORNERS]
+
+
+def _batch(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (B, 3, H, W) from HxWx3 arrays."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def _numpy_macenko(img: np.ndarray, he_ref=MACENKO_HE_REF, max_c_ref=MACENKO_MAX_C_REF) -> np.ndarray:
+    """The classic single-image Macenko algorithm in float64 numpy, written independently as a yardstick.
+
+    Same constants and steps as the widely used ports (Io 240, alpha 1, beta 0.15, 99th percentile).
+    """
+    io_, alpha, beta = 240.0, 1.0, 0.15
+    h, w, _ = img.shape
+    od = -np.log((img.reshape(-1, 3).astype(np.float64) + 1.0) / io_)
+    tissue = od[(od >= beta).all(axis=1)]
+    _, eigvecs = np.linalg.eigh(np.cov(tissue.T))
+    plane = eigvecs[:, 1:3]
+    proj = tissue @ plane
+    angles = np.arctan2(proj[:, 1], proj[:, 0])
+    a_lo, a_hi = np.percentile(angles, alpha), np.percentile(angles, 100 - alpha)
+    v1 = plane @ np.array([np.cos(a_lo), np.sin(a_lo)])
+    v2 = plane @ np.array([np.cos(a_hi), np.sin(a_hi)])
+    stains = np.stack([v1, v2], axis=1) if v1[0] > v2[0] else np.stack([v2, v1], axis=1)
+    conc = np.linalg.lstsq(stains, od.T, rcond=None)[0]
+    conc *= (np.asarray(max_c_ref) / np.percentile(conc, 99, axis=1))[:, None]
+    out = np.minimum(io_ * np.exp(-np.asarray(he_ref) @ conc), 255.0)
+    return out.T.reshape(h, w, 3).astype(np.uint8)
+
+
+def _mad(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    return float(np.abs(a - b).mean())
+
+
+# ---------------------------------------------------------------- Macenko
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_macenko_agrees_with_numpy_reference(crops: list[np.ndarray], stride: int) -> None:
+    norm = Macenko(stride=stride)
+    out = norm.normalize(_batch(crops)).permute(0, 2, 3, 1).numpy()
+    mads = [_mad(o, _numpy_macenko(c)) for o, c in zip(out, crops)]
+    # stride 1 is the unsampled algorithm: float32 vs float64 only; the default samples
+    assert max(mads) <= (0.05 if stride == 1 else 2.0), mads
+    assert norm.num_degenerate == 0
+
+
+def test_macenko_agrees_on_non_square_crop(he_image: np.ndarray) -> None:
+    crop = he_image[1700:1957, 800:990].copy()  # odd height, stride does not divide it
+    assert _mad(Macenko().normalize_image(crop), _numpy_macenko(crop)) <= 2.0
+
+
+def test_macenko_batched_equals_one_by_one(crops: list[np.ndarray]) -> None:
+    norm = Macenko(chunk_size=3)  # several chunks, the last one short
+    batched = norm.normalize(_batch(crops))
+    single = torch.cat([Macenko().normalize(_batch([c])) for c in crops])
+    assert (batched.int() - single.int()).abs().max() <= 1
+
+
+def test_normalized_stains_match_reference(crops: list[np.ndarray]) -> None:
+    norm = Macenko()
+    out = norm.normalize(_batch(crops))
+    he, max_c, valid = Macenko(stride=1).stain_matrix(out)
+    assert valid.all()
+    ref = torch.tensor(MACENKO_HE_REF)
+    cosine = (he * ref).sum(1) / ref.norm(dim=0)
+    assert (cosine > 0.98).all(), cosine
+    # before normalization the crops' stains are visibly elsewhere
+    he_in, _, _ = Macenko(stride=1).stain_matrix(_batch(crops))
+    assert ((he_in * ref).sum(1) / ref.norm(dim=0)).min() < cosine.min()
+
+
+def test_fit_takes_reference_from_image_and_list(crops: list[np.ndarray]) -> None:
+    target, source = crops[0], crops[4]
+    norm = Macenko().fit(target)
+    assert not torch.allclose(norm.he_ref, torch.tensor(MACENKO_HE_REF), atol=1e-2)
+    out = norm.normalize_image(source)
+    assert _mad(out, _numpy_macenko(source, norm.he_ref.numpy(), norm.max_c_ref.numpy())) <= 2.0
+    he, _, _ = Macenko(stride=1).stain_matrix(_batch([out]))
+    assert ((he[0] * norm.he_ref).sum(0) > 0.98).all()
+    # a list pools its pixels: same as fitting on the images stacked into one
+    pooled = Macenko().fit([crops[1], torch.from_numpy(crops[2]).permute(2, 0, 1)])
+    stacked = Macenko().fit(np.concatenate([crops[1], crops[2]], axis=0))
+    torch.testing.assert_close(pooled.he_ref, stacked.he_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled.max_c_ref, stacked.max_c_ref, atol=1e-4, rtol=0)
+
+
+def test_macenko_state_dict_round_trip(crops: list[np.ndarray]) -> None:
+    norm = Macenko().fit(crops[3])
+    buffer = io.BytesIO()
+    torch.save(norm.state_dict(), buffer)
+    buffer.seek(0)
+    restored = Macenko()
+    restored.load_state_dict(torch.load(buffer))
+    torch.testing.assert_close(restored.he_ref, norm.he_ref)
+    batch = _batch(crops[:2])
+    assert torch.equal(restored.normalize(batch), norm.normalize(batch))
+    with pytest.raises(ValueError):
+        restored.load_state_dict({"he_ref": torch.zeros(2, 2), "max_c_ref": torch.zeros(2)})
+
+
+def _degenerate_images() -> list[np.ndarray]:
+    white = np.full((224, 224, 3), 255, np.uint8)
+    glass = np.full((224, 224, 3), 236, np.uint8)  # OD < beta everywhere
+    flat = np.full((224, 224, 3), (150, 60, 140), np.uint8)  # one tissue-like colour
+    speck = white.copy()
+    speck[100:106, 100:106] = (90, 40, 120)  # 36 px of tissue: too few
+    black = np.zeros((224, 224, 3), np.uint8)
+    return [white, glass, flat, speck, black]
+
+
+@pytest.mark.parametrize("kind", ["macenko", "reinhard"])
+def test_degenerate_images_pass_through_and_are_counted(crops: list[np.ndarray], kind: str) -> None:
+    norm = build_normalizer(kind)
+    if kind == "reinhard":
+        norm.fit(crops[0])
+    bad = _degenerate_images()
+    if kind == "reinhard":
+        bad = [bad[0], bad[1], bad[3]]  # a flat colour is legitimate (but spread-free) Reinhard input
+        bad.append(np.full((224, 224, 3), (150, 60, 140), np.uint8))
+    batch = _batch(bad + crops[:2])
+    out = norm.normalize(batch)
+    assert torch.equal(out[: len(bad)], batch[: len(bad)])
+    assert norm.num_degenerate == len(bad)
+    assert _mad(out[len(bad) :], batch[len(bad) :]) > 1.0  # the real crops were changed
+
+
+def test_degenerate_estimates_are_finite() -> None:
+    he, max_c, valid = Macenko().stain_matrix(_batch(_degenerate_images()))
+    assert not valid.any()
+    assert torch.isfinite(he).all() and torch.isfinite(max_c).all()
+
+
+def test_fit_rejects_degenerate_reference() -> None:
+    with pytest.raises(ValueError):
+        Macenko().fit(np.full((64, 64, 3), 250, np.uint8))
+    with pytest.raises(ValueError):
+        Reinhard().fit(np.full((64, 64, 3), 250, np.uint8))
+
+
+def test_normalize_validates_input() -> None:
+    norm = Macenko()
+    with pytest.raises(ValueError):
+        norm.normalize(torch.zeros(1, 3, 8, 8))  # float
+    with pytest.raises(ValueError):
+        norm.normalize(torch.zeros(3, 8, 8, dtype=torch.uint8))  # no batch dimension
+    with pytest.raises(ValueError):
+        norm.fit(np.zeros((8, 8, 3), np.float32))
+    assert norm.normalize(torch.zeros(0, 3, 8, 8, dtype=torch.uint8)).shape == (0, 3, 8, 8)
+
+
+def test_non_contiguous_batch(crops: list[np.ndarray]) -> None:
+    batch = _batch(crops[:3])
+    channels_last = batch.contiguous(memory_format=torch.channels_last)
+    norm = Macenko()
+    assert torch.equal(norm.normalize(channels_last), norm.normalize(batch))
+
+
+# ---------------------------------------------------------------- Reinhard
+
+
+def test_lab_conversion_matches_skimage(crops: list[np.ndarray]) -> None:
+    rng = np.random.default_rng(0)
+    pixels = np.concatenate([rng.integers(0, 256, (4000, 3)), crops[0].reshape(-1, 3)[::7]]).astype(np.uint8)
+    ours = rgb_to_lab(torch.from_numpy(pixels.T.copy()).unsqueeze(0))[0].T.numpy()
+    np.testing.assert_allclose(ours, rgb2lab(pixels[None])[0], atol=2e-3)
+    lab = np.stack([rng.uniform(0, 100, 4000), rng.uniform(-80, 80, 4000), rng.uniform(-80, 80, 4000)], 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skimage warns about out-of-gamut colours, which it clips
+        expected = np.round(np.clip(lab2rgb(lab[None])[0], 0, 1) * 255)
+    back = lab_to_rgb(torch.from_numpy(lab.T.copy()).float().unsqueeze(0))[0].T.numpy()
+    assert np.abs(back.astype(int) - expected).max() <= 1
+    # uint8 -> Lab -> uint8 is lossless
+    round_trip = lab_to_rgb(rgb_to_lab(torch.from_numpy(pixels.T.copy()).unsqueeze(0)))[0].T.numpy()
+    assert np.array_equal(round_trip, pixels)
+
+
+def test_reinhard_matches_target_statistics(crops: list[np.ndarray]) -> None:
+    norm = Reinhard().fit(crops[0])
+    target = rgb2lab(crops[0])
+    target_tissue = target[target[..., 0] < norm.max_lightness]
+    np.testing.assert_allclose(norm.target_mean.numpy(), target_tissue.mean(0), atol=1e-2)
+    np.testing.assert_allclose(norm.target_std.numpy(), target_tissue.std(0), rtol=1e-3)
+    sources = [crops[4], crops[2], crops[6]]
+    out = norm.normalize(_batch(sources)).permute(0, 2, 3, 1).numpy()
+    for src, res in zip(sources, out):
+        tissue = rgb2lab(src)[..., 0] < norm.max_lightness
+        lab = rgb2lab(res)[tissue]
+        np.testing.assert_allclose(lab.mean(0), target_tissue.mean(0), atol=1.0)
+        np.testing.assert_allclose(lab.std(0), target_tissue.std(0), rtol=0.05)
+    assert norm.num_degenerate == 0
+
+
+def test_reinhard_batched_equals_one_by_one_and_state_round_trip(crops: list[np.ndarray]) -> None:
+    norm = Reinhard(chunk_size=3).fit([crops[0], crops[1]])
+    batched = norm.normalize(_batch(crops))
+    single = torch.cat([norm.normalize(_batch([c])) for c in crops])
+    assert (batched.int() - single.int()).abs().max() <= 1
+    restored = Reinhard()
+    restored.load_state_dict(norm.state_dict())
+    assert torch.equal(restored.normalize(_batch(crops[:2])), batched[:2])
+    with pytest.raises(RuntimeError):
+        Reinhard().normalize(_batch(crops[:1]))
+
+
+# ---------------------------------------------------------------- factory and devices
+
+
+def test_build_normalizer() -> None:
+    assert isinstance(build_normalizer("macenko"), Macenko)
+    assert isinstance(build_normalizer("Reinhard"), Reinhard)
+    assert build_normalizer("none") is None
+    assert build_normalizer("macenko", stride=1).stride == 1
+    with pytest.raises(ValueError, match="macenko, reinhard, none"):
+        build_normalizer("vahadane")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_and_gpu_agree(crops: list[np.ndarray]) -> None:
+    batch = _batch(crops)
+    for make in (lambda: Macenko(), lambda: Macenko(stride=1), lambda: Reinhard().fit(crops[0])):
+        cpu, gpu = make(), make()
+        out_cpu = cpu.normalize(batch)
+        out_gpu = gpu.normalize(batch.cuda())
+        assert out_gpu.device.type == "cuda"
+        assert (out_gpu.cpu().int() - out_cpu.int()).abs().max() <= 1
