@@ -143,26 +143,38 @@ def _merge_saved_report(folder: Path, report: SkipReport) -> None:
 
 
 class CachedPairs(torch.utils.data.Dataset):
-    """Patch pairs of one cached split, as uint8 CHW tensors read from memory maps.
+    """Patch pairs of cached splits, as uint8 CHW tensors read from memory maps.
 
     ``__getitems__`` serves a whole batch with one fancy-index per array, so a
-    DataLoader with ``batch_size`` set pays no per-sample Python overhead.
+    DataLoader with ``batch_size`` set pays no per-sample Python overhead. The
+    memory maps are opened lazily in each process: a DataLoader worker receives
+    the folder names, not a copy of the arrays.
     """
 
     def __init__(self, folders: Sequence[Path]):
-        self.parts = []
-        meta: list[dict] = []
-        for folder in folders:
-            info = json.loads((Path(folder) / "patches.json").read_text())
-            count = info["count"]
-            ctx = np.load(Path(folder) / "context.npy", mmap_mode="r")[:count]
-            det = np.load(Path(folder) / "detail.npy", mmap_mode="r")[:count]
-            offset = len(meta)
-            for m in info["patches"]:
-                meta.append({**m, "image": f"{folder}:{m['image']}", "part": len(self.parts)})
-            self.parts.append((offset, ctx, det))
-        self.meta = meta
-        self.labels = torch.tensor([m["label"] for m in meta], dtype=torch.long)
+        self.folders = [Path(f) for f in folders]
+        self.meta: list[dict] = []
+        self.offsets: list[int] = []
+        self.counts: list[int] = []
+        for part, folder in enumerate(self.folders):
+            info = json.loads((folder / "patches.json").read_text())
+            self.offsets.append(len(self.meta))
+            self.counts.append(info["count"])
+            self.meta.extend({**m, "image": f"{folder.name}:{m['image']}", "part": part} for m in info["patches"])
+        self.labels = torch.tensor([m["label"] for m in self.meta], dtype=torch.long)
+        self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_arrays"] = None  # reopened in the receiving process
+        return state
+
+    def arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(context, detail) memory maps of every part, opened on first use."""
+        if self._arrays is None:
+            self._arrays = [(np.load(f / "context.npy", mmap_mode="r")[:n], np.load(f / "detail.npy", mmap_mode="r")[:n])
+                            for f, n in zip(self.folders, self.counts)]
+        return self._arrays
 
     def __len__(self) -> int:
         return len(self.meta)
@@ -174,23 +186,23 @@ class CachedPairs(torch.utils.data.Dataset):
         """A batch: (context uint8 (B,3,Hc,Wc), detail uint8 (B,3,Hd,Wd), labels, indices)."""
         idx = np.asarray(indices, dtype=np.int64)
         ctx, det = self._gather(idx)
-        to_chw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731 - NHWC memory: a free channels-last view
-        return to_chw(ctx), to_chw(det), self.labels[idx], torch.from_numpy(idx)
+        # NHWC memory viewed as NCHW: a free channels-last view, no copy.
+        return (torch.from_numpy(ctx).permute(0, 3, 1, 2), torch.from_numpy(det).permute(0, 3, 1, 2),
+                self.labels[idx], torch.from_numpy(idx))
 
     def _gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if len(self.parts) == 1:
-            _, ctx, det = self.parts[0]
-            order = np.argsort(idx, kind="stable")  # sorted reads are sequential on disk
-            out_c, out_d = ctx[idx[order]], det[idx[order]]
-            inverse = np.empty_like(order)
-            inverse[order] = np.arange(len(order))
-            return out_c[inverse], out_d[inverse]
-        part_of = np.array([self.meta[i]["part"] for i in idx])
-        ctxs, dets = [], []
-        for i, p in zip(idx, part_of):
-            offset, ctx, det = self.parts[p]
-            ctxs.append(ctx[i - offset]), dets.append(det[i - offset])
-        return np.stack(ctxs), np.stack(dets)
+        arrays = self.arrays()
+        parts = np.searchsorted(np.asarray(self.offsets), idx, side="right") - 1
+        first_c, first_d = arrays[0]
+        out_c = np.empty((len(idx), *first_c.shape[1:]), np.uint8)
+        out_d = np.empty((len(idx), *first_d.shape[1:]), np.uint8)
+        for part in np.unique(parts):
+            rows = np.flatnonzero(parts == part)
+            local = idx[rows] - self.offsets[part]
+            order = np.argsort(local, kind="stable")  # sorted reads are sequential on disk
+            ctx, det = arrays[part]
+            out_c[rows[order]], out_d[rows[order]] = ctx[local[order]], det[local[order]]
+        return out_c, out_d
 
 
 def collate_batch(batch):

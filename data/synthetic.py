@@ -122,8 +122,8 @@ class SyntheticSpec:
         _check_int("seed", self.seed, 0, 2**63 - 1)
         _check_int("jpeg_quality", self.jpeg_quality, 1, 100)
         mags = self.magnifications
-        if (not isinstance(mags, tuple) or not mags or len(set(mags)) != len(mags)
-                or any(m not in MAGNIFICATIONS for m in mags)):
+        if (not isinstance(mags, tuple) or not mags
+                or any(m not in MAGNIFICATIONS for m in mags) or len(set(mags)) != len(mags)):
             raise ValueError(f"SyntheticSpec.magnifications must be a non-empty tuple of distinct "
                              f"values from {MAGNIFICATIONS}; got {mags!r}")
 
@@ -202,7 +202,7 @@ class StainProfile:
         direction = offset + hospital * _GOLDEN_ANGLE
         strength = rng.uniform(0.25, 0.45) * spread
         # Camera white balance: a per-channel gain on the light.
-        balance = 1.0 + np.array([_signed(rng, 0.02, 0.07) for _ in range(3)]) * spread
+        balance = 1.0 + np.array([_signed(rng, 0.015, 0.045) for _ in range(3)]) * spread
         light = np.clip(rng.uniform(236.0, 252.0) * balance, 220.0, 255.0)
         return cls(
             haematoxylin=_rotate(STANDARD_HAEMATOXYLIN, rng.uniform(6.0, 14.0) * spread, rng),
@@ -231,13 +231,20 @@ def _signed(rng: np.random.Generator, low: float, high: float) -> float:
 
 def _rotate(vector: Sequence[float], degrees: float, rng: np.random.Generator
             ) -> tuple[float, float, float]:
-    """``vector`` turned by ``degrees`` towards a random direction, kept non-negative and unit."""
+    """``vector`` turned by ``degrees`` towards a random direction, kept positive and unit.
+
+    Optical densities cannot be negative, so directions that would push a
+    component below 0.02 (eosin's red and blue are small) are redrawn.
+    """
     v = np.asarray(_unit(vector))
-    w = rng.standard_normal(3)
-    w -= w.dot(v) * v
-    w /= np.linalg.norm(w)
     angle = math.radians(degrees)
-    return _unit(np.clip(v * math.cos(angle) + w * math.sin(angle), 0.01, None))
+    for _ in range(100):
+        w = rng.standard_normal(3)
+        w -= w.dot(v) * v
+        turned = v * math.cos(angle) + w / np.linalg.norm(w) * math.sin(angle)
+        if turned.min() >= 0.02:
+            return _unit(turned)
+    return _unit(v)  # no admissible direction: keep the vector as it is
 
 
 # ------------------------------------------------------------------ cue tables
@@ -298,22 +305,17 @@ def draw_cue_grade(grade: int, rng: np.random.Generator) -> int:
 # ---------------------------------------------------------------- noise fields
 
 
-def _noise(rng: np.random.Generator, size: int, cells_y: float, cells_x: float | None = None,
-           out_size: int | None = None) -> np.ndarray:
+def _noise(rng: np.random.Generator, size: int, cells: float) -> np.ndarray:
     """Smooth value noise in about [0, 1]: random grid values upsampled bicubically.
 
     Args:
         rng: Source of the grid values.
-        size: Side of the square field the cell counts refer to.
-        cells_y: Features across the field vertically (clamped to [2, size]).
-        cells_x: Features across horizontally; ``cells_y`` if omitted.
-        out_size: Side of the returned field; ``size`` if omitted.
+        size: Side of the square field.
+        cells: Features across the field (clamped to [2, size]).
     """
-    ny = int(min(max(cells_y, 2), size))
-    nx = int(min(max(cells_y if cells_x is None else cells_x, 2), size))
-    grid = rng.random((ny, nx), dtype=np.float32)
-    side = out_size or size
-    return np.asarray(Image.fromarray(grid).resize((side, side), Image.BICUBIC))
+    count = int(min(max(cells, 2), size))
+    grid = rng.random((count, count), dtype=np.float32)
+    return np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC))
 
 
 def _fibres(rng: np.random.Generator, size: int, unit: float) -> tuple[np.ndarray, float]:
@@ -837,6 +839,9 @@ def render_image(grade: int, magnification: str, stain: StainProfile, rng: np.ra
         raise ValueError(f"grade must be in [0, {len(GRADE_NAMES) - 1}]; got {grade!r}")
     if magnification not in _MAG_SCALE:
         raise ValueError(f"magnification must be one of {tuple(_MAG_SCALE)}; got {magnification!r}")
+    for name, cue in (("architecture", architecture), ("nuclear", nuclear)):
+        if cue is not None and not 0 <= cue < len(GRADE_NAMES):
+            raise ValueError(f"{name} must be None or in [0, {len(GRADE_NAMES) - 1}]; got {cue!r}")
     arch = draw_cue_grade(grade, rng) if architecture is None else architecture
     nuc = draw_cue_grade(grade, rng) if nuclear is None else nuclear
     unit = size / _REFERENCE_SIZE * _MAG_SCALE[magnification]

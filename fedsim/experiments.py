@@ -174,7 +174,7 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[int, float, f
     mean = statistics.fmean(values)
     if n < 2:
         return n, mean, math.nan
-    half = 1.96 * statistics.stdev(values) / math.sqrt(n)
+    half = t_quantile(0.5 + level / 2.0, n - 1) * statistics.stdev(values) / math.sqrt(n)
     return n, mean, half
 
 
@@ -420,6 +420,8 @@ def run_all(plan: Plan, launcher: Callable[[Run], int] | None = None) -> dict[st
     failed: dict[str, int] = {}
     for i, run in enumerate(todo, 1):
         names = ", ".join(sorted({name for name, _ in run.jobs}))
+        log.info("[%d/%d] %s (%s) on %d rank(s); log in %s", i, len(todo), run.folder.name, names, run.nproc,
+                 run.folder / "log.txt")
         started = time.monotonic()
         code = launcher(run)
         seconds = time.monotonic() - started

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler
 
 from data.cache import CachedPairs, collate_batch
 from fedsim import checkpoint, metrics
@@ -60,6 +60,9 @@ class Federation:
         self.model = model
         self.forward_model = torch.compile(model) if cfg.train.compile else model
         self.client = self._client_state()
+        self.shuffle = torch.Generator()
+        self.train_loader = self._build_train_loader()
+        self._eval_loaders: dict[str, DataLoader] = {}
         self.logger = RunLogger(self.out, enabled=info.is_main)
         self.start_round = self._maybe_resume()
         self._report_data()
@@ -170,9 +173,11 @@ class Federation:
         prox_anchor = anchor if federated and cfg.mu > 0 else None
         hook = None if federated or self.info.world_size == 1 else allreduce_mean_
         rng = generator(cfg.seed, r, self.info.rank, "augment")
+        # Data order of every epoch of this round follows from (seed, round, client) alone.
+        self.shuffle.manual_seed(derive_seed(cfg.seed, r, self.info.rank, "shuffle"))
         result = None
         for epoch in range(epochs):
-            loader = self._train_loader(r, epoch)
+            loader = self.train_loader
             desc = f"round {r + 1}/{cfg.rounds} epoch {epoch + 1}/{epochs}"
             result = train_epoch(self.forward_model, self.flat, optimizer, loader, prox_anchor, self.settings, rng,
                                  grad_hook=hook, desc=desc, show=self.info.is_main)
@@ -206,17 +211,17 @@ class Federation:
                 log.warning("simulated crash: killing this process (SIGKILL) in round %d", r + 1)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    def _train_loader(self, r: int, epoch: int) -> DataLoader:
+    def _build_train_loader(self) -> DataLoader:
+        """One loader for the whole run (persistent workers); its sampler is re-seeded every round."""
         client, cfg = self.client, self.cfg
-        shuffle = generator(cfg.train.seed, r, self.info.rank, f"shuffle-{epoch}")
         if client.train_indices is None:
-            sampler = RandomSampler(client.train, generator=shuffle)
+            sampler = RandomSampler(client.train, generator=self.shuffle)
         else:
-            order = torch.randperm(len(client.train_indices), generator=shuffle)
-            sampler = client.train_indices[order.numpy()].tolist()
+            sampler = SubsetRandomSampler(client.train_indices.tolist(), generator=self.shuffle)
+        workers = cfg.data.num_workers
         return DataLoader(client.train, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate_batch,
-                          num_workers=cfg.data.num_workers, pin_memory=self.info.device.type == "cuda",
-                          persistent_workers=False)
+                          num_workers=workers, pin_memory=self.info.device.type == "cuda",
+                          persistent_workers=workers > 0)
 
     def _num_train(self) -> int:
         client = self.client
@@ -224,12 +229,14 @@ class Federation:
 
     # ---- evaluation and logging ----------------------------------------------------------
 
-    def _eval_loader(self, dataset: CachedPairs) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.cfg.train.batch_size * 2, collate_fn=collate_batch,
-                          num_workers=self.cfg.data.num_workers, pin_memory=self.info.device.type == "cuda")
-
     def _predict(self, dataset: CachedPairs):
-        return predict(self.forward_model, self._eval_loader(dataset), self.settings)
+        key = ",".join(map(str, dataset.folders))
+        if key not in self._eval_loaders:
+            self._eval_loaders[key] = DataLoader(dataset, batch_size=self.cfg.train.batch_size * 2,
+                                                 collate_fn=collate_batch, num_workers=self.cfg.data.num_workers,
+                                                 pin_memory=self.info.device.type == "cuda",
+                                                 persistent_workers=self.cfg.data.num_workers > 0)
+        return predict(self.forward_model, self._eval_loaders[key], self.settings)
 
     def _val_accuracy(self, hospital: HospitalData) -> tuple[float | None, int]:
         """Image-level accuracy on the hospital's validation split, and its number of images."""

@@ -33,6 +33,11 @@ def make_backbone(name: str) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=0, global_pool="avg")
 
 
+def feature_width(backbone: nn.Module) -> int:
+    """Width of the pooled feature vector (some timm models add a pre-logits layer past num_features)."""
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+
+
 class DualStreamNet(nn.Module):
     """Context + detail streams, concatenated features, MLP head.
 
@@ -53,7 +58,7 @@ class DualStreamNet(nn.Module):
         self.streams = STREAMS[scales]
         self.context = make_backbone(backbone) if "context" in self.streams else None
         self.detail = make_backbone(backbone) if "detail" in self.streams else None
-        features = sum(getattr(self, s).num_features for s in self.streams)
+        features = sum(feature_width(getattr(self, s)) for s in self.streams)
         self.head = nn.Sequential(
             nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
         )

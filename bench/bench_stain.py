@@ -1,0 +1,153 @@
+"""Throughput of batched stain normalization against the same code run one image at a time.
+
+Usage:
+    python bench/bench_stain.py [--quick] [--device cpu|cuda] [--json PATH]
+
+Patches come from the real H&E sample in ../shared/data (random tissue-rich
+crops), or, if it is absent, from synthetic noise-free tissue-like images. For
+Macenko and Reinhard at 224 and 320 px it times ``normalize`` on a whole batch
+and on batches of one (the baseline), in the same run, and prints patches/s
+and their ratio. Figures are medians over repeats; on a shared machine they
+are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data.stain import Macenko, Reinhard  # noqa: E402
+from data.tissue import tissue_mask, window_tissue_fraction  # noqa: E402
+
+SAMPLE = ROOT.parent / "shared" / "data" / "he_cmu_small_region.jpg"
+
+
+def load_crops(count: int, size: int, seed: int = 0) -> tuple[np.ndarray, str]:
+    """``count`` uint8 crops (count, size, size, 3) and a word on where they came from."""
+    rng = np.random.default_rng(seed)
+    if not SAMPLE.is_file():
+        return synthetic_crops(count, size, rng), "synthetic"
+    from PIL import Image
+
+    with Image.open(SAMPLE) as img:
+        image = np.asarray(img.convert("RGB"))
+    step = 8  # centres are chosen on a thumbnail: mostly-tissue windows only
+    frac = window_tissue_fraction(tissue_mask(image[::step, ::step]), size // step)
+    half = size // (2 * step)
+    frac[:half], frac[-half:], frac[:, :half], frac[:, -half:] = 0, 0, 0, 0
+    rows, cols = np.nonzero(frac >= 0.6)
+    pick = rng.integers(0, rows.size, count)
+    tops = (rows[pick] * step - size // 2).clip(0, image.shape[0] - size)
+    lefts = (cols[pick] * step - size // 2).clip(0, image.shape[1] - size)
+    return np.stack([image[t : t + size, l : l + size] for t, l in zip(tops, lefts)]), "real H&E crops"
+
+
+def synthetic_crops(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Noise-free tissue-like images: smooth haematoxylin and eosin fields mixed by Beer-Lambert."""
+    stains = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])  # Ruifrok & Johnston 2001 H and E vectors
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = np.empty((count, size, size, 3), np.uint8)
+    for i in range(count):
+        fields = []
+        for _ in range(2):
+            f = sum(np.sin(2 * np.pi * (rng.uniform(1, 6) * xx + rng.uniform(1, 6) * yy + rng.random())) for _ in range(4))
+            fields.append(np.clip(f / 4 + rng.uniform(0.1, 0.5), 0, None) * rng.uniform(0.8, 2.0))
+        od = np.stack(fields, -1) @ stains
+        out[i] = np.clip(240 * np.exp(-od), 0, 255).astype(np.uint8)
+    return out
+
+
+def time_calls(fn, repeats: int, device: torch.device) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_one(name: str, make, batch: torch.Tensor, singles: int, repeats: int) -> dict:
+    """Batched and one-by-one patches/s of one normalizer on one batch."""
+    device = batch.device
+    norm = make()
+    batched = time_calls(lambda: norm.normalize(batch), repeats, device)
+    loop_batch = batch[:singles]
+    single = time_calls(lambda: [norm.normalize(loop_batch[i : i + 1]) for i in range(singles)], repeats, device)
+    batched_pps = batch.shape[0] / statistics.median(batched)
+    single_pps = singles / statistics.median(single)
+    return {
+        "method": name,
+        "size": int(batch.shape[-1]),
+        "batch": int(batch.shape[0]),
+        "batched_patches_per_s": round(batched_pps, 1),
+        "single_patches_per_s": round(single_pps, 1),
+        "speedup": round(batched_pps / single_pps, 2),
+        "batched_seconds": batched,
+        "single_seconds": single,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small batches and few repeats (< 1 minute)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is available")
+    device = torch.device(args.device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cores)
+
+    batch_size, singles, repeats = (64, 16, 3) if args.quick else (256, 64, 5)
+    methods = [("macenko", lambda: Macenko()), ("macenko stride=1 (exact)", lambda: Macenko(stride=1))]
+    results, source = [], ""
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(f"{'method':26s} {'size':>5s} {'batch':>6s} {'batched/s':>10s} {'1-by-1/s':>10s} {'ratio':>6s}")
+    for size in (224, 320):
+        crops, source = load_crops(batch_size, size)
+        batch = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous().to(device)
+        reference = crops[0]
+        rows = methods + [("reinhard", lambda: Reinhard().fit(reference))]
+        for name, make in rows:
+            if args.quick and "exact" in name:
+                continue
+            res = bench_one(name, make, batch, singles, repeats)
+            results.append(res)
+            print(
+                f"{name:26s} {size:5d} {batch_size:6d} {res['batched_patches_per_s']:10.0f} "
+                f"{res['single_patches_per_s']:10.0f} {res['speedup']:6.1f}"
+            )
+    print(f"patches: {source}; figures are medians of {repeats} timed calls")
+    if args.json:
+        meta = {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "patches": source,
+            "quick": args.quick,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
