@@ -31,6 +31,7 @@ from data.stain import Macenko, Reinhard  # noqa: E402
 from data.tissue import tissue_mask, window_tissue_fraction  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "data" / "he_cmu_small_region.jpg"
+LABELS = {"macenko": "macenko", "exact": "macenko stride=1 (exact)", "reinhard": "reinhard"}
 
 
 def load_crops(count: int, size: int, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -104,38 +105,62 @@ def bench_one(name: str, make, batch: torch.Tensor, singles: int, repeats: int) 
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small batches and few repeats (< 1 minute)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 320], help="patch sides in pixels")
+    parser.add_argument("--stride", type=int, default=None, help="Macenko stride (default: the class default)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="chunk size (default: the class default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+    parser.add_argument(
+        "--methods", nargs="+", default=list(LABELS), choices=list(LABELS),
+        help="what to time (exact: Macenko with stride 1; skipped by --quick)",
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
-    device = torch.device(args.device)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(cores)
+    return args
 
+
+def run(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """Time every asked-for method at every size; prints one line each."""
+    device = torch.device(args.device)
+    options = {"chunk_size": args.chunk_size} if args.chunk_size else {}
+    macenko_options = dict(options, **({"stride": args.stride} if args.stride else {}))
     batch_size, singles, repeats = (64, 16, 3) if args.quick else (256, 64, 5)
-    methods = [("macenko", lambda: Macenko()), ("macenko stride=1 (exact)", lambda: Macenko(stride=1))]
     results, source = [], ""
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"{'method':26s} {'size':>5s} {'batch':>6s} {'batched/s':>10s} {'1-by-1/s':>10s} {'ratio':>6s}")
-    for size in (224, 320):
+    for size in args.sizes:
         crops, source = load_crops(batch_size, size)
         batch = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous().to(device)
-        reference = crops[0]
-        rows = methods + [("reinhard", lambda: Reinhard().fit(reference))]
-        for name, make in rows:
-            if args.quick and "exact" in name:
+        makers = {
+            "macenko": lambda: Macenko(**macenko_options),
+            "exact": lambda: Macenko(**dict(options, stride=1)),
+            "reinhard": lambda: Reinhard(**options).fit(crops[0]),
+        }
+        for key in args.methods:
+            if args.quick and key == "exact":
                 continue
-            res = bench_one(name, make, batch, singles, repeats)
+            res = bench_one(LABELS[key], makers[key], batch, singles, repeats)
             results.append(res)
             print(
-                f"{name:26s} {size:5d} {batch_size:6d} {res['batched_patches_per_s']:10.0f} "
+                f"{res['method']:26s} {size:5d} {batch_size:6d} {res['batched_patches_per_s']:10.0f} "
                 f"{res['single_patches_per_s']:10.0f} {res['speedup']:6.1f}"
             )
     print(f"patches: {source}; figures are medians of {repeats} timed calls")
+    return results, source
+
+
+def main() -> None:
+    args = parse_args()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(args.threads or cores)
+    device = torch.device(args.device)
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
+    results, source = run(args)
     if args.json:
         meta = {
             "device": str(device),
@@ -144,6 +169,8 @@ def main() -> None:
             "torch": torch.__version__,
             "patches": source,
             "quick": args.quick,
+            "stride": args.stride,
+            "chunk_size": args.chunk_size,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, write_json  # noqa: E402
 from data.cache import CachedPairs, collate_batch  # noqa: E402
-from fedsim.client import StepSettings, autocast, make_optimizer, to_device, train_epoch  # noqa: E402
+from fedsim.client import StepSettings, autocast, make_optimizer, prepare_inputs, train_epoch  # noqa: E402
 from fedsim.flat import flatten  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -42,8 +42,9 @@ def make_cache(folder: Path, count: int, context: int, detail: int) -> Path:
     return folder
 
 
-def loader(dataset: CachedPairs, args, seed: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)),
+def make_loader(dataset: CachedPairs, args) -> DataLoader:
+    """One loader for the whole benchmark, as in training: workers start once and persist."""
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(0)),
                       collate_fn=collate_batch, num_workers=args.workers, pin_memory=args.device == "cuda",
                       persistent_workers=args.workers > 0, drop_last=True)
 
@@ -53,7 +54,7 @@ def plain_epoch(model, optimizer, batches, settings: StepSettings) -> int:
     model.train()
     seen = 0
     for context, detail, labels, _ in batches:
-        context, detail = to_device(context, settings), to_device(detail, settings)
+        context, detail = prepare_inputs(context, detail, settings)
         labels = labels.to(settings.device, non_blocking=True)
         with autocast(settings):
             loss = F.cross_entropy(model(context, detail).float(), labels)
@@ -88,13 +89,14 @@ def run(args) -> dict:
     anchor = flat.params.detach().clone()
     optimizer = make_optimizer(model, 3e-4, 1e-4)
     rng = torch.Generator().manual_seed(0)
-    fed = lambda e: train_epoch(forward, flat, optimizer, loader(dataset, args, e), anchor, settings, rng).samples  # noqa: E731
-    plain = lambda e: plain_epoch(forward, optimizer, loader(dataset, args, e), settings)  # noqa: E731
-    fed(0), plain(0)  # warm-up: cudnn autotuning, compilation, page cache
+    batches = make_loader(dataset, args)
+    fed = lambda: train_epoch(forward, flat, optimizer, batches, anchor, settings, rng).samples  # noqa: E731
+    plain = lambda: plain_epoch(forward, optimizer, batches, settings)  # noqa: E731
+    fed(), plain()  # warm-up: cudnn autotuning, compilation, worker start, page cache
     result = {"plain": [], "federated": []}
-    for epoch in range(args.repeats):  # alternate so load changes hit both alike
-        result["plain"].append(timed(lambda: plain(epoch + 1), sync))
-        result["federated"].append(timed(lambda: fed(epoch + 1), sync))
+    for _ in range(args.repeats):  # alternate so load changes hit both alike
+        result["plain"].append(timed(plain, sync))
+        result["federated"].append(timed(fed, sync))
     med = {k: float(np.median(v)) for k, v in result.items()}
     return {**med, "ratio": med["federated"] / med["plain"], "samples_per_epoch": args.samples}
 

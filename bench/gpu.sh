@@ -18,26 +18,35 @@ export FEDSIM_CACHE="$TMP/cache"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.version.cuda)"
 
-step() { echo; echo "== $* ($(date -u +%T))"; }
+BUDGET="${BUDGET:-540}"  # seconds for the whole script; later steps are skipped past it
+step() { echo; echo "== $* ($(date -u +%T), ${SECONDS}s)"; }
+left() { local l=$((BUDGET - SECONDS)); (( l > ${1:-30} )) && echo $(( l < $2 ? l : $2 )) || echo 0; }
+run_step() {  # run_step MAX_SECONDS command...: skipped when the budget is spent
+  local t; t="$(left 20 "$1")"; shift
+  if (( t == 0 )); then echo "skipped: budget spent"; return 0; fi
+  timeout "$t" "$@" || echo "step failed or timed out (exit $?)"
+}
 
-step "training throughput, eager"
-timeout 150 "$PY" bench/bench_train.py --device cuda --batch-size 64 --samples 1536 --repeats 3 --json "$TMP/train_eager.json" || echo "eager benchmark failed ($?)"
-step "training throughput, torch.compile"
-timeout 240 "$PY" bench/bench_train.py --device cuda --batch-size 64 --samples 1536 --repeats 3 --compile --json "$TMP/train_compiled.json" || echo "compiled benchmark failed or timed out ($?)"
-step "NCCL fedavg vs raw all-reduce (1 rank per GPU)"
 NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
-timeout 120 "$PY" bench/bench_aggregate.py --device cuda --ranks "$NGPU" --rounds 21 --json "$TMP/aggregate.json" || echo "aggregate benchmark failed ($?)"
+SMALLDATA=(--set data.synthetic.patients_per_grade=3 --set data.synthetic.images_per_patient=2)
+
+step "training throughput, eager (bf16, channels-last, 6 loader workers)"
+run_step 120 "$PY" bench/bench_train.py --device cuda --batch-size 64 --samples 1536 --repeats 3 --json "$TMP/train_eager.json"
+step "NCCL fedavg vs raw all-reduce ($NGPU rank(s), one per GPU)"
+run_step 60 "$PY" bench/bench_aggregate.py --device cuda --ranks "$NGPU" --rounds 21 --json "$TMP/aggregate.json"
 step "stain normalization on the GPU"
-timeout 120 "$PY" bench/bench_stain.py --device cuda --json "$TMP/stain.json" || echo "stain benchmark failed ($?)"
-step "CUDA tests"
-timeout 180 "$PY" -m pytest -q tests/test_stain.py -k "cuda or gpu" 2>&1 | tail -5 || true
-step "real run: NCCL path, 1 rank, resnetrs50, bf16"
-timeout 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train.py --config configs/demo.toml \
-  --backbone resnetrs50 --set data.context_size=320 --set data.detail_size=224 --batch-size 32 --rounds 1 \
-  --num-hospitals "$NGPU" --out "$TMP/run_nccl" 2>&1 | tail -8 || echo "NCCL run failed"
-step "real run: 3 ranks sharing the GPU(s) (gloo on CUDA tensors)"
-timeout 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node=3 train.py --config configs/demo.toml \
-  --rounds 1 --out "$TMP/run_shared" 2>&1 | tail -6 || echo "shared-GPU run failed"
+run_step 60 "$PY" bench/bench_stain.py --device cuda --json "$TMP/stain.json"
+step "CUDA tests (CPU/GPU agreement)"
+run_step 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_stain.py tests/test_gradcam.py
+step "real run: NCCL path, resnetrs50 at 320/224, bf16"
+run_step 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train.py --config configs/demo.toml \
+  --backbone resnetrs50 --set data.context_size=320 --set data.detail_size=224 --batch-size 32 --rounds 2 \
+  "${SMALLDATA[@]}" --out "$TMP/run_nccl"
+step "real run: 3 ranks sharing the GPU(s): gloo on CUDA tensors"
+run_step 90 "$PY" -m torch.distributed.run --standalone --nproc_per_node=3 train.py --config configs/demo.toml \
+  --rounds 1 "${SMALLDATA[@]}" --out "$TMP/run_shared"
+step "training throughput, torch.compile"
+run_step 200 "$PY" bench/bench_train.py --device cuda --batch-size 64 --samples 1536 --repeats 3 --compile --json "$TMP/train_compiled.json"
 
 "$PY" - "$TMP" "$RES/gpu-$DATE.json" <<'PYEOF'
 import json, sys, pathlib

@@ -15,20 +15,43 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def to_float(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 (B,3,H,W) -> normalized float32, keeping the memory format."""
-    mean = torch.tensor(MEAN, device=batch.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=batch.device).view(1, 3, 1, 1) * 255
-    return (batch.float() - mean) / std
+_SCALE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _scale(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """1/std and -mean/std per channel, made once per device.
+
+    Building them per batch would copy from pageable host memory every step,
+    which blocks the host until the GPU drains its queue.
+    """
+    if device not in _SCALE:
+        std = torch.tensor(STD) * 255
+        mean = torch.tensor(MEAN) * 255
+        _SCALE[device] = ((1 / std).view(1, 3, 1, 1).to(device), (-mean / std).view(1, 3, 1, 1).to(device))
+    return _SCALE[device]
+
+
+def to_float(batch: torch.Tensor, gain: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> normalized float32 in one fused multiply-add, keeping the memory format.
+
+    ``gain`` and ``offset`` (B,1,1,1) apply a per-sample brightness/contrast
+    jitter in the same pass: ``(x * gain - mean) / std + offset``.
+    """
+    inv_std, shift = _scale(batch.device)
+    if gain is None:
+        return torch.addcmul(shift, batch.float(), inv_std)
+    return torch.addcmul(shift + offset, batch.float(), inv_std * gain)
 
 
 def random_dihedral(context: torch.Tensor, detail: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One of the 8 flips/rotations per pair, the same for both patches of a pair."""
-    n = context.shape[0]
-    codes = torch.randint(0, 8, (n,), generator=generator).tolist()
-    out_c, out_d = context.clone(), detail.clone()
-    for code in set(codes):
-        rows = torch.tensor([i for i, c in enumerate(codes) if c == code], device=context.device)
+    """One of the 8 flips/rotations per pair, the same for both patches of a pair.
+
+    Cheapest on the uint8 batches, before conversion to float.
+    """
+    codes = torch.randint(0, 8, (context.shape[0],), generator=generator)
+    out_c, out_d = torch.empty_like(context), torch.empty_like(detail)
+    for code in codes.unique().tolist():
+        rows = (codes == code).nonzero().flatten().to(context.device)
         out_c[rows] = _dihedral(context[rows], code)
         out_d[rows] = _dihedral(detail[rows], code)
     return out_c, out_d
@@ -39,14 +62,12 @@ def _dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
     return torch.flip(x, dims=(3,)) if code >= 4 else x
 
 
-def colour_jitter(context: torch.Tensor, detail: torch.Tensor, generator: torch.Generator,
+def jitter_params(n: int, generator: torch.Generator, device: torch.device,
                   strength: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
-    """Light per-pair brightness and contrast jitter on normalized float batches."""
-    n = context.shape[0]
-    gain = 1 + strength * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
-    shift = strength * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1) / STD[1]
-    gain, shift = gain.to(context.device), shift.to(context.device)
-    return context * gain + shift, detail * gain + shift
+    """Per-sample (gain, offset) for a light brightness/contrast jitter, to pass to :func:`to_float`."""
+    draws = 2 * torch.rand(2, n, 1, 1, 1, generator=generator) - 1
+    gain, offset = 1 + strength * draws[0], strength * draws[1] / STD[1]
+    return gain.to(device, non_blocking=True), offset.to(device, non_blocking=True)
 
 
 def mixup(context: torch.Tensor, detail: torch.Tensor, labels: torch.Tensor, alpha: float,

@@ -12,8 +12,7 @@ counted in the normalizer's ``num_degenerate``; no output is ever NaN.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Union
 
 import numpy as np
@@ -47,14 +46,17 @@ _MIN_EIG_RATIO = 1e-6  # second eigenvalue relative to the first
 _MIN_EIG = 1e-9  # absolute floor: real OD variances are ~1e-2, a flat colour's ~1e-12
 _MIN_MAX_C = 1e-6
 _LOG2_E = 1.0 / math.log(2.0)
+# Images per chunk when chunk_size is None: small on CPU, where a chunk's scratch
+# should stay near the caches; large on GPU, where each kernel wants many pixels.
+_CPU_CHUNK, _GPU_CHUNK = 16, 256
 
 
 class _BatchNormalizer:
     """Shared plumbing: input checks, chunking, degenerate counting, numpy convenience."""
 
-    def __init__(self, chunk_size: int, min_pixels: int) -> None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    def __init__(self, chunk_size: int | None, min_pixels: int) -> None:
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         if min_pixels < 2:
             raise ValueError(f"min_pixels must be >= 2, got {min_pixels}")
         self.chunk_size = chunk_size
@@ -85,13 +87,11 @@ class _BatchNormalizer:
     @torch.no_grad()
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalize a uint8 batch (B, 3, H, W); returns a new uint8 batch on the same device."""
-        if not isinstance(batch, torch.Tensor) or batch.dtype != torch.uint8:
-            raise ValueError("normalize expects a uint8 torch tensor")
-        if batch.dim() != 4 or batch.shape[1] != 3:
-            raise ValueError(f"normalize expects shape (B, 3, H, W), got {tuple(batch.shape)}")
+        _check_batch(batch)
         out = torch.empty_like(batch)
-        for start in range(0, batch.shape[0], self.chunk_size):
-            chunk = batch[start : start + self.chunk_size].contiguous()
+        step = self._chunk_for(batch)
+        for start in range(0, batch.shape[0], step):
+            chunk = batch[start : start + step].contiguous()
             target = out[start : start + chunk.shape[0]]
             invalid = (~self._normalize_chunk(chunk, target)).nonzero()[:, 0]
             if invalid.numel():
@@ -106,6 +106,10 @@ class _BatchNormalizer:
             raise ValueError(f"normalize_image expects a uint8 HxWx3 array, got {arr.dtype} {arr.shape}")
         batch = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
         return np.ascontiguousarray(self.normalize(batch)[0].permute(1, 2, 0).numpy())
+
+    def _chunk_for(self, batch: torch.Tensor) -> int:
+        """Images per chunk for this batch's device."""
+        return self.chunk_size or (_GPU_CHUNK if batch.is_cuda else _CPU_CHUNK)
 
     def _fit_pixels(self, pixels: torch.Tensor) -> None:
         """Set the reference from uint8 pixels (3, N)."""
@@ -138,30 +142,29 @@ class Macenko(_BatchNormalizer):
     any channel are dropped; the two leading eigenvectors of the covariance of
     the kept OD span a plane; the alpha and 100 - alpha percentiles of the
     angles of the kept OD in that plane give the two stain vectors, the one with
-    the larger red OD being haematoxylin; concentrations of every pixel follow by
-    least squares, and their 99th percentiles (over all pixels, background
-    included) scale them to the reference. The output Io * exp(-HERef C'),
-    clipped at 255 and truncated to uint8, follows torchstain's numpy backend.
-    Every step after the estimate is linear in OD, so the output is
-    Io * exp(-M OD) with one 3x3 matrix M per image.
+    the larger red OD being haematoxylin; concentrations C of every pixel follow
+    by least squares, and their 99th percentiles maxC (over all pixels,
+    background included) scale them to the reference. The output
+    Io * exp(-HERef diag(maxCRef / maxC) C), clipped at 255 and truncated to
+    uint8, follows torchstain's numpy backend.
 
     Sampling, for speed (``stride`` > 1):
         * The covariance and the angle percentiles use the pixels on a grid of
-          step ``stride`` in both directions (default 2: a quarter of the pixels,
-          12,544 of a 224 x 224 patch), with exact percentiles of that sample.
+          step ``stride`` in both directions (default 4: 1/16 of the pixels,
+          3,136 of a 224 x 224 patch), with exact percentiles of that sample.
         * The 99th percentiles of the concentrations use every pixel. They are
           not sorted for but located by ``max_c_passes`` rounds of counting
-          pixels above a threshold, starting from the bracket of a sparse
-          sample's 98.5th-99.5th percentiles (see ``_refine_percentile``);
-          typical relative error 1e-3.
-        On real H&E crops the default moves outputs by a fraction of a grey level
-        on average from the unsampled algorithm (tests/test_stain.py checks <= 2).
-        ``stride=1`` is the reference algorithm with exact percentiles
+          pixels above a threshold (see ``_refine_percentile``), starting from
+          the sample's 98.5th-99.5th percentiles; typical relative error 1e-3.
+        On real H&E crops the default moves outputs by about half a grey level
+        on average from the unsampled algorithm (tests/test_stain.py checks
+        <= 2). ``stride=1`` is the reference algorithm with exact percentiles
         throughout, and so is ``fit``.
 
     Args:
         stride: Grid step of the stain-vector estimate; 1 uses every pixel.
-        chunk_size: Images processed at once; bounds the memory of large batches.
+        chunk_size: Images processed at once, bounding the memory of large
+            batches; None picks 16 on CPU and 256 on GPU.
         min_pixels: Fewest sampled tissue pixels (OD >= beta in all channels)
             for an image to be normalized; fewer and it is returned unchanged.
         max_c_passes: Counting rounds of the 99th-percentile search (stride > 1).
@@ -170,10 +173,10 @@ class Macenko(_BatchNormalizer):
 
     def __init__(
         self,
-        stride: int = 2,
-        chunk_size: int = 16,
+        stride: int = 4,
+        chunk_size: int | None = None,
         min_pixels: int = 64,
-        max_c_passes: int = 4,
+        max_c_passes: int = 3,
         io: float = MACENKO_IO,
         alpha: float = MACENKO_ALPHA,
         beta: float = MACENKO_BETA,
@@ -202,61 +205,74 @@ class Macenko(_BatchNormalizer):
 
     @torch.no_grad()
     def stain_matrix(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-image stain estimate of a uint8 batch (B, 3, H, W), as ``normalize`` makes it.
+        """Per-image stain estimate of a uint8 batch (B, 3, H, W), exactly as ``normalize`` makes it.
 
         Returns:
             ``he`` (B, 3, 2) unit stain vectors (haematoxylin first), ``max_c``
             (B, 2) 99th-percentile concentrations, ``valid`` (B,) bool.
         """
-        b, c, h, w = batch.shape
-        log_i = _log1p_lut(batch.device)[batch.reshape(b, c, h * w).int()]
-        return self._estimate(log_i, h, w)
+        _check_batch(batch)
+        parts = [self._estimate(chunk.contiguous()) for chunk in batch.split(self._chunk_for(batch))]
+        if not parts:
+            return batch.new_zeros(0, 3, 2, dtype=torch.float32), batch.new_zeros(0, 2, dtype=torch.float32), batch.new_zeros(0, dtype=torch.bool)
+        return tuple(torch.cat([p[i] for p in parts]) for i in (0, 2, 3))
 
     def _fit_pixels(self, pixels: torch.Tensor) -> None:
-        log_i = _log1p_lut(pixels.device)[pixels.int()].unsqueeze(0)  # (1, 3, N)
-        he, ok = self._stain_vectors(math.log(self.io) - log_i)
-        conc = self._concentrations(he, log_i)
-        max_c = _masked_percentile(conc, MACENKO_MAX_C_PERCENTILE)
+        od = math.log(self.io) - _log1p(pixels).unsqueeze(0)  # (1, 3, N)
+        he, ok = self._stain_vectors(od)
+        max_c = _masked_percentile(_pinv_3x2(he)[0] @ od, MACENKO_MAX_C_PERCENTILE)
         if not bool((ok & (max_c > _MIN_MAX_C).all(dim=1))[0]):
             raise ValueError("Macenko is undefined on the reference: too little tissue or a single stain colour")
         self.he_ref, self.max_c_ref = he[0].cpu(), max_c[0].cpu()
 
     def _normalize_chunk(self, chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        _, conc, max_c, valid = self._estimate(chunk)
+        # OD_out = HERef diag(maxCRef / maxC) C; output Io exp(-OD_out) = 2^(log2(Io) - log2(e) OD_out)
+        scale = self.max_c_ref.to(chunk.device) / max_c.clamp(min=_MIN_MAX_C)
+        mix = self.he_ref.to(chunk.device) * scale.unsqueeze(1)  # (B, 3, 2)
+        mix = torch.where(valid[:, None, None], mix, torch.zeros_like(mix)) * -_LOG2_E  # invalid: kept finite
         b, c, h, w = chunk.shape
-        device = chunk.device
-        # ln(I + 1) from a 256-entry table: a gather is cheaper than a log per pixel
-        levels = self._buffer("levels", (b, c, h * w), torch.int32, device).copy_(chunk.view(b, c, h * w))
-        log_i = self._buffer("log", (b, c, h * w), torch.float32, device)
-        torch.index_select(_log1p_lut(device), 0, levels.view(-1), out=log_i.view(-1))
-        he, max_c, valid = self._estimate(log_i, h, w)
-        mix, bias = self._output_map(he, max_c, valid)
-        result = self._buffer("result", (b, c, h * w), torch.float32, device)
-        if os.environ.get("V_APPLY") == "bmm":
-            torch.baddbmm(bias.unsqueeze(-1), mix, log_i, out=result)
-        else:
-          for i in range(c):  # three broadcast multiply-adds beat a K=3 batched GEMM on CPU
-            row = torch.mul(log_i[:, 0], mix[:, i, 0, None], out=result[:, i])
-            row.addcmul_(log_i[:, 1], mix[:, i, 1, None]).addcmul_(log_i[:, 2], mix[:, i, 2, None])
-            row.add_(bias[:, i, None])
-        torch.exp2(result, out=result).clamp_(max=255.0)
+        result = self._buffer("result", (b, c, h * w), torch.float32, chunk.device)
+        bias = torch.full((b, c, 1), math.log2(self.io), device=chunk.device)
+        # exp2 is several times cheaper than exp on CPU
+        torch.exp2(torch.baddbmm(bias, mix, conc, out=result), out=result).clamp_(max=255.0)
         # truncation as numpy's astype(uint8); float -> int32 -> uint8 is much faster than float -> uint8 on CPU
-        out.view(b, c, h * w).copy_(levels.copy_(result))
+        ints = self._buffer("ints", (b, c, h * w), torch.int32, chunk.device)
+        out.view(b, c, h * w).copy_(ints.copy_(result))
         return valid
 
-    def _estimate(self, log_i: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stain vectors (B, 3, 2), max concentrations (B, 2) and validity (B,) from ln(I + 1) (B, 3, H*W)."""
-        b = log_i.shape[0]
-        sample = _strided(log_i.view(b, 3, h, w), self.stride)
-        he, ok = self._stain_vectors(math.log(self.io) - sample)
-        conc = self._concentrations(he, log_i, self._buffer("conc", (b, 2, h * w), torch.float32, log_i.device))
+    def _estimate(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stain vectors (B, 3, 2), concentrations of all pixels (B, 2, H*W), their
+        99th percentiles (B, 2) and validity (B,) of a uint8 chunk (B, 3, H, W).
+
+        The concentrations live in a scratch buffer, overwritten by the next chunk.
+        """
+        b, c, h, w = chunk.shape
+        ln_io = math.log(self.io)
+        sample_od = ln_io - _log1p(_strided(chunk, self.stride))
+        he, ok = self._stain_vectors(sample_od)
+        pinv, _ = _pinv_3x2(he)  # equals numpy's lstsq solution for full-rank HE
+        levels = self._buffer("levels", (b, c, h * w), torch.int32, chunk.device).copy_(chunk.view(b, c, h * w))
+        log_i = self._buffer("log", (b, c, h * w), torch.float32, chunk.device)
+        torch.index_select(_log1p_lut(chunk.device), 0, levels.view(-1), out=log_i.view(-1))
+        # C = pinv OD = ln(Io) pinv 1 - pinv ln(I + 1)
+        conc = self._buffer("conc", (b, 2, h * w), torch.float32, chunk.device)
+        torch.baddbmm((ln_io * pinv.sum(-1)).unsqueeze(-1), pinv, log_i, alpha=-1.0, out=conc)
         if self.stride == 1:
             max_c = _masked_percentile(conc, MACENKO_MAX_C_PERCENTILE)
         else:
-            rows = conc.view(2 * b, h * w)
-            scratch = self._buffer("scratch", rows.shape, torch.float32, log_i.device)
-            max_c = _refine_percentile(rows, MACENKO_MAX_C_PERCENTILE, self.max_c_passes, scratch).view(b, 2)
+            max_c = self._refined_max_c(conc, pinv @ sample_od)
         valid = ok & (max_c > _MIN_MAX_C).all(dim=1) & torch.isfinite(max_c).all(dim=1)
-        return he, max_c, valid
+        return he, conc, max_c, valid
+
+    def _refined_max_c(self, conc: torch.Tensor, sample_conc: torch.Tensor) -> torch.Tensor:
+        """99th percentiles (B, 2) of all-pixel concentrations (B, 2, N), bracketed from a sample's (B, 2, n)."""
+        b, _, n = conc.shape
+        q = MACENKO_MAX_C_PERCENTILE
+        lo = _masked_percentile(sample_conc, q - 0.5).view(-1)
+        hi = _masked_percentile(sample_conc, min(q + 0.5, 100.0)).view(-1)
+        scratch = self._buffer("scratch", (2 * b, n), torch.float32, conc.device)
+        return _refine_percentile(conc.view(2 * b, n), q, lo, hi, self.max_c_passes, scratch).view(b, 2)
 
     def _stain_vectors(self, od: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit stain vectors (B, 3, 2), haematoxylin first, and (B,) validity, from OD (B, 3, N)."""
@@ -276,37 +292,6 @@ class Macenko(_BatchNormalizer):
         ok = (count >= self.min_pixels) & eig_ok & pinv_ok & torch.isfinite(he).all(dim=(1, 2))
         return he, ok
 
-    def _concentrations(self, he: torch.Tensor, log_i: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Least-squares stain concentrations (B, 2, N) of every pixel, from ln(I + 1) (B, 3, N)."""
-        pinv, _ = _pinv_3x2(he)  # equals numpy's lstsq solution for full-rank HE
-        # pinv OD = pinv (ln(Io) - ln(I + 1)) = ln(Io) pinv 1 - pinv ln(I + 1)
-        offset = math.log(self.io) * pinv.sum(dim=-1)  # (B, 2)
-        out = torch.empty(log_i.shape[0], 2, log_i.shape[2], device=log_i.device) if out is None else out
-        if os.environ.get("V_CONC") == "bmm":
-            return torch.baddbmm(offset.unsqueeze(-1), pinv, log_i, alpha=-1, out=out)
-        for k in range(2):
-            row = torch.mul(log_i[:, 0], -pinv[:, k, 0, None], out=out[:, k])
-            row.addcmul_(log_i[:, 1], -pinv[:, k, 1, None]).addcmul_(log_i[:, 2], -pinv[:, k, 2, None])
-            row.add_(offset[:, k, None])
-        return out
-
-    def _output_map(
-        self, he: torch.Tensor, max_c: torch.Tensor, valid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image (B, 3, 3) matrix and (B, 3) bias with Io exp(-M OD) = 2^(mix ln(I + 1) + bias).
-
-        M = HERef diag(maxCRef / maxC) pinv(HE) maps input OD to output OD. As
-        OD = ln(Io) - ln(I + 1), -M OD = M ln(I + 1) - ln(Io) M 1; base 2 (log2(e)
-        folded in) because ``exp2`` is several times cheaper than ``exp`` on CPU.
-        """
-        pinv, _ = _pinv_3x2(he)
-        he_ref, max_c_ref = self.he_ref.to(he.device), self.max_c_ref.to(he.device)
-        scale = (max_c_ref / max_c.clamp(min=_MIN_MAX_C)).unsqueeze(-1)
-        mix = he_ref @ (scale * pinv)
-        mix = torch.where(valid[:, None, None], mix, torch.zeros_like(mix))  # keeps invalid images finite
-        bias = math.log(self.io) * (1.0 - mix.sum(dim=-1))
-        return mix * _LOG2_E, bias * _LOG2_E
-
 
 class Reinhard(_BatchNormalizer):
     """Reinhard colour transfer in CIE-LAB, batched (Reinhard et al. 2001, "Color
@@ -321,11 +306,11 @@ class Reinhard(_BatchNormalizer):
 
     Args:
         max_lightness: L* below which a pixel counts as tissue.
-        chunk_size: Images processed at once.
+        chunk_size: Images processed at once; None picks 16 on CPU and 256 on GPU.
         min_pixels: Fewest tissue pixels for an image to be normalized.
     """
 
-    def __init__(self, max_lightness: float = 88.0, chunk_size: int = 16, min_pixels: int = 64) -> None:
+    def __init__(self, max_lightness: float = 88.0, chunk_size: int | None = None, min_pixels: int = 64) -> None:
         super().__init__(chunk_size, min_pixels)
         self.max_lightness = float(max_lightness)
         self.target_mean: torch.Tensor | None = None
@@ -402,7 +387,7 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
-    """uint8 sRGB (B, 3, N) of CIE-LAB (B, 3, N), clipped to the gamut and rounded."""
+    """uint8 sRGB (B, 3, N) of CIE-LAB (B, 3, N), clipped to the gamut and rounded to the nearest level."""
     fy = (lab[:, 0] + 16.0) / 116.0
     fx = lab[:, 1] / 500.0 + fy
     fz = (fy - lab[:, 2] / 200.0).clamp(min=0)  # as skimage.color.lab2xyz: negative z is set to 0
@@ -410,8 +395,11 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     t = torch.where(f > _LAB_F_EPS, f**3, (f - 16.0 / 116.0) / _LAB_KAPPA)
     xyz = t * _const(_D65_WHITE, lab.device)[:, None]
     linear = _const(_RGB_FROM_XYZ, lab.device) @ xyz
-    srgb = torch.where(linear > 0.0031308, 1.055 * linear.clamp(min=0.0031308).pow(1.0 / 2.4) - 0.055, 12.92 * linear)
-    return (srgb.clamp(0.0, 1.0) * 255.0).round_().to(torch.uint8)
+    # sRGB encoding and rounding by table: indexing by sqrt(linear) keeps the
+    # steps fine near black, within 0.01 of a level everywhere
+    index = linear.clamp_(0.0, 1.0).sqrt_().mul_(_ENCODE_STEPS - 1).add_(0.5).to(torch.int32)
+    table = _srgb_encode_lut(lab.device)
+    return table.index_select(0, index.view(-1)).view(lab.shape)
 
 
 def _stain_plane(od: torch.Tensor, keep: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -480,34 +468,31 @@ def _masked_percentile(
     return torch.where((count > 0) & torch.isfinite(result), result, torch.zeros_like(result))
 
 
-def _refine_percentile(values: torch.Tensor, q: float, passes: int, scratch: torch.Tensor) -> torch.Tensor:
+def _refine_percentile(
+    values: torch.Tensor, q: float, lo: torch.Tensor, hi: torch.Tensor, passes: int, scratch: torch.Tensor
+) -> torch.Tensor:
     """``q``-th percentile (q > 50) of each row of ``values`` (R, N), located by counting.
 
     Sorting tens of thousands of values per image is the costliest part of a
     percentile on CPU, so the value is searched for instead. The count of
     entries above a threshold t, A(t) = #{v > t} + #{v = t} / 2, takes one cheap
-    pass (a sum of signs). The wanted value is where A equals
-    (N - 1)(1 - q / 100), the count above numpy's interpolated percentile.
-    The search starts from the 98.5th-99.5th percentile bracket (for q = 99;
-    generally q -+ 0.5) of every 16th entry, widened to the row's minimum or
-    maximum if a count shows it misses; each of ``passes`` rounds then
-    interpolates log A inside the bracket (tails of concentration histograms
-    decay roughly exponentially) and keeps the side that holds the target.
-    ``scratch`` is an (R, N) float buffer.
+    pass (a sum of signs); the wanted value is where A equals (N - 1)(1 - q / 100),
+    the count above numpy's interpolated percentile. ``lo`` and ``hi`` (R,) are a
+    guess of a bracket; an end that the counts show on the wrong side falls
+    back to the row's minimum or maximum. Each of ``passes`` rounds of regula
+    falsi (Illinois variant) then interpolates log A inside the bracket (tails
+    of concentration histograms decay roughly exponentially) and keeps the half
+    that holds the target. ``scratch`` is an (R, N) float buffer.
     """
     n = values.shape[-1]
     goal = -math.log(max((n - 1) * (1.0 - q / 100.0), 0.5) + 0.5)
 
     def level(t: torch.Tensor) -> torch.Tensor:  # -log(A(t) + 1/2), increasing in t
-        if os.environ.get("V_COUNT") == "bool":
-            above = torch.gt(values, t.unsqueeze(-1)).sum(dim=-1, dtype=torch.int32)
-            return -torch.log(above.float() + 0.5)
         signs = torch.sub(values, t.unsqueeze(-1), out=scratch).sign_().sum(dim=-1)
         return -torch.log((signs + n) / 2.0 + 0.5)
 
-    lo, u_lo, hi, u_hi = _percentile_bracket(values, q, level, goal)
-    # Illinois variant of regula falsi: an end kept twice in a row has its level
-    # difference halved in the interpolation, which stops one-sided crawling
+    lo, u_lo, hi, u_hi = _checked_bracket(values, lo, hi, level(lo), level(hi), goal)
+    # an end kept twice in a row has its level gap halved, which stops one-sided crawling
     d_lo, d_hi = goal - u_lo, u_hi - goal
     last_below = torch.zeros_like(u_lo, dtype=torch.bool)
     for step in range(passes):
@@ -524,26 +509,31 @@ def _refine_percentile(values: torch.Tensor, q: float, passes: int, scratch: tor
     return lo + weight * (hi - lo)
 
 
-def _percentile_bracket(
-    values: torch.Tensor, q: float, level: Callable[[torch.Tensor], torch.Tensor], goal: float
+def _checked_bracket(
+    values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, u_lo: torch.Tensor, u_hi: torch.Tensor, goal: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row values ``lo`` <= percentile <= ``hi`` and their levels, for ``_refine_percentile``.
-
-    Taken from the q -+ 0.5 percentiles of every 16th entry; an end that the
-    counts show on the wrong side of ``goal`` falls back to the row's extreme,
-    whose level is known without counting.
-    """
+    """``lo, level(lo), hi, level(hi)`` with ends on the wrong side of ``goal`` moved to the row's extremes."""
     n = values.shape[-1]
-    sparse = values[:, ::16]
-    lo = _masked_percentile(sparse, q - 0.5)
-    hi = _masked_percentile(sparse, min(q + 0.5, 100.0))
-    u_lo, u_hi = level(lo), level(hi)
     lo_bad, hi_bad = u_lo > goal, u_hi < goal
     lo = torch.where(lo_bad, values.amin(dim=-1), lo)
     u_lo = torch.where(lo_bad, torch.full_like(u_lo, -math.log(n)), u_lo)  # n - 1/2 entries above the minimum
     hi = torch.where(hi_bad, values.amax(dim=-1), hi)
     u_hi = torch.where(hi_bad, torch.zeros_like(u_hi), u_hi)  # 1/2 above the maximum
     return lo, u_lo, hi, u_hi
+
+
+def _check_batch(batch: torch.Tensor) -> None:
+    """Raise ValueError unless ``batch`` is a uint8 tensor (B, 3, H, W)."""
+    if not isinstance(batch, torch.Tensor) or batch.dtype != torch.uint8:
+        raise ValueError("expected a uint8 torch tensor")
+    if batch.dim() != 4 or batch.shape[1] != 3:
+        raise ValueError(f"expected shape (B, 3, H, W), got {tuple(batch.shape)}")
+
+
+def _log1p(pixels: torch.Tensor) -> torch.Tensor:
+    """ln(I + 1), float32, of uint8 pixels of any shape, by table (a gather is cheaper than a log)."""
+    flat = _log1p_lut(pixels.device).index_select(0, pixels.reshape(-1).int())
+    return flat.view(pixels.shape)
 
 
 def _strided(batch: torch.Tensor, stride: int) -> torch.Tensor:
@@ -570,6 +560,7 @@ def _pixels_of(image: ImageLike) -> torch.Tensor:
 
 
 _LUT_CACHE: dict[tuple[str, torch.device], torch.Tensor] = {}
+_ENCODE_STEPS = 65536
 
 
 def _srgb_to_linear_lut(device: torch.device) -> torch.Tensor:
@@ -579,6 +570,16 @@ def _srgb_to_linear_lut(device: torch.device) -> torch.Tensor:
         v = torch.arange(256, dtype=torch.float64) / 255.0
         lin = torch.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
         _LUT_CACHE[key] = lin.float().to(device)
+    return _LUT_CACHE[key]
+
+
+def _srgb_encode_lut(device: torch.device) -> torch.Tensor:
+    """uint8 sRGB code of linear light x^2 for x on a grid of ``_ENCODE_STEPS`` in [0, 1], on ``device``."""
+    key = ("encode", torch.device(device))
+    if key not in _LUT_CACHE:
+        lin = (torch.arange(_ENCODE_STEPS, dtype=torch.float64) / (_ENCODE_STEPS - 1)) ** 2
+        srgb = torch.where(lin > 0.0031308, 1.055 * lin.clamp(min=0.0031308) ** (1.0 / 2.4) - 0.055, 12.92 * lin)
+        _LUT_CACHE[key] = (srgb * 255.0).round().to(torch.uint8).to(device)
     return _LUT_CACHE[key]
 
 

@@ -36,6 +36,12 @@ have something to gain.
 Magnification scales every structure: at 40x a gland fills much of the image
 and nuclei are tens of pixels long; at 4x glands are small and many and
 nuclei are a pixel or two.
+
+Hospitals differ the way labs do: each has a :class:`StainProfile` (stain
+vectors turned several degrees from Ruifrok & Johnston's, dye strengths,
+camera white balance, focus, vignetting) fixed by ``(seed, hospital)``; ``H1``
+stays close to standard H&E. Each patient's slide varies a little around its
+lab's profile.
 """
 from __future__ import annotations
 
@@ -318,6 +324,25 @@ def _noise(rng: np.random.Generator, size: int, cells: float) -> np.ndarray:
     return np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC))
 
 
+def _layered_noise(rng: np.random.Generator, size: int,
+                   octaves: Sequence[tuple[float, float]]) -> np.ndarray:
+    """A weighted sum of smooth noises, as ``sum(weight * _noise(rng, size, cells))``.
+
+    The coarse layers are summed on the finest layer's small grid and the sum
+    enlarged once, which saves a full-size resize per layer.
+
+    Args:
+        rng: Source of the grid values.
+        size: Side of the square field.
+        octaves: ``(cells, weight)`` pairs.
+    """
+    finest = int(min(max(max(cells for cells, _ in octaves), 2), size))
+    total = np.zeros((finest, finest), np.float32)
+    for cells, weight in octaves:
+        total += np.float32(weight) * _noise(rng, finest, min(cells, finest))
+    return np.asarray(Image.fromarray(total).resize((size, size), Image.BICUBIC))
+
+
 def _fibres(rng: np.random.Generator, size: int, unit: float) -> tuple[np.ndarray, float]:
     """Streaky collagen texture in about [0, 1], and the direction of its streaks (radians).
 
@@ -347,10 +372,10 @@ def _tissue_mask(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
         The mask and the smooth field it was cut from, which doubles as the
         section's thickness (thicker away from its edges).
     """
-    field = 0.65 * _noise(rng, size, 4) + 0.28 * _noise(rng, size, 9) + 0.07 * _noise(rng, size, 40)
+    field = _layered_noise(rng, size, ((4, 0.65), (9, 0.28), (40, 0.07)))
     # A tilt pushes the glass to one side, like the edge of a section.
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32) * rng.uniform(0.0, 0.35)
-    field += ramp[None, :] if rng.random() < 0.5 else ramp[:, None]
+    field = field + (ramp[None, :] if rng.random() < 0.5 else ramp[:, None])
     cut = np.quantile(field[::4, ::4], 1.0 - rng.uniform(0.65, 0.95))
     return np.clip((field - cut) * (size / 3.0) + 0.5, 0.0, 1.0), field
 
@@ -561,7 +586,8 @@ def _gland_points(glands: _Glands, rho: np.ndarray, t: np.ndarray
     """
     cos_t, sin_t = np.cos(t), np.sin(t)
     h = glands.harmonics[..., None]
-    scale = rho * _harmonic_edge(cos_t, sin_t, h[:, 0].transpose(1, 0, 2), h[:, 1].transpose(1, 0, 2))
+    alphas, betas = h[:, 0].transpose(1, 0, 2), h[:, 1].transpose(1, 0, 2)
+    scale = rho * _harmonic_edge(cos_t, sin_t, alphas, betas)
     lx, ly = scale * cos_t * glands.a[:, None], scale * sin_t * glands.b[:, None]
     c, s = np.cos(glands.angle)[:, None], np.sin(glands.angle)[:, None]
     return glands.x[:, None] + lx * c - ly * s, glands.y[:, None] + lx * s + ly * c
@@ -682,8 +708,8 @@ def _gland_layout(rng: np.random.Generator, size: int, unit: float, arch: _Archi
 def _sheet_layout(rng: np.random.Generator, size: int, unit: float) -> _Layout:
     """Solid sheets and nests of tumour cells (Grade III), with the odd abortive lumen."""
     radius = _GLAND_RADIUS * unit
-    field = (0.75 * _noise(rng, size, size / (1.5 * radius) + 2)
-             + 0.25 * _noise(rng, size, size / (0.3 * radius) + 3))
+    field = _layered_noise(rng, size, ((size / (1.5 * radius) + 2, 0.75),
+                                       (size / (0.3 * radius) + 3, 0.25)))
     cut = np.quantile(field[::4, ::4], 1.0 - rng.uniform(0.65, 0.9))
     epithelium = np.clip((field - cut) * radius + 0.5, 0.0, 1.0)
     solid = epithelium > 0.5
@@ -929,19 +955,25 @@ class PlannedImage:
 
     @property
     def hospital_name(self) -> str:
+        """``H1``, ``H2``, ..."""
         return f"H{self.hospital + 1}"
+
+    @property
+    def patient_id(self) -> str:
+        """Patient identifier, unique across hospitals, e.g. ``H1-P007``."""
+        return f"{self.hospital_name}-P{self.patient + 1:03d}"
 
     @property
     def relpath(self) -> str:
         """Path relative to the dataset root, with forward slashes."""
-        name = f"{self.hospital_name}_P{self.patient + 1:03d}_{self.magnification}_{self.image + 1}.jpg"
+        stem = self.patient_id.replace("-", "_")
+        name = f"{stem}_{self.magnification}_{self.image + 1}.jpg"
         return f"{CLASS_FOLDERS[self.grade]}/{self.magnification}/{name}"
 
     def row(self) -> dict[str, str]:
         """The manifest row."""
         return {"path": self.relpath, "label": str(self.grade), "magnification": self.magnification,
-                "patient": f"{self.hospital_name}-P{self.patient + 1:03d}",
-                "hospital": self.hospital_name}
+                "patient": self.patient_id, "hospital": self.hospital_name}
 
 
 def plan(spec: SyntheticSpec) -> list[PlannedImage]:
@@ -958,8 +990,9 @@ def plan(spec: SyntheticSpec) -> list[PlannedImage]:
         for grade in range(len(GRADE_NAMES)):
             for k in range(spec.patients_per_grade):
                 patient = grade * spec.patients_per_grade + k
-                items.extend(PlannedImage(grade, mags[(patient + i) % len(mags)], hospital, patient, i)
-                             for i in range(spec.images_per_patient))
+                items.extend(
+                    PlannedImage(grade, mags[(patient + i) % len(mags)], hospital, patient, i)
+                    for i in range(spec.images_per_patient))
     return items
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data.augment import colour_jitter, mixup, random_dihedral, to_float
+from data.augment import jitter_params, mixup, random_dihedral, to_float
 from fedsim.flat import FlatModel
 from fedsim.prox import add_proximal_grad_, proximal_value
 
@@ -45,7 +45,7 @@ class EpochResult:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam (L2 weight decay) over the model's parameters, foreach kernels (no per-tensor Python)."""
+    """Adam (L2 weight decay) with foreach kernels: no per-tensor Python loop."""
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
 
 
@@ -57,11 +57,22 @@ def autocast(settings: StepSettings):
 
 
 def to_device(batch: torch.Tensor, settings: StepSettings) -> torch.Tensor:
-    """uint8 batch -> normalized float on the device (non-blocking from pinned memory)."""
+    """uint8 batch onto the device (non-blocking from pinned memory), channels-last when asked."""
     batch = batch.to(settings.device, non_blocking=True)
     if settings.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    return to_float(batch)
+    return batch
+
+
+def prepare_inputs(context: torch.Tensor, detail: torch.Tensor, settings: StepSettings,
+                   rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 pairs -> normalized float pairs on the device; augmented (same transform per pair) when rng is given."""
+    context, detail = to_device(context, settings), to_device(detail, settings)
+    if rng is None or not settings.augment:
+        return to_float(context), to_float(detail)
+    context, detail = random_dihedral(context, detail, rng)  # on uint8: a quarter of the bytes
+    gain, offset = jitter_params(context.shape[0], rng, context.device)
+    return to_float(context, gain, offset), to_float(detail, gain, offset)
 
 
 def train_epoch(model: nn.Module, flat: FlatModel, optimizer: torch.optim.Optimizer, loader: Iterable,
@@ -90,11 +101,8 @@ def train_epoch(model: nn.Module, flat: FlatModel, optimizer: torch.optim.Optimi
 
 
 def _forward_loss(model: nn.Module, context, detail, labels, settings: StepSettings, rng: torch.Generator) -> torch.Tensor:
-    context, detail = to_device(context, settings), to_device(detail, settings)
+    context, detail = prepare_inputs(context, detail, settings, rng)
     labels = labels.to(settings.device, non_blocking=True)
-    if settings.augment:
-        context, detail = random_dihedral(context, detail, rng)
-        context, detail = colour_jitter(context, detail, rng)
     context, detail, y_a, y_b, lam = mixup(context, detail, labels, settings.mixup_alpha, rng)
     with autocast(settings):
         logits = model(context, detail).float()
@@ -124,7 +132,7 @@ def predict(model: nn.Module, loader: Iterable, settings: StepSettings) -> tuple
     probs, labels, indices = [], [], []
     for context, detail, y, idx in loader:
         with autocast(settings):
-            logits = model(to_device(context, settings), to_device(detail, settings))
+            logits = model(*prepare_inputs(context, detail, settings))
         probs.append(logits.float().softmax(dim=1).cpu())
         labels.append(y)
         indices.append(idx)

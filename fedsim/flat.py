@@ -118,14 +118,17 @@ class FlatModel:
         Scaling the reduced region by a client's sample count then scales these
         too, so after the all-reduce ``scratch[0]`` is the total sample count.
         """
-        values = [1.0] + [float(buf.item()) for buf in self._int_buffers]
-        self.scratch.copy_(torch.tensor(values, dtype=self.scratch.dtype))
+        self.scratch[0] = 1.0
+        if self._int_buffers:
+            # One stacked copy on the device: no host round trip per buffer.
+            self.scratch[1:].copy_(torch.stack([buf.reshape(()) for buf in self._int_buffers]))
 
     def unpack_int_buffers(self) -> None:
         """Set each integer buffer from the (already averaged) scratch tail, rounded."""
-        values = self.scratch[1:].tolist()
-        for buf, value in zip(self._int_buffers, values):
-            buf.fill_(int(round(value)))
+        if not self._int_buffers:
+            return
+        rounded = self.scratch[1:].round().to(self._int_buffers[0].dtype)
+        torch._foreach_copy_([b.view(1) for b in self._int_buffers], list(rounded.split(1)))
 
     def layer_slices(self) -> list[tuple[str, int, int]]:
         """(qualified name, start, end) of every parameter inside ``params``."""

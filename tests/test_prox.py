@@ -24,7 +24,7 @@ def test_term_value_is_half_mu_squared_norm():
     sq = sum(float(((p.detach() - g) ** 2).sum()) for p, g in zip(model.parameters(), global_params))
 
     # Execute
-    value = float(proximal_term(model.parameters(), global_params, mu))
+    value = float(proximal_term(model.parameters(), global_params, mu).detach())
 
     # Assert: (mu/2)·||w - w_g||² — squared, not the plain norm
     assert abs(value - 0.5 * mu * sq) < 1e-9
