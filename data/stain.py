@@ -220,7 +220,7 @@ class Macenko(_BatchNormalizer):
     def _fit_pixels(self, pixels: torch.Tensor) -> None:
         od = math.log(self.io) - _log1p(pixels).unsqueeze(0)  # (1, 3, N)
         he, ok = self._stain_vectors(od)
-        max_c = _masked_percentile(_pinv_3x2(he)[0] @ od, MACENKO_MAX_C_PERCENTILE)
+        max_c = _percentiles(_pinv_3x2(he)[0] @ od, (MACENKO_MAX_C_PERCENTILE,))[..., 0]
         if not bool((ok & (max_c > _MIN_MAX_C).all(dim=1))[0]):
             raise ValueError("Macenko is undefined on the reference: too little tissue or a single stain colour")
         self.he_ref, self.max_c_ref = he[0].cpu(), max_c[0].cpu()
@@ -232,12 +232,12 @@ class Macenko(_BatchNormalizer):
         mix = self.he_ref.to(chunk.device) * scale.unsqueeze(1)  # (B, 3, 2)
         mix = torch.where(valid[:, None, None], mix, torch.zeros_like(mix)) * -_LOG2_E  # invalid: kept finite
         b, c, h, w = chunk.shape
-        result = self._buffer("result", (b, c, h * w), torch.float32, chunk.device)
+        result = self._buffer("float", (b, c, h * w), torch.float32, chunk.device)  # reuses ln(I + 1)'s memory
         bias = torch.full((b, c, 1), math.log2(self.io), device=chunk.device)
         # exp2 is several times cheaper than exp on CPU
         torch.exp2(torch.baddbmm(bias, mix, conc, out=result), out=result).clamp_(max=255.0)
         # truncation as numpy's astype(uint8); float -> int32 -> uint8 is much faster than float -> uint8 on CPU
-        ints = self._buffer("ints", (b, c, h * w), torch.int32, chunk.device)
+        ints = self._buffer("int", (b, c, h * w), torch.int32, chunk.device)
         out.view(b, c, h * w).copy_(ints.copy_(result))
         return valid
 
@@ -252,14 +252,15 @@ class Macenko(_BatchNormalizer):
         sample_od = ln_io - _log1p(_strided(chunk, self.stride))
         he, ok = self._stain_vectors(sample_od)
         pinv, _ = _pinv_3x2(he)  # equals numpy's lstsq solution for full-rank HE
-        levels = self._buffer("levels", (b, c, h * w), torch.int32, chunk.device).copy_(chunk.view(b, c, h * w))
-        log_i = self._buffer("log", (b, c, h * w), torch.float32, chunk.device)
+        # scratch is shared between steps (ln(I + 1), the percentile search, the output) to stay near the caches
+        levels = self._buffer("int", (b, c, h * w), torch.int32, chunk.device).copy_(chunk.view(b, c, h * w))
+        log_i = self._buffer("float", (b, c, h * w), torch.float32, chunk.device)
         torch.index_select(_log1p_lut(chunk.device), 0, levels.view(-1), out=log_i.view(-1))
         # C = pinv OD = ln(Io) pinv 1 - pinv ln(I + 1)
         conc = self._buffer("conc", (b, 2, h * w), torch.float32, chunk.device)
         torch.baddbmm((ln_io * pinv.sum(-1)).unsqueeze(-1), pinv, log_i, alpha=-1.0, out=conc)
         if self.stride == 1:
-            max_c = _masked_percentile(conc, MACENKO_MAX_C_PERCENTILE)
+            max_c = _percentiles(conc, (MACENKO_MAX_C_PERCENTILE,))[..., 0]
         else:
             max_c = self._refined_max_c(conc, pinv @ sample_od)
         valid = ok & (max_c > _MIN_MAX_C).all(dim=1) & torch.isfinite(max_c).all(dim=1)
@@ -269,9 +270,8 @@ class Macenko(_BatchNormalizer):
         """99th percentiles (B, 2) of all-pixel concentrations (B, 2, N), bracketed from a sample's (B, 2, n)."""
         b, _, n = conc.shape
         q = MACENKO_MAX_C_PERCENTILE
-        lo = _masked_percentile(sample_conc, q - 0.5).view(-1)
-        hi = _masked_percentile(sample_conc, min(q + 0.5, 100.0)).view(-1)
-        scratch = self._buffer("scratch", (2 * b, n), torch.float32, conc.device)
+        lo, hi = _percentiles(sample_conc, (q - 0.5, min(q + 0.5, 100.0))).view(-1, 2).unbind(-1)
+        scratch = self._buffer("float", (2 * b, n), torch.float32, conc.device)  # ln(I + 1) is no longer needed
         return _refine_percentile(conc.view(2 * b, n), q, lo, hi, self.max_c_passes, scratch).view(b, 2)
 
     def _stain_vectors(self, od: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,8 +281,7 @@ class Macenko(_BatchNormalizer):
         plane, eig_ok = _stain_plane(od, keep, count)
         that = plane.transpose(1, 2) @ od  # (B, 2, N) coordinates in the plane
         phi = torch.atan2(that[:, 1], that[:, 0])
-        lo = _masked_percentile(phi, self.alpha, keep, count)
-        hi = _masked_percentile(phi, 100.0 - self.alpha, keep, count)
+        lo, hi = _masked_percentiles(phi, keep, count, self.alpha, bound=math.pi)
         v_min = plane @ torch.stack((lo.cos(), lo.sin()), dim=1).unsqueeze(-1)  # (B, 3, 1)
         v_max = plane @ torch.stack((hi.cos(), hi.sin()), dim=1).unsqueeze(-1)
         # haematoxylin first: the vector with the larger red OD, the reference ports' rule
@@ -433,39 +432,54 @@ def _pinv_3x2(he: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (adj / safe) @ he.transpose(1, 2), ok
 
 
-def _masked_percentile(
-    values: torch.Tensor, q: float, mask: torch.Tensor | None = None, count: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``q``-th percentile over the last dimension of ``values`` (..., N), per row.
+def _percentiles(values: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:
+    """Percentiles ``qs`` (all > 50) over the last dimension of ``values`` (..., N); returns (..., len(qs)).
 
     Linear interpolation between order statistics, as ``numpy.percentile``'s
-    default. With a ``mask`` (..., N) only its True entries count (``count``
-    (...,) of them per row). Only the order statistics near the wanted end are
-    found, with ``topk`` of about ``min(q, 100 - q)`` % of N, not a full sort.
-    Rows with no entry give 0; their images are flagged invalid by the caller.
+    default. Only the top of each row is found, with one ``topk``, not a sort.
     """
     n = values.shape[-1]
-    if mask is None:
-        count = torch.full(values.shape[:-1], n, dtype=torch.long, device=values.device)
+    positions = [q / 100.0 * (n - 1) for q in qs]
+    reach = min(n, max(n - 1 - math.floor(p) for p in positions) + 1)
+    top = values.topk(reach, dim=-1).values  # descending: the i-th smallest sits at n - 1 - i
+    out = []
+    for p in positions:
+        low, high = math.floor(p), min(math.floor(p) + 1, n - 1)
+        a, b = top[..., n - 1 - low], top[..., n - 1 - high]
+        out.append(a + (p - low) * (b - a))
+    return torch.stack(out, dim=-1)
+
+
+def _masked_percentiles(
+    values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor, q_low: float, bound: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Percentiles ``q_low`` and ``100 - q_low`` (q_low < 50) of each row of ``values`` (B, N) over its
+    ``mask``ed entries (``count`` (B,) of them); all values lie in [-bound, bound].
+
+    Linear interpolation between order statistics, as ``numpy.percentile``'s
+    default; one ``topk`` per end, about ``q_low`` % of N long, instead of a
+    sort. Rows with no entry give 0 (their images are flagged invalid).
+    """
+    n = values.shape[-1]
     last = (count - 1).clamp(min=0)
-    pos = last.double() * (q / 100.0)
-    lower = pos.floor().long()
-    frac = (pos - lower.double()).to(values.dtype)
-    upper = torch.minimum(lower + 1, last)
-    # how far from the chosen end any row's wanted order statistics can lie
-    reach = min(n, math.ceil(min(q, 100.0 - q) / 100.0 * max(n - 1, 0)) + 2)
-    low_end = q <= 50.0
-    if mask is not None:
-        # push masked entries beyond every real value (arithmetic: faster than masked_fill)
-        offset = 2.0 * values.abs().amax() + 1.0
-        values = values + (~mask).to(values.dtype) * (offset if low_end else -offset)
-    ends = values.topk(reach, dim=-1, largest=not low_end).values
-    if not low_end:  # descending: the i-th smallest of a row sits at last - i
-        lower, upper = last - lower, last - upper
-    a = ends.gather(-1, lower.clamp(max=reach - 1).unsqueeze(-1)).squeeze(-1)
-    b = ends.gather(-1, upper.clamp(max=reach - 1).unsqueeze(-1)).squeeze(-1)
-    result = a + frac * (b - a)
-    return torch.where((count > 0) & torch.isfinite(result), result, torch.zeros_like(result))
+    reach = min(n, math.ceil(q_low / 100.0 * max(n - 1, 0)) + 2)  # how deep into either end a row can need
+    # masked entries are pushed past the far end (arithmetic is faster than masked_fill)
+    outside = (~mask).to(values.dtype) * (2.0 * bound + 1.0)
+    results = []
+    for q, largest in ((q_low, False), (100.0 - q_low, True)):
+        pos = last.double() * (q / 100.0)
+        lower = pos.floor().long()
+        frac = (pos - lower.double()).to(values.dtype)
+        upper = torch.minimum(lower + 1, last)
+        if largest:  # descending: the i-th smallest of a row sits at last - i
+            ends = (values - outside).topk(reach, dim=-1).values
+            lower, upper = last - lower, last - upper
+        else:
+            ends = (values + outside).topk(reach, dim=-1, largest=False).values
+        index = torch.stack((lower, upper), dim=-1).clamp(max=reach - 1)
+        a, b = ends.gather(-1, index).unbind(-1)
+        results.append(torch.where(count > 0, a + frac * (b - a), torch.zeros_like(a)))
+    return results[0], results[1]
 
 
 def _refine_percentile(
@@ -515,10 +529,12 @@ def _checked_bracket(
     """``lo, level(lo), hi, level(hi)`` with ends on the wrong side of ``goal`` moved to the row's extremes."""
     n = values.shape[-1]
     lo_bad, hi_bad = u_lo > goal, u_hi < goal
-    lo = torch.where(lo_bad, values.amin(dim=-1), lo)
-    u_lo = torch.where(lo_bad, torch.full_like(u_lo, -math.log(n)), u_lo)  # n - 1/2 entries above the minimum
-    hi = torch.where(hi_bad, values.amax(dim=-1), hi)
-    u_hi = torch.where(hi_bad, torch.zeros_like(u_hi), u_hi)  # 1/2 above the maximum
+    if bool(lo_bad.any()):  # rare: the extremes cost a pass over the data
+        lo = torch.where(lo_bad, values.amin(dim=-1), lo)
+        u_lo = torch.where(lo_bad, torch.full_like(u_lo, -math.log(n)), u_lo)  # n - 1/2 entries above the minimum
+    if bool(hi_bad.any()):
+        hi = torch.where(hi_bad, values.amax(dim=-1), hi)
+        u_hi = torch.where(hi_bad, torch.zeros_like(u_hi), u_hi)  # 1/2 above the maximum
     return lo, u_lo, hi, u_hi
 
 
