@@ -49,6 +49,7 @@ _LOG2_E = 1.0 / math.log(2.0)
 # Images per chunk when chunk_size is None: small on CPU, where a chunk's scratch
 # should stay near the caches; large on GPU, where each kernel wants many pixels.
 _CPU_CHUNK, _GPU_CHUNK = 16, 256
+_BLOCK_FLOATS = 1 << 17  # 512 KiB of float32: a CPU block's intermediates fit in L2
 
 
 class _BatchNormalizer:
@@ -232,13 +233,15 @@ class Macenko(_BatchNormalizer):
         mix = self.he_ref.to(chunk.device) * scale.unsqueeze(1)  # (B, 3, 2)
         mix = torch.where(valid[:, None, None], mix, torch.zeros_like(mix)) * -_LOG2_E  # invalid: kept finite
         b, c, h, w = chunk.shape
-        result = self._buffer("float", (b, c, h * w), torch.float32, chunk.device)  # reuses ln(I + 1)'s memory
         bias = torch.full((b, c, 1), math.log2(self.io), device=chunk.device)
-        # exp2 is several times cheaper than exp on CPU
-        torch.exp2(torch.baddbmm(bias, mix, conc, out=result), out=result).clamp_(max=255.0)
-        # truncation as numpy's astype(uint8); float -> int32 -> uint8 is much faster than float -> uint8 on CPU
-        ints = self._buffer("int", (b, c, h * w), torch.int32, chunk.device)
-        out.view(b, c, h * w).copy_(ints.copy_(result))
+        flat_out = out.view(b, c, h * w)
+        for part in _blocks(b, c * h * w, chunk.device):
+            k = part.stop - part.start
+            result = self._buffer("float", (k, c, h * w), torch.float32, chunk.device)
+            # exp2 is several times cheaper than exp on CPU
+            torch.exp2(torch.baddbmm(bias[part], mix[part], conc[part], out=result), out=result).clamp_(max=255.0)
+            # truncation as numpy's astype(uint8); float -> int32 -> uint8 is much faster than float -> uint8 on CPU
+            flat_out[part].copy_(self._buffer("int", (k, c, h * w), torch.int32, chunk.device).copy_(result))
         return valid
 
     def _estimate(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -247,18 +250,11 @@ class Macenko(_BatchNormalizer):
 
         The concentrations live in a scratch buffer, overwritten by the next chunk.
         """
-        b, c, h, w = chunk.shape
         ln_io = math.log(self.io)
         sample_od = ln_io - _log1p(_strided(chunk, self.stride))
         he, ok = self._stain_vectors(sample_od)
         pinv, _ = _pinv_3x2(he)  # equals numpy's lstsq solution for full-rank HE
-        # scratch is shared between steps (ln(I + 1), the percentile search, the output) to stay near the caches
-        levels = self._buffer("int", (b, c, h * w), torch.int32, chunk.device).copy_(chunk.view(b, c, h * w))
-        log_i = self._buffer("float", (b, c, h * w), torch.float32, chunk.device)
-        torch.index_select(_log1p_lut(chunk.device), 0, levels.view(-1), out=log_i.view(-1))
-        # C = pinv OD = ln(Io) pinv 1 - pinv ln(I + 1)
-        conc = self._buffer("conc", (b, 2, h * w), torch.float32, chunk.device)
-        torch.baddbmm((ln_io * pinv.sum(-1)).unsqueeze(-1), pinv, log_i, alpha=-1.0, out=conc)
+        conc = self._concentrations(chunk, pinv)
         if self.stride == 1:
             max_c = _percentiles(conc, (MACENKO_MAX_C_PERCENTILE,))[..., 0]
         else:
@@ -266,13 +262,30 @@ class Macenko(_BatchNormalizer):
         valid = ok & (max_c > _MIN_MAX_C).all(dim=1) & torch.isfinite(max_c).all(dim=1)
         return he, conc, max_c, valid
 
+    def _concentrations(self, chunk: torch.Tensor, pinv: torch.Tensor) -> torch.Tensor:
+        """Least-squares concentrations (B, 2, H*W) of every pixel of a uint8 chunk, in a scratch buffer."""
+        b, c, h, w = chunk.shape
+        conc = self._buffer("conc", (b, 2, h * w), torch.float32, chunk.device)
+        offset = (math.log(self.io) * pinv.sum(-1)).unsqueeze(-1)
+        pixels = chunk.view(b, c, h * w)
+        for part in _blocks(b, c * h * w, chunk.device):  # blocks small enough to stay in cache
+            k = part.stop - part.start
+            levels = self._buffer("int", (k, c, h * w), torch.int32, chunk.device).copy_(pixels[part])
+            log_i = self._buffer("float", (k, c, h * w), torch.float32, chunk.device)
+            torch.index_select(_log1p_lut(chunk.device), 0, levels.view(-1), out=log_i.view(-1))
+            # C = pinv OD = ln(Io) pinv 1 - pinv ln(I + 1)
+            torch.baddbmm(offset[part], pinv[part], log_i, alpha=-1.0, out=conc[part])
+        return conc
+
     def _refined_max_c(self, conc: torch.Tensor, sample_conc: torch.Tensor) -> torch.Tensor:
         """99th percentiles (B, 2) of all-pixel concentrations (B, 2, N), bracketed from a sample's (B, 2, n)."""
         b, _, n = conc.shape
         q = MACENKO_MAX_C_PERCENTILE
         lo, hi = _percentiles(sample_conc, (q - 0.5, min(q + 0.5, 100.0))).view(-1, 2).unbind(-1)
-        scratch = self._buffer("float", (2 * b, n), torch.float32, conc.device)  # ln(I + 1) is no longer needed
-        return _refine_percentile(conc.view(2 * b, n), q, lo, hi, self.max_c_passes, scratch).view(b, 2)
+        rows = conc.view(2 * b, n)
+        step = _blocks(2 * b, n, conc.device)[0].stop
+        scratch = self._buffer("float", (step, n), torch.float32, conc.device)
+        return _refine_percentile(rows, q, lo, hi, self.max_c_passes, scratch).view(b, 2)
 
     def _stain_vectors(self, od: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit stain vectors (B, 3, 2), haematoxylin first, and (B,) validity, from OD (B, 3, N)."""
@@ -491,18 +504,22 @@ def _refine_percentile(
     percentile on CPU, so the value is searched for instead. The count of
     entries above a threshold t, A(t) = #{v > t} + #{v = t} / 2, takes one cheap
     pass (a sum of signs); the wanted value is where A equals (N - 1)(1 - q / 100),
-    the count above numpy's interpolated percentile. ``lo`` and ``hi`` (R,) are a
+    the count above numpy's interpolated percentile, in blocks of rows the size
+    of ``scratch`` (k, N) that stay in cache. ``lo`` and ``hi`` (R,) are a
     guess of a bracket; an end that the counts show on the wrong side falls
     back to the row's minimum or maximum. Each of ``passes`` rounds of regula
     falsi (Illinois variant) then interpolates log A inside the bracket (tails
     of concentration histograms decay roughly exponentially) and keeps the half
-    that holds the target. ``scratch`` is an (R, N) float buffer.
+    that holds the target.
     """
     n = values.shape[-1]
     goal = -math.log(max((n - 1) * (1.0 - q / 100.0), 0.5) + 0.5)
 
     def level(t: torch.Tensor) -> torch.Tensor:  # -log(A(t) + 1/2), increasing in t
-        signs = torch.sub(values, t.unsqueeze(-1), out=scratch).sign_().sum(dim=-1)
+        signs = torch.empty_like(t)
+        for part in _blocks(values.shape[0], n, values.device, rows=scratch.shape[0]):
+            k = part.stop - part.start
+            torch.sum(torch.sub(values[part], t[part, None], out=scratch[:k]).sign_(), dim=-1, out=signs[part])
         return -torch.log((signs + n) / 2.0 + 0.5)
 
     lo, u_lo, hi, u_hi = _checked_bracket(values, lo, hi, level(lo), level(hi), goal)
@@ -536,6 +553,17 @@ def _checked_bracket(
         hi = torch.where(hi_bad, values.amax(dim=-1), hi)
         u_hi = torch.where(hi_bad, torch.zeros_like(u_hi), u_hi)  # 1/2 above the maximum
     return lo, u_lo, hi, u_hi
+
+
+def _blocks(count: int, size: int, device: torch.device, rows: int | None = None) -> list[slice]:
+    """Slices cutting ``count`` items of ``size`` floats each into blocks of about ``_BLOCK_FLOATS``.
+
+    On CPU every full-resolution step runs block by block so that its
+    intermediates stay in cache instead of streaming through memory; on GPU one
+    block holds everything. ``rows`` forces the items per block.
+    """
+    step = rows or (count if device.type != "cpu" else max(1, _BLOCK_FLOATS // max(size, 1)))
+    return [slice(i, min(i + step, count)) for i in range(0, count, step)]
 
 
 def _check_batch(batch: torch.Tensor) -> None:

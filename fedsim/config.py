@@ -189,6 +189,8 @@ class TrainConfig:
     """Round checkpoints kept in OUT/checkpoints (the latest is also OUT/checkpoint.pt)."""
     resume: bool = False
     """Continue from OUT/checkpoint.pt."""
+    xai_per_grade: int = 2
+    """Grad-CAM panels per grade written by each hospital at the end (OUT/xai/<hospital>/); 0 = none."""
 
     def __post_init__(self) -> None:
         _choice("train.mode", self.mode, ("federated", "centralized"))
@@ -229,8 +231,10 @@ class RunConfig:
         """Hash of what determines the trained weights (not the output folder or the resume flag)."""
         tree = self.to_dict()
         tree.pop("out")
-        tree["train"].pop("resume")
-        tree["train"].pop("rounds")  # a run may be extended to more rounds and still resume
+        # Settings that do not change the weights: a run may be extended, retimed or restarted with them changed.
+        for key in ("resume", "rounds", "xai_per_grade", "keep_checkpoints", "timeout_s", "simulate_crash", "simulate_hang"):
+            tree["train"].pop(key)
+        tree["data"].pop("num_workers")
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

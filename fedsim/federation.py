@@ -128,7 +128,7 @@ class Federation:
         figures = self._local_work(r, anchor)
         tracker = DriftTracker(self.flat, anchor)
         if self.cfg.train.mode == "federated":
-            figures["val_acc_local"], _ = self._val_accuracy(self.client.hospital)
+            figures["val_acc_local"] = self._validate(self.client.hospital)["accuracy"]
         weight = figures["num_samples"] if figures["status"] in ("ok", "straggler") else 0
         self._wait_for_clients(r)
         total = fedavg(self.model, weight, bn=self.cfg.train.bn)
@@ -238,25 +238,23 @@ class Federation:
                                                  persistent_workers=self.cfg.data.num_workers > 0)
         return predict(self.forward_model, self._eval_loaders[key], self.settings)
 
-    def _val_accuracy(self, hospital: HospitalData) -> tuple[float | None, int]:
-        """Image-level accuracy on the hospital's validation split, and its number of images."""
+    def _validate(self, hospital: HospitalData) -> dict[str, Any]:
+        """Image-level accuracy, image count and confusion matrix on the hospital's validation split."""
         if "val" not in hospital.folders:
-            return None, 0
+            return {"accuracy": None, "n": 0, "confusion_matrix": None}
         dataset = hospital.dataset("val")
         probs, labels, idx = self._predict(dataset)
-        result = image_level(dataset, probs, labels, idx)
-        return result["accuracy"], result["n"]
+        return image_level(dataset, probs, labels, idx, len(self.plan.class_names))
 
     def _gather_and_log(self, r: int, figures: dict[str, Any], total: int, tracker: DriftTracker, started: float) -> None:
-        clients = []
-        if self.cfg.train.mode == "federated":
-            figures["val_acc_global"], figures["num_val"] = self._val_accuracy(self.client.hospital)
-            clients.append(figures)
-        else:
-            for hospital in self.plan.mine:
-                acc, n = self._val_accuracy(hospital)
-                clients.append({**figures, "hospital": hospital.name, "val_acc_global": acc, "num_val": n})
-        gathered = gather_figures({"clients": clients, "layer_drift": tracker.layer_drift()})
+        clients, matrices = [], []
+        hospitals = [self.client.hospital] if self.cfg.train.mode == "federated" else self.plan.mine
+        for hospital in hospitals:
+            val = self._validate(hospital)
+            clients.append({**figures, "hospital": hospital.name, "val_acc_global": val["accuracy"], "num_val": val["n"]})
+            matrices.append(val["confusion_matrix"])
+        # Confusion-matrix counts are summary figures: no image or per-sample value leaves the hospital.
+        gathered = gather_figures({"clients": clients, "layer_drift": tracker.layer_drift(), "val_cm": matrices})
         self._save_local_state(r)
         if not self.info.is_main:
             return
@@ -266,6 +264,10 @@ class Federation:
                   "seconds": time.perf_counter() - started}
         self._checkpoint(r)
         self.logger.log_round(record)
+        self.logger.scalar("global/lr", self.cfg.train.lr, r)
+        pooled = [np.asarray(m) for g in gathered for m in g["val_cm"] if m is not None]
+        if pooled:
+            self.logger.confusion_matrix("global/val_confusion_matrix", sum(pooled), self.plan.class_names, r)
         for g, client in zip(gathered, (g["clients"][0] for g in gathered)):
             self.logger.histogram(f"client/{client['hospital']}/layer_drift", np.asarray(g["layer_drift"]), r)
         log.info(format_round(record))
@@ -294,6 +296,20 @@ class Federation:
             raise checkpoint.CheckpointError(f"{self._local_path()} is from round {state['round'] + 1}, not {r + 1}")
         self.model.load_state_dict(state["model"], strict=False)
 
+    def _explain(self, hospital: HospitalData, dataset: CachedPairs) -> None:
+        """Grad-CAM panels of the final model on this hospital's own test images (they never leave it)."""
+        per_grade = self.cfg.train.xai_per_grade
+        if per_grade <= 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        from fedsim.xai import write_overlays
+
+        # Each hospital writes its own events file: images stay where they were made.
+        with SummaryWriter(str(self.out / "tb" / f"xai-{hospital.name}")) as writer:
+            write_overlays(self.model, dataset, self.out / "xai" / hospital.name, self.plan.class_names,
+                           self.info.device, per_grade=per_grade, writer=writer, step=self.cfg.train.rounds)
+
     def finish(self) -> None:
         """Test the final global model at every hospital; rank 0 writes final.json."""
         results = []
@@ -304,11 +320,16 @@ class Federation:
             probs, labels, idx = self._predict(dataset)
             results.append({"hospital": hospital.name,
                             **summaries(dataset, probs, labels, idx, self.plan.class_names, seed=self.cfg.train.seed)})
+            self._explain(hospital, dataset)
         gathered = gather_figures({"results": results})
         if self.info.is_main:
             per_hospital = [res for g in gathered for res in g["results"]]
             final = final_report(per_hospital, self.plan.class_names)
             write_json(self.out / "final.json", final)
+            cm = np.asarray(final["image"]["confusion_matrix"])
+            metrics.save_confusion_matrix_png(cm, self.plan.class_names, self.out / "confusion_matrix.png",
+                                              title="final global model, test split, image level")
+            self.logger.confusion_matrix("global/test_confusion_matrix", cm, self.plan.class_names, self.cfg.train.rounds)
             log.info("final test accuracy %.3f (image level) over %d images; per hospital %s",
                      final["accuracy"], final["n_images"], final["per_hospital_accuracy"])
         self.logger.close()
@@ -350,13 +371,17 @@ def _global_figures(clients: list[dict[str, Any]], total: int) -> dict[str, Any]
             "clients_aggregated": sum(c["status"] in ("ok", "straggler") for c in clients)}
 
 
-def image_level(dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> dict[str, Any]:
-    """Image-level accuracy: the mean of each image's patch probabilities."""
+def image_level(dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray,
+                num_classes: int) -> dict[str, Any]:
+    """Image-level accuracy and confusion matrix: each image's patch probabilities averaged."""
     images = [dataset.meta[i]["image"] for i in idx]
+    if not images:
+        return {"accuracy": None, "n": 0, "confusion_matrix": None}
     image_probs, order = metrics.aggregate_image_probs(probs, images)
     first = {img: labels[k] for k, img in reversed(list(enumerate(images)))}
     y = np.array([first[img] for img in order])
-    return {"accuracy": float((image_probs.argmax(1) == y).mean()) if len(y) else float("nan"), "n": len(y)}
+    cm = metrics.confusion_matrix(y, image_probs.argmax(1), num_classes)
+    return {"accuracy": metrics.accuracy(cm), "n": len(y), "confusion_matrix": cm.tolist()}
 
 
 def final_report(per_hospital: list[dict[str, Any]], class_names) -> dict[str, Any]:

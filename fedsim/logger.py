@@ -141,6 +141,27 @@ class RunLogger:
                 self.writer.add_scalar(f"global/{key}", value, step)
         self.writer.flush()
 
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def confusion_matrix(self, tag: str, cm, class_names, step: int) -> None:
+        """The matrix as an image (rendered as in eval.py's confusion_matrix.png)."""
+        if self.writer is None:
+            return
+        import tempfile
+
+        import numpy as np
+        from PIL import Image
+
+        from fedsim.metrics import save_confusion_matrix_png
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "cm.png"
+            save_confusion_matrix_png(cm, list(class_names), path, title=tag)
+            image = np.asarray(Image.open(path).convert("RGB"))
+        self.writer.add_image(tag, image.transpose(2, 0, 1), step)
+
     def histogram(self, tag: str, values, step: int) -> None:
         if self.writer is not None:
             self.writer.add_histogram(tag, values, step)

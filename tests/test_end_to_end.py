@@ -46,6 +46,30 @@ def test_metrics_have_per_client_entries_and_ranks_agree(demo_run):
         assert record["global"]["samples_aggregated"] == sum(c["num_samples"] for c in clients)
 
 
+def test_tensorboard_has_every_clients_drift_for_every_round(demo_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = demo_run
+    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for hospital in ("H1", "H2", "H3"):
+        for figure in ("drift", "rel_drift", "divergence", "cosine", "train_loss", "prox", "val_acc_local", "val_acc_global"):
+            tag = f"client/{hospital}/{figure}"
+            assert tag in tags, tag
+            assert [e.step for e in events.Scalars(tag)] == [0, 1]
+    assert "global/drift_spread" in tags and "global/val_acc" in tags
+    assert "global/val_confusion_matrix" in events.Tags()["images"]
+
+
+def test_gradcam_panels_are_written_per_hospital(demo_run):
+    out, _ = demo_run
+    for hospital in ("H1", "H2", "H3"):
+        panels = sorted((out / "xai" / hospital).glob("*.png"))
+        assert panels, hospital
+    assert (out / "confusion_matrix.png").is_file()
+
+
 def test_eval_reads_the_checkpoint(demo_run, tmp_path):
     out, _ = demo_run
     env = {**os.environ, "FEDSIM_CACHE": str(out.parent / "cache")}
