@@ -83,6 +83,25 @@ def build_split(records: Sequence[ImageRecord], spec: CacheSpec, root: Path, rep
     return folder
 
 
+def build_hospital(records: Sequence[ImageRecord], hospital: str, specs: dict[str, CacheSpec], root: Path,
+                   report: SkipReport, progress: bool = True) -> dict[str, Path]:
+    """Cache every split of one hospital; a split without images is left out (logged).
+
+    Raises:
+        ValueError: if the hospital has no training images.
+    """
+    folders = {}
+    for split, spec in specs.items():
+        chosen = [r for r in records if r.hospital == hospital and r.split == split]
+        if not chosen:
+            if split == "train":
+                raise ValueError(f"hospital {hospital} has no training images; use fewer hospitals or more data")
+            log.warning("hospital %s has no %s images: its %s figures will be empty", hospital, split, split)
+            continue
+        folders[split] = build_split(chosen, spec, root, report, name=f"{hospital}-{split}", progress=progress)
+    return folders
+
+
 def _write_arrays(records: Sequence[ImageRecord], spec: CacheSpec, folder: Path, report: SkipReport,
                   name: str, progress: bool) -> None:
     p, k = spec.patch, spec.patches_per_image

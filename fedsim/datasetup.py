@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.cache import CachedPairs, CacheSpec, build_split, default_cache_root, split_folder
+from data.cache import CachedPairs, CacheSpec, build_hospital, default_cache_root, split_folder
 from data.datasets import SkipReport, load_records
 from data.patches import PatchSpec
 from data.records import ImageRecord
@@ -139,17 +139,15 @@ def _folder(cfg: RunConfig, records: list[ImageRecord], hospital: str, split: st
     return split_folder(_of(records, hospital, split), cache_spec(cfg, split), cache_root(cfg), f"{hospital}-{split}")
 
 
+def cache_specs(cfg: RunConfig) -> dict[str, CacheSpec]:
+    """The cache spec of every split."""
+    return {split: cache_spec(cfg, split) for split in ("train", "val", "test")}
+
+
 def _cache_hospital(cfg: RunConfig, records: list[ImageRecord], hospital: str, index: int, info: DistInfo) -> HospitalData:
     data = HospitalData(hospital, index)
-    for split in ("train", "val", "test"):
-        chosen = _of(records, hospital, split)
-        if not chosen:
-            if split == "train":
-                raise ConfigError(f"hospital {hospital} has no training images; use fewer hospitals or more data")
-            log.warning("hospital %s has no %s images: its %s figures will be empty", hospital, split, split)
-            continue
-        data.folders[split] = build_split(chosen, cache_spec(cfg, split), cache_root(cfg), data.report,
-                                          name=f"{hospital}-{split}", progress=info.local_rank == 0)
+    data.folders = build_hospital(records, hospital, cache_specs(cfg), cache_root(cfg), data.report,
+                                  progress=info.local_rank == 0)
     return data
 
 

@@ -103,3 +103,37 @@ def test_larger_mu_gives_smaller_drift(demo_run, tmp_path):
 
     # Assert: the proximal term pulls local weights towards the global model
     assert _mean_drift(runs[2.0]) < _mean_drift(runs[0.0])
+
+
+def test_crc_hgd_tree_prepared_then_trained(demo_run, tmp_path):
+    # Prepare: a CRC-HGD-style tree (class/magnification folders, no manifest, no hospital column)
+    import shutil
+
+    out, _ = demo_run
+    synthetic = next((out.parent / "cache").glob("synthetic-*"))
+    tree = tmp_path / "CRC-HGD"
+    for folder in synthetic.glob("CRC_Grade__*"):
+        shutil.copytree(folder, tree / folder.name)
+    cache = tmp_path / "patches"
+    settings = ["--set", "data.context_size=64", "--set", "data.detail_size=48", "--set", "data.context_fov=96",
+                "--set", "data.patches_per_image=2", "--set", "data.eval_patches_per_image=2"]
+    env = {**os.environ, "FEDSIM_CACHE": str(tmp_path / "fedsim")}
+
+    # Execute: the cache is built ahead, then training on 2 hospitals (iid partition) reads it
+    prep = subprocess.run([sys.executable, "-m", "data.prepare", "--data", str(tree), "--out", str(cache),
+                           "--hospitals", "2", "--partition", "iid", "--context-size", "64", "--detail-size", "48",
+                           "--context-fov", "96", "--patches-per-image", "2", "--eval-patches-per-image", "2",
+                           "--patient-regex", r"^(H\d+_P\d+)"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    prepared = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    run = torchrun([*SMALL, *settings, "--rounds", "1", "--data", str(tree), "--partition", "iid",
+                    "--set", r'data.patient_regex="^(H\\d+_P\\d+)"', "--set", f"data.cache_dir={cache}",
+                    "--out", str(tmp_path / "run")], tmp_path / "fedsim", nproc=2)
+
+    # Assert: trained on the tree, reusing exactly the prepared folders; splits written
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == prepared
+    assert len(prepared) == 6  # 2 hospitals x train/val/test
+    splits = (tmp_path / "run" / "splits.csv").read_text().splitlines()
+    assert len(splits) == 1 + len(list(tree.rglob("*.jpg")))
+    assert (tmp_path / "run" / "data_report.json").is_file()
