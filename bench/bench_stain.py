@@ -62,7 +62,8 @@ def synthetic_crops(count: int, size: int, rng: np.random.Generator) -> np.ndarr
     for i in range(count):
         fields = []
         for _ in range(2):
-            f = sum(np.sin(2 * np.pi * (rng.uniform(1, 6) * xx + rng.uniform(1, 6) * yy + rng.random())) for _ in range(4))
+            waves = [rng.uniform(1, 6) * xx + rng.uniform(1, 6) * yy + rng.random() for _ in range(4)]
+            f = sum(np.sin(2 * np.pi * wave) for wave in waves)
             fields.append(np.clip(f / 4 + rng.uniform(0.1, 0.5), 0, None) * rng.uniform(0.8, 2.0))
         od = np.stack(fields, -1) @ stains
         out[i] = np.clip(240 * np.exp(-od), 0, 255).astype(np.uint8)

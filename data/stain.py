@@ -187,6 +187,8 @@ class Macenko(_BatchNormalizer):
             raise ValueError(f"stride must be >= 1, got {stride}")
         if max_c_passes < 0:
             raise ValueError(f"max_c_passes must be >= 0, got {max_c_passes}")
+        if not 0.0 <= alpha < 50.0:
+            raise ValueError(f"alpha must be in [0, 50), got {alpha}")
         self.stride, self.max_c_passes = stride, max_c_passes
         self.io, self.alpha, self.beta = float(io), float(alpha), float(beta)
         self.he_ref = torch.tensor(MACENKO_HE_REF, dtype=torch.float32)
@@ -213,10 +215,12 @@ class Macenko(_BatchNormalizer):
             (B, 2) 99th-percentile concentrations, ``valid`` (B,) bool.
         """
         _check_batch(batch)
+        if batch.shape[0] == 0:
+            empty = torch.zeros(0, 3, 2, device=batch.device)
+            return empty, empty[:, 0], empty[:, 0, 0].bool()
         parts = [self._estimate(chunk.contiguous()) for chunk in batch.split(self._chunk_for(batch))]
-        if not parts:
-            return batch.new_zeros(0, 3, 2, dtype=torch.float32), batch.new_zeros(0, 2, dtype=torch.float32), batch.new_zeros(0, dtype=torch.bool)
-        return tuple(torch.cat([p[i] for p in parts]) for i in (0, 2, 3))
+        he, max_c, valid = (torch.cat([part[i] for part in parts]) for i in (0, 2, 3))  # not the scratch (1)
+        return he, max_c, valid
 
     def _fit_pixels(self, pixels: torch.Tensor) -> None:
         od = math.log(self.io) - _log1p(pixels).unsqueeze(0)  # (1, 3, N)
@@ -358,12 +362,15 @@ class Reinhard(_BatchNormalizer):
 
     def _normalize_chunk(self, chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
-        b, _, h, w = chunk.shape
-        lab = rgb_to_lab(chunk.reshape(b, 3, h * w))
-        mean, std, valid = self.tissue_stats(lab)
-        gain = self.target_std.to(lab.device) / std.clamp(min=1e-3)
-        lab = (lab - mean.unsqueeze(-1)) * gain.unsqueeze(-1) + self.target_mean.to(lab.device)[None, :, None]
-        out.copy_(lab_to_rgb(lab).view(b, 3, h, w))
+        b, c, h, w = chunk.shape
+        target_mean, target_std = self.target_mean.to(chunk.device), self.target_std.to(chunk.device)
+        valid = torch.empty(b, dtype=torch.bool, device=chunk.device)
+        for part in _blocks(b, c * h * w, chunk.device):  # images are independent: blocks stay in cache
+            lab = rgb_to_lab(chunk[part].reshape(-1, c, h * w))
+            mean, std, valid[part] = self.tissue_stats(lab)
+            gain = (target_std / std.clamp(min=1e-3)).unsqueeze(-1)
+            lab = (lab - mean.unsqueeze(-1)).mul_(gain).add_(target_mean[None, :, None])
+            out[part].copy_(lab_to_rgb(lab).view(-1, c, h, w))
         return valid
 
     def _check_fitted(self) -> None:
@@ -493,7 +500,9 @@ def _masked_percentiles(
     return results[0], results[1]
 
 
-def _search_percentile(values: torch.Tensor, q: float, sample: torch.Tensor, passes: int, scratch: torch.Tensor) -> torch.Tensor:
+def _search_percentile(
+    values: torch.Tensor, q: float, sample: torch.Tensor, passes: int, scratch: torch.Tensor
+) -> torch.Tensor:
     """``q``-th percentile (50 < q < 100) of each row of ``values`` (R, N), found by counting, not sorting.
 
     Sorting tens of thousands of values per image is the costliest part of a
