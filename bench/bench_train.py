@@ -49,6 +49,15 @@ def make_loader(dataset: CachedPairs, args) -> DataLoader:
                       persistent_workers=args.workers > 0, drop_last=True)
 
 
+def loader_epoch(batches, settings: StepSettings) -> int:
+    """The input pipeline alone: batches read from the cache and moved to the device, no model."""
+    seen = 0
+    for context, detail, labels, _ in batches:
+        context, detail = prepare_inputs(context, detail, settings)
+        seen += labels.shape[0]
+    return seen
+
+
 def plain_epoch(model, optimizer, batches, settings: StepSettings) -> int:
     """The reference: the textbook PyTorch loop over the same batches."""
     model.train()
@@ -93,12 +102,14 @@ def run(args) -> dict:
     fed = lambda: train_epoch(forward, flat, optimizer, batches, anchor, settings, rng).samples  # noqa: E731
     plain = lambda: plain_epoch(forward, optimizer, batches, settings)  # noqa: E731
     fed(), plain()  # warm-up: cudnn autotuning, compilation, worker start, page cache
-    result = {"plain": [], "federated": []}
-    for _ in range(args.repeats):  # alternate so load changes hit both alike
+    result = {"plain": [], "federated": [], "loader": []}
+    for _ in range(args.repeats):  # alternate so load changes hit all alike
         result["plain"].append(timed(plain, sync))
         result["federated"].append(timed(fed, sync))
+        result["loader"].append(timed(lambda: loader_epoch(batches, settings), sync))
     med = {k: float(np.median(v)) for k, v in result.items()}
-    return {**med, "ratio": med["federated"] / med["plain"], "samples_per_epoch": args.samples}
+    return {**med, "ratio": med["federated"] / med["plain"], "loader_headroom": med["loader"] / med["federated"],
+            "samples_per_epoch": args.samples}
 
 
 def main() -> None:
@@ -130,6 +141,7 @@ def main() -> None:
           f"{' compiled' if args.compile else ''}:")
     print(f"  plain PyTorch loop   {result['plain']:9.1f} pairs/s  (baseline)")
     print(f"  federated epoch      {result['federated']:9.1f} pairs/s  ratio {result['ratio']:.3f}")
+    print(f"  input pipeline alone {result['loader']:9.1f} pairs/s  {result['loader_headroom']:.1f}x the training step's consumption")
     write_json(args.json, {"machine": machine(), "args": vars(args), "result": result})
 
 
