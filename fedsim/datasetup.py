@@ -35,8 +35,13 @@ class HospitalData:
     folders: dict[str, Path] = field(default_factory=dict)
     report: SkipReport = field(default_factory=SkipReport)
 
+    datasets: dict[str, CachedPairs] = field(default_factory=dict)
+
     def dataset(self, split: str) -> CachedPairs:
-        return CachedPairs([self.folders[split]])
+        """The cached split (opened once)."""
+        if split not in self.datasets:
+            self.datasets[split] = CachedPairs([self.folders[split]])
+        return self.datasets[split]
 
 
 @dataclass
@@ -102,8 +107,8 @@ def plan_data(cfg: RunConfig, info: DistInfo, out: Path) -> DataPlan:
         log.info("data: %d images, classes %s\n%s", len(records), ", ".join(class_names), count_table(records, class_names))
     mine_idx = [info.rank] if cfg.train.mode == "federated" else list(range(info.rank, len(hospitals), info.world_size))
     mine = [_cache_hospital(cfg, records, hospitals[i], i, info) for i in mine_idx]
-    if info.is_main:
-        mine and mine[0].report.merge(report)  # file-level skips are counted once, on rank 0
+    if info.is_main and mine:
+        mine[0].report.merge(report)  # file-level skips are counted once, on rank 0
     barrier()  # centralized ranks read the caches others built
     return DataPlan(class_names, hospitals, records, mine, [_folder(cfg, records, h, "train") for h in trained])
 

@@ -82,18 +82,35 @@ def _data_root(cfg, hospitals: int) -> Path:
     return generate(synthetic_root(cfg, spec), spec, progress=False).parent
 
 
-def summaries(dataset: CachedPairs, probs, labels, idx, class_names, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Image-level (patch probabilities averaged) and patch-level metric summaries of predictions."""
+def levels(dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Labels, probabilities and metadata at patch level and at image level (patch probabilities averaged)."""
     meta = [dataset.meta[i] for i in idx]
-    patch = metrics.summarize(labels, probs, list(class_names), magnifications=[m["magnification"] for m in meta],
-                              hospitals=[m["hospital"] for m in meta], patients=[m["patient"] for m in meta],
-                              n_boot=n_boot, seed=seed)
-    images = [m["image"] for m in meta]
-    image_probs, order = metrics.aggregate_image_probs(probs, images)
+    field = lambda rows, key: [r[key] for r in rows]  # noqa: E731
+    patch = {"y": np.asarray(labels), "probs": probs, "meta": meta}
+    image_probs, order = metrics.aggregate_image_probs(probs, [m["image"] for m in meta])
     first = {m["image"]: m for m in reversed(meta)}
-    image = metrics.summarize([first[i]["label"] for i in order], image_probs, list(class_names),
-                              magnifications=[first[i]["magnification"] for i in order],
-                              hospitals=[first[i]["hospital"] for i in order],
-                              patients=[first[i]["patient"] for i in order], n_boot=n_boot, seed=seed)
-    image["n_images"], patch["n_patches"] = len(order), len(meta)
-    return {"image": image, "patch": patch, "n_images": len(order), "n_patches": len(meta)}
+    rows = [first[i] for i in order]
+    image = {"y": np.asarray(field(rows, "label")), "probs": image_probs, "meta": rows}
+    return {"image": image, "patch": patch}
+
+
+def summaries(dataset: CachedPairs, probs, labels, idx, class_names, n_boot: int = 1000, seed: int = 0,
+              counts: bool = False) -> dict[str, Any]:
+    """Image-level (patch probabilities averaged) and patch-level metric summaries of predictions.
+
+    With ``counts`` each level also carries :func:`metrics.count_summary`
+    figures, from which summaries pooled over hospitals are computed.
+    """
+    out: dict[str, Any] = {}
+    for level, data in levels(dataset, probs, labels, idx).items():
+        meta = data["meta"]
+        by = lambda key: [m[key] for m in meta]  # noqa: E731
+        out[level] = metrics.summarize(data["y"], data["probs"], list(class_names), magnifications=by("magnification"),
+                                       hospitals=by("hospital"), patients=by("patient"), n_boot=n_boot, seed=seed)
+        if counts:
+            out[level]["counts"] = metrics.count_summary(
+                data["y"], np.argmax(data["probs"], axis=1), len(class_names), magnifications=by("magnification"),
+                patients=by("patient"), n_boot=n_boot, seed=seed)
+    out["image"]["n_images"] = out["n_images"] = out["image"]["n"]
+    out["patch"]["n_patches"] = out["n_patches"] = out["patch"]["n"]
+    return out

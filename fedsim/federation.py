@@ -319,7 +319,8 @@ class Federation:
             dataset = hospital.dataset("test")
             probs, labels, idx = self._predict(dataset)
             results.append({"hospital": hospital.name,
-                            **summaries(dataset, probs, labels, idx, self.plan.class_names, seed=self.cfg.train.seed)})
+                            **summaries(dataset, probs, labels, idx, self.plan.class_names, counts=True,
+                                        seed=derive_seed(self.cfg.train.seed, 0, hospital.index, "bootstrap") % 2**32)})
             self._explain(hospital, dataset)
         gathered = gather_figures({"results": results})
         if self.info.is_main:
@@ -385,15 +386,27 @@ def image_level(dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx
 
 
 def final_report(per_hospital: list[dict[str, Any]], class_names) -> dict[str, Any]:
-    """Pool the hospitals' confusion matrices (no per-image data crosses ranks) into overall figures."""
-    out: dict[str, Any] = {"hospitals": {h["hospital"]: {"image": h["image"], "patch": h["patch"]} for h in per_hospital}}
+    """Pool the hospitals' counts into overall figures with the keys of eval.json.
+
+    Only aggregate counts crossed ranks: confusion matrices (overall, per
+    magnification) and each hospital's patient-bootstrap replicates, which
+    summed replicate by replicate give a bootstrap stratified by hospital.
+    """
+    out: dict[str, Any] = {}
     for level in ("image", "patch"):
-        cm = sum(np.asarray(h[level]["confusion_matrix"]) for h in per_hospital)
-        out[level] = {"accuracy": metrics.accuracy(cm), "balanced_accuracy": metrics.balanced_accuracy(cm),
-                      "macro_f1": metrics.macro_f1(cm), "qwk": metrics.quadratic_weighted_kappa(cm),
-                      "per_class_recall": dict(zip(class_names, metrics.per_class_recall(cm).tolist())),
-                      "confusion_matrix": cm.tolist(), "n": int(cm.sum())}
+        counts = [h[level].pop("counts") for h in per_hospital]
+        mags: dict[str, np.ndarray] = {}
+        for c in counts:
+            for mag, cm in c["per_magnification"].items():
+                mags[mag] = mags.get(mag, 0) + np.asarray(cm)
+        boots = [np.asarray(c["bootstrap"]) for c in counts if len(c["bootstrap"])]
+        out[level] = metrics.summary_from_counts(
+            sum(np.asarray(c["confusion_matrix"]) for c in counts), class_names, per_magnification=mags,
+            per_hospital_accuracy={h["hospital"]: h[level]["accuracy"] for h in per_hospital},
+            bootstrap=sum(boots) if len(boots) == len(counts) else None)
+    out["image"]["n_images"] = out["n_images"] = out["image"]["n"]
+    out["patch"]["n_patches"] = out["n_patches"] = out["patch"]["n"]
     out["accuracy"] = out["image"]["accuracy"]
-    out["n_images"] = out["image"]["n"]
-    out["per_hospital_accuracy"] = {h["hospital"]: h["image"]["accuracy"] for h in per_hospital}
+    out["per_hospital_accuracy"] = out["image"]["per_hospital_accuracy"]
+    out["hospitals"] = {h["hospital"]: {"image": h["image"], "patch": h["patch"]} for h in per_hospital}
     return out

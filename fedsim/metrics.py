@@ -440,6 +440,48 @@ def summarize(
     return _json_ready(summary)
 
 
+def count_summary(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int, *, magnifications: Sequence[Hashable],
+                  patients: Sequence[Hashable], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Aggregate counts of one site's predictions, poolable across sites without per-sample data.
+
+    Returns ``confusion_matrix``, ``per_magnification`` ({magnification: confusion
+    matrix}) and ``bootstrap`` (``n_boot`` confusion matrices of patient resamples).
+    Summing these over sites, resample by resample, gives a bootstrap stratified
+    by site, from which :func:`summary_from_counts` draws the intervals.
+    """
+    t, p = _as_labels(y_true, num_classes, "y_true"), _as_labels(y_pred, num_classes, "y_pred")
+    mags = np.asarray([str(m) for m in magnifications])
+    out = {"confusion_matrix": confusion_matrix(t, p, num_classes).tolist(),
+           "per_magnification": {m: confusion_matrix(t[mags == m], p[mags == m], num_classes).tolist()
+                                 for m in sorted(set(mags.tolist()))}}
+    out["bootstrap"] = _bootstrap_cms(t, p, patients, num_classes, n_boot, seed).tolist() if n_boot and len(t) else []
+    return out
+
+
+def summary_from_counts(cm: ArrayLike, class_names: Sequence[str], *, per_magnification: dict[str, ArrayLike],
+                        per_hospital_accuracy: dict[str, float], bootstrap: ArrayLike | None = None) -> dict:
+    """The keys of :func:`summarize`, computed from pooled counts instead of samples."""
+    m = _as_cm(cm)
+    boot = np.asarray(bootstrap if bootstrap is not None else [], dtype=np.float64)
+    fns = {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy, "qwk": quadratic_weighted_kappa}
+    ci = {name: (list(_percentile_interval(np.array([fn(b) for b in boot]), 0.95)) if len(boot) else [None, None])
+          for name, fn in fns.items()}
+    summary = {
+        "n": int(m.sum()),
+        "accuracy": accuracy(m),
+        "balanced_accuracy": balanced_accuracy(m),
+        "macro_f1": macro_f1(m),
+        "qwk": quadratic_weighted_kappa(m),
+        "per_class_recall": dict(zip(class_names, per_class_recall(m))),
+        "per_class_precision": dict(zip(class_names, per_class_precision(m))),
+        "per_magnification_accuracy": {k: accuracy(v) for k, v in sorted(per_magnification.items())},
+        "per_hospital_accuracy": dict(per_hospital_accuracy),
+        "confusion_matrix": m,
+        "ci95": ci,
+    }
+    return _json_ready(summary)
+
+
 # --------------------------------------------------------------------------- #
 # Rendering
 # --------------------------------------------------------------------------- #

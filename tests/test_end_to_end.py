@@ -29,6 +29,13 @@ def test_run_writes_every_output(demo_run):
     assert state["round"] == 1 and state["class_names"] == ["Grade I", "Grade II", "Grade III"]
     final = json.loads((out / "final.json").read_text())
     assert 0 <= final["accuracy"] <= 1 and set(final["per_hospital_accuracy"]) == {"H1", "H2", "H3"}
+    for level in ("image", "patch"):
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "per_class_recall", "per_class_precision",
+                    "per_magnification_accuracy", "per_hospital_accuracy", "confusion_matrix", "ci95"):
+            assert key in final[level], (level, key)
+        low, high = final[level]["ci95"]["accuracy"]
+        assert low <= final[level]["accuracy"] <= high
+    assert final["n_images"] > 0 and final["n_patches"] >= final["n_images"]
 
 
 def test_metrics_have_per_client_entries_and_ranks_agree(demo_run):
