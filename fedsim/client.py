@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ class StepSettings:
     mixup_alpha: float
     augment: bool
     grad_accum: int
+    normalizer: Any = None
+    """A fitted stain normalizer applied to uint8 batches on the device, or None (normalized in the cache)."""
 
 
 @dataclass
@@ -68,6 +70,8 @@ def prepare_inputs(context: torch.Tensor, detail: torch.Tensor, settings: StepSe
                    rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 pairs -> normalized float pairs on the device; augmented (same transform per pair) when rng is given."""
     context, detail = to_device(context, settings), to_device(detail, settings)
+    if settings.normalizer is not None:
+        context, detail = settings.normalizer.normalize(context), settings.normalizer.normalize(detail)
     if rng is None or not settings.augment:
         return to_float(context), to_float(detail)
     context, detail = random_dihedral(context, detail, rng)  # on uint8: a quarter of the bytes

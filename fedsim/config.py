@@ -88,6 +88,8 @@ class DataConfig:
     """Stain normalization: macenko, reinhard or none."""
     stain_reference: str = ""
     """Image to fit the stain normalizer to; empty = the published reference constants."""
+    stain_on_device: bool = False
+    """Normalize each patch batch on the training device instead of once in the cache (the cache then holds raw pixels)."""
     cache_dir: str = ""
     """Where decoded, normalized patch pairs are cached; empty = $FEDSIM_CACHE or ~/.cache/fedsim."""
     num_workers: int = 0

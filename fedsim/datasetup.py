@@ -129,7 +129,8 @@ def cache_spec(cfg: RunConfig, split: str) -> CacheSpec:
     d = cfg.data
     patch = PatchSpec(d.context_size, d.detail_size, d.context_fov, d.min_tissue)
     per_image = d.patches_per_image if split == "train" else d.eval_patches_per_image
-    return CacheSpec(patch, per_image, d.stain, d.stain_reference, cfg.train.seed)
+    stain = "none" if d.stain_on_device else d.stain  # normalized per batch on the device instead
+    return CacheSpec(patch, per_image, stain, "" if d.stain_on_device else d.stain_reference, cfg.train.seed)
 
 
 def cache_root(cfg: RunConfig) -> Path:

@@ -345,7 +345,20 @@ def _step_settings(cfg: RunConfig, info: DistInfo) -> StepSettings:
         log.info("torch.compile on CPU: expect a long first step")
     return StepSettings(device=info.device, amp_dtype=torch.bfloat16 if precision == "bf16" else None,
                         channels_last=cuda, mu=cfg.train.mu, mixup_alpha=cfg.train.mixup_alpha,
-                        augment=cfg.data.augment, grad_accum=cfg.train.grad_accum)
+                        augment=cfg.data.augment, grad_accum=cfg.train.grad_accum, normalizer=_device_normalizer(cfg))
+
+
+def _device_normalizer(cfg: RunConfig):
+    """The stain normalizer used per batch when data.stain_on_device is set."""
+    if not cfg.data.stain_on_device or cfg.data.stain == "none":
+        return None
+    from data.images import load_rgb
+    from data.stain import build_normalizer
+
+    normalizer = build_normalizer(cfg.data.stain)
+    if cfg.data.stain_reference:
+        normalizer.fit(load_rgb(cfg.data.stain_reference))
+    return normalizer
 
 
 def _checksum(values: torch.Tensor) -> list[float]:

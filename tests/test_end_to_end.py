@@ -144,3 +144,22 @@ def test_crc_hgd_tree_prepared_then_trained(demo_run, tmp_path):
     splits = (tmp_path / "run" / "splits.csv").read_text().splitlines()
     assert len(splits) == 1 + len(list(tree.rglob("*.jpg")))
     assert (tmp_path / "run" / "data_report.json").is_file()
+
+
+def test_stain_normalization_on_the_device(tmp_path):
+    # The cache keeps raw pixels and every batch is normalized where the model runs.
+    from conftest import train_single
+
+    out = tmp_path / "run"
+    proc = train_single([*SMALL, "--rounds", "1", "--num-hospitals", "1", "--set", "data.stain_on_device=true",
+                         "--out", str(out), "--set", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path / "fedsim")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "final.json").read_text())["n_images"] > 0
+    # The cache is the one of an un-normalized run: the same spec, so the same folders.
+    from fedsim.config import from_dict
+    from fedsim.datasetup import cache_spec
+
+    on_device = from_dict({"data": {"stain_on_device": True}})
+    raw = from_dict({"data": {"stain": "none"}})
+    assert cache_spec(on_device, "train") == cache_spec(raw, "train")
+    assert cache_spec(on_device, "train") != cache_spec(from_dict({}), "train")
