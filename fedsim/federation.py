@@ -74,7 +74,9 @@ class Federation:
             hospital = self.plan.mine[0]
             return ClientState(hospital, hospital.dataset("train"), None)
         union = CachedPairs(self.plan.all_train_folders)
-        shard = np.arange(self.info.rank, len(union), self.info.world_size)
+        # Equal shards: every rank must take the same number of steps, since each step all-reduces gradients.
+        usable = len(union) // self.info.world_size * self.info.world_size
+        shard = np.arange(self.info.rank, usable, self.info.world_size)
         return ClientState(None, union, shard)
 
     def _maybe_resume(self) -> int:

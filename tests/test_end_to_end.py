@@ -163,3 +163,15 @@ def test_stain_normalization_on_the_device(tmp_path):
     raw = from_dict({"data": {"stain": "none"}})
     assert cache_spec(on_device, "train") == cache_spec(raw, "train")
     assert cache_spec(on_device, "train") != cache_spec(from_dict({}), "train")
+
+
+def test_centralized_mode_on_two_ranks(demo_run, tmp_path):
+    # The pooled data of 3 hospitals, sharded over 2 ranks that average gradients every step.
+    out_dir = tmp_path / "run"
+    proc = torchrun([*SMALL, "--rounds", "1", "--mode", "centralized", "--num-hospitals", "3", "--out", str(out_dir)],
+                    demo_run[0].parent / "cache", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert sorted(c["hospital"] for c in record["clients"]) == ["H1", "H2", "H3"]
+    assert len({tuple(c["weights_checksum"]) for c in record["clients"]}) == 1
+    assert set(json.loads((out_dir / "final.json").read_text())["per_hospital_accuracy"]) == {"H1", "H2", "H3"}
