@@ -345,6 +345,8 @@ def _step_settings(cfg: RunConfig, info: DistInfo) -> StepSettings:
         precision = "bf16" if cuda else "fp32"
     if cfg.train.compile and not cuda:
         log.info("torch.compile on CPU: expect a long first step")
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed patch sizes: autotuned convolutions pay off at once
     return StepSettings(device=info.device, amp_dtype=torch.bfloat16 if precision == "bf16" else None,
                         channels_last=cuda, mu=cfg.train.mu, mixup_alpha=cfg.train.mixup_alpha,
                         augment=cfg.data.augment, grad_accum=cfg.train.grad_accum, normalizer=_device_normalizer(cfg))
