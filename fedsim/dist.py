@@ -154,6 +154,12 @@ def gather_figures(figures: dict[str, Any]) -> list[dict[str, Any]] | None:
     return out
 
 
+def broadcast_weights(flat: torch.Tensor, src: int = 0) -> None:
+    """Give every rank rank ``src``'s weights (the initial global model): one collective."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(flat, src=src)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Send a small object (a decision, a config) from ``src`` to every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

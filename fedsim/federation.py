@@ -24,7 +24,7 @@ from fedsim.aggregate import allreduce_mean_, fedavg
 from fedsim.client import StepSettings, local_proximal, make_optimizer, predict, train_epoch
 from fedsim.config import ConfigError, RunConfig, save
 from fedsim.datasetup import DataPlan, HospitalData, plan_data, write_data_report
-from fedsim.dist import DistInfo, HungRanks, broadcast_object, gather_figures, wait_for_all
+from fedsim.dist import DistInfo, HungRanks, broadcast_object, broadcast_weights, gather_figures, wait_for_all
 from fedsim.drift import DriftTracker
 from fedsim.evaluate import summaries
 from fedsim.flat import flatten
@@ -65,6 +65,8 @@ class Federation:
         self._eval_loaders: dict[str, DataLoader] = {}
         self.logger = RunLogger(self.out, enabled=info.is_main)
         self.start_round = self._maybe_resume()
+        if self.start_round == 0:
+            broadcast_weights(self.flat.data)  # the same seed builds the same model, unless nodes run other builds
         self._report_data()
 
     # ---- set-up -------------------------------------------------------------------------

@@ -63,15 +63,20 @@ def test_only_weights_and_scalar_figures_cross_ranks(tmp_path):
     for sent, reduced_numel, total_numel in results:
         tensors = [s for s in sent if s[1] == "tensor"]
         objects = [s for s in sent if s[1] == "object"]
-        # The weights: one all-reduce of the flat buffer per round, nothing else tensor-shaped.
-        assert [s[0] for s in tensors] == ["all_reduce", "all_reduce"]
-        assert all(s[2] == reduced_numel and s[3] == "torch.float32" for s in tensors)
+        # The weights: the initial model from rank 0, then one all-reduce of the flat buffer per round.
+        assert [s[0] for s in tensors] == ["broadcast", "all_reduce", "all_reduce"]
+        assert tensors[0][2] == total_numel
+        assert all(s[2] == reduced_numel and s[3] == "torch.float32" for s in tensors[1:])
         # Everything else: scalar figures, short lists of them, names — no arrays, tensors or images.
         leaves = [leaf for s in objects for leaf in s[2]]
         assert leaves, "figures were gathered"
         allowed = {"int", "float", "str", "bool", "NoneType"}
         assert {leaf.rsplit(":", 1)[1] for leaf in leaves} <= allowed
-        # No per-sample values: the longest list sent is the per-layer drift of the model, far below a sample count.
-        longest = max(int(part.split("]")[0]) for leaf in leaves for part in leaf.split("[")[1:]) + 1
+        # No per-sample values: besides the bootstrap replicates of 3x3 count matrices, the longest list sent is
+        # the per-layer drift of the model, far below a sample count.
+        others = [leaf for leaf in leaves if ".bootstrap[" not in leaf]
+        longest = max(int(part.split("]")[0]) for leaf in others for part in leaf.split("[")[1:]) + 1
         assert longest < 200
+        replicates = [leaf for leaf in leaves if ".bootstrap[" in leaf]
+        assert all(leaf.endswith(":int") and leaf.count("[") == 4 for leaf in replicates)
         assert not any("label" in leaf or "path" in leaf for leaf in leaves)
