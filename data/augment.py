@@ -72,7 +72,8 @@ def _apply_dihedral(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     x = torch.where(mask(1), x.flip(2), x)
     if x.shape[2] == x.shape[3]:  # a transpose keeps the shape only for square patches
         x = torch.where(mask(2), x.transpose(2, 3), x)
-    return x
+    # The transpose leaves odd strides; convolutions want channels-last (the cache's NHWC layout) back.
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def jitter_params(n: int, generator: torch.Generator, device: torch.device,

@@ -476,7 +476,7 @@ def summary_from_counts(cm: ArrayLike, class_names: Sequence[str], *, per_magnif
         "per_class_precision": dict(zip(class_names, per_class_precision(m))),
         "per_magnification_accuracy": {k: accuracy(v) for k, v in sorted(per_magnification.items())},
         "per_hospital_accuracy": dict(per_hospital_accuracy),
-        "confusion_matrix": m,
+        "confusion_matrix": np.rint(m).astype(np.int64),
         "ci95": ci,
     }
     return _json_ready(summary)
