@@ -369,14 +369,31 @@ def _summary_probs(probs: ArrayLike, n: int, k: int) -> np.ndarray:
 
 def _ci95(y_true: np.ndarray, y_pred: np.ndarray, patients: Sequence | None, k: int, n_boot: int, seed: int) -> dict:
     """95 % patient-bootstrap intervals of accuracy, balanced accuracy and QWK."""
-    names = {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy, "qwk": quadratic_weighted_kappa}
     if n_boot == 0 or len(y_true) == 0:
-        return {name: [None, None] for name in names}
+        return _intervals([])
     groups = range(len(y_true)) if patients is None else patients
-    # One set of resamples shared by the three metrics keeps them comparable.
-    cms = _bootstrap_cms(y_true, y_pred, groups, k, n_boot, seed)
+    return _intervals(_bootstrap_cms(y_true, y_pred, groups, k, n_boot, seed))
+
+
+def _intervals(cms) -> dict:
+    """95 % percentile intervals of the CI metrics over bootstrap confusion matrices (one shared set of
+    resamples keeps the three comparable); [None, None] without resamples."""
+    names = {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy, "qwk": quadratic_weighted_kappa}
+    if len(cms) == 0:
+        return {name: [None, None] for name in names}
+    return {name: list(_percentile_interval(np.array([fn(cm) for cm in cms]), 0.95)) for name, fn in names.items()}
+
+
+def _cm_figures(cm: np.ndarray, class_names: Sequence[str]) -> dict:
+    """The figures that follow from a confusion matrix alone."""
     return {
-        name: list(_percentile_interval(np.array([fn(cm) for cm in cms]), 0.95)) for name, fn in names.items()
+        "n": int(cm.sum()),
+        "accuracy": accuracy(cm),
+        "balanced_accuracy": balanced_accuracy(cm),
+        "macro_f1": macro_f1(cm),
+        "qwk": quadratic_weighted_kappa(cm),
+        "per_class_recall": dict(zip(class_names, per_class_recall(cm))),
+        "per_class_precision": dict(zip(class_names, per_class_precision(cm))),
     }
 
 
@@ -425,13 +442,7 @@ def summarize(
     cm = confusion_matrix(t, p, k)
     correct = (t == p).astype(np.float64)
     summary = {
-        "n": len(t),
-        "accuracy": accuracy(cm),
-        "balanced_accuracy": balanced_accuracy(cm),
-        "macro_f1": macro_f1(cm),
-        "qwk": quadratic_weighted_kappa(cm),
-        "per_class_recall": dict(zip(class_names, per_class_recall(cm))),
-        "per_class_precision": dict(zip(class_names, per_class_precision(cm))),
+        **_cm_figures(cm, class_names),
         "per_magnification_accuracy": {} if magnifications is None else _accuracy_by(magnifications, correct),
         "per_hospital_accuracy": {} if hospitals is None else _accuracy_by(hospitals, correct),
         "confusion_matrix": cm,
@@ -462,22 +473,12 @@ def summary_from_counts(cm: ArrayLike, class_names: Sequence[str], *, per_magnif
                         per_hospital_accuracy: dict[str, float], bootstrap: ArrayLike | None = None) -> dict:
     """The keys of :func:`summarize`, computed from pooled counts instead of samples."""
     m = _as_cm(cm)
-    boot = np.asarray(bootstrap if bootstrap is not None else [], dtype=np.float64)
-    fns = {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy, "qwk": quadratic_weighted_kappa}
-    ci = {name: (list(_percentile_interval(np.array([fn(b) for b in boot]), 0.95)) if len(boot) else [None, None])
-          for name, fn in fns.items()}
     summary = {
-        "n": int(m.sum()),
-        "accuracy": accuracy(m),
-        "balanced_accuracy": balanced_accuracy(m),
-        "macro_f1": macro_f1(m),
-        "qwk": quadratic_weighted_kappa(m),
-        "per_class_recall": dict(zip(class_names, per_class_recall(m))),
-        "per_class_precision": dict(zip(class_names, per_class_precision(m))),
+        **_cm_figures(m, class_names),
         "per_magnification_accuracy": {k: accuracy(v) for k, v in sorted(per_magnification.items())},
         "per_hospital_accuracy": dict(per_hospital_accuracy),
         "confusion_matrix": np.rint(m).astype(np.int64),
-        "ci95": ci,
+        "ci95": _intervals(np.asarray(bootstrap if bootstrap is not None else [], dtype=np.float64)),
     }
     return _json_ready(summary)
 
