@@ -87,7 +87,13 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
     timeout = _dt.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=backend, timeout=timeout)
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            # A fresh key space per torchrun restart: the store outlives the workers, and addresses
+            # left by the previous attempt's dead ranks would be dialled otherwise ("connection refused").
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"fedsim/attempt{attempt}", store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
         else:
             # A group of one without torchrun: same collectives, no network.
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

@@ -59,9 +59,10 @@ def test_killed_rank_restarts_and_ends_identical(uninterrupted, cache, tmp_path)
     # Prepare: hospital H2 (rank 1) is SIGKILLed in the middle of round 2
     out = tmp_path / "run"
 
-    # Execute: torchrun restarts the group once; it resumes after round 1
+    # Execute: torchrun restarts the group; it resumes after round 1. A second restart is allowed because gloo's
+    # rendezvous right after a kill can be refused once on a loaded machine; the crash itself happens only once.
     proc = torchrun([*SMALL, "--rounds", "3", "--out", str(out), "--set", 'train.simulate_crash="H2:2"'],
-                    cache, extra=["--max-restarts=1"])
+                    cache, extra=["--max-restarts=2"])
 
     # Assert
     assert proc.returncode == 0, proc.stderr[-3000:]
