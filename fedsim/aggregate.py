@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fedsim.flat import flatten
+from fedsim.flat import flatten, get_flat
 
 
 def fedavg(model: nn.Module, num_samples: int, group: dist.ProcessGroup | None = None, bn: str = "average") -> int:
@@ -61,5 +61,5 @@ def allreduce_mean_(tensor: torch.Tensor, group: dist.ProcessGroup | None = None
 
 def _current_channels_last(model: nn.Module) -> bool:
     """Keep an existing flat layout's memory format; plain models are flattened contiguous."""
-    flat = model.__dict__.get("_fedsim_flat")
+    flat = get_flat(model)
     return bool(flat is not None and flat.channels_last)
