@@ -27,7 +27,7 @@ from fedsim.datasetup import DataPlan, HospitalData, plan_data, write_data_repor
 from fedsim.dist import DistInfo, HungRanks, broadcast_object, broadcast_weights, gather_figures, wait_for_all
 from fedsim.drift import DriftTracker
 from fedsim.evaluate import summaries
-from fedsim.flat import flatten
+from fedsim.flat import flatten, is_batchnorm
 from fedsim.logger import RunLogger, format_round, write_json
 from fedsim.seeding import derive_seed, generator
 from models import build_model
@@ -289,7 +289,8 @@ class Federation:
         """Under FedBN each client's BatchNorm tensors are its own: saved by that rank."""
         if self.cfg.train.bn != "local":
             return
-        local = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if _is_bn_key(self.model, k)}
+        bn_modules = {name for name, m in self.model.named_modules() if is_batchnorm(m)}
+        local = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k.rsplit(".", 1)[0] in bn_modules}
         checkpoint.save_atomic({"round": r, "model": local}, self._local_path())
 
     def _load_local_state(self, r: int) -> None:
@@ -368,16 +369,10 @@ def _device_normalizer(cfg: RunConfig):
 
 
 def _checksum(values: torch.Tensor) -> list[float]:
-    """Two float64 moments of the aggregated weights: equal on every rank iff they agree (up to chance)."""
-    v = values.detach().double()
-    ramp = torch.linspace(0, 1, v.numel(), dtype=torch.float64, device=v.device)
-    return [float(v.sum()), float((v * ramp).sum())]
-
-
-def _is_bn_key(model: torch.nn.Module, key: str) -> bool:
-    module_name = key.rsplit(".", 1)[0]
-    module = dict(model.named_modules()).get(module_name)
-    return module is not None and isinstance(module, torch.nn.modules.batchnorm._NormBase)
+    """Sums of all and of every other aggregated weight, accumulated in float64 without a copy:
+    equal on every rank iff the ranks agree (up to chance)."""
+    v = values.detach()
+    return [float(v.sum(dtype=torch.float64)), float(v[1::2].sum(dtype=torch.float64))]
 
 
 def _global_figures(clients: list[dict[str, Any]], total: int) -> dict[str, Any]:

@@ -20,6 +20,15 @@ def _weights(out) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
+def _assert_sits_out(record: dict, hospital: str, status: str) -> dict:
+    """The hospital has ``status`` and the round aggregated exactly the other hospitals' samples."""
+    clients = {c["hospital"]: c for c in record["clients"]}
+    assert clients[hospital]["status"] == status
+    others = sum(c["num_samples"] for name, c in clients.items() if name != hospital)
+    assert record["global"]["samples_aggregated"] == others
+    return clients
+
+
 def _assert_identical(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -110,9 +119,7 @@ def test_dropout_of_one_client_and_of_all(cache, tmp_path):
     # Assert: H2 contributes nothing, the others are averaged and stay in sync
     assert one.returncode == 0, one.stderr[-3000:]
     for record in _rounds(tmp_path / "one"):
-        by_name = {c["hospital"]: c for c in record["clients"]}
-        assert by_name["H2"]["status"] == "dropped"
-        assert record["global"]["samples_aggregated"] == by_name["H1"]["num_samples"] + by_name["H3"]["num_samples"]
+        _assert_sits_out(record, "H2", "dropped")
         assert len({tuple(c["weights_checksum"]) for c in record["clients"]}) == 1
     # With everyone gone the global model never changes.
     assert every.returncode == 0, every.stderr[-3000:]
@@ -136,9 +143,7 @@ def test_nan_client_is_excluded_and_global_stays_finite(cache, tmp_path):
     proc = torchrun([*SMALL, "--rounds", "2", "--set", 'train.simulate_nan=["H3"]', "--out", str(tmp_path / "run")], cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for record in _rounds(tmp_path / "run"):
-        clients = {c["hospital"]: c for c in record["clients"]}
-        assert clients["H3"]["status"] == "diverged"
-        assert record["global"]["samples_aggregated"] == clients["H1"]["num_samples"] + clients["H2"]["num_samples"]
+        _assert_sits_out(record, "H3", "diverged")
     assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "run").values() if v.is_floating_point())
 
 
