@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-from fedsim.config import ConfigError, RunConfig, parse_assignment, resolve, save
+from fedsim.config import ConfigError, RunConfig, parse_assignment, resolve
 
 log = logging.getLogger("fedsim.train")
 

@@ -27,6 +27,7 @@ from data.datasets import SkipReport
 from data.images import BadImage, load_rgb
 from data.patches import NoTissue, PatchSpec, extract_pairs, sample_centres
 from data.records import ImageRecord
+from data.sites import site_profile
 from data.stain import build_normalizer
 from data.tissue import tissue_mask
 
@@ -48,6 +49,8 @@ class CacheSpec:
     stain: str = "macenko"
     stain_reference: str = ""
     seed: int = 0
+    site_shift: float = 0.0
+    """Strength of the simulated lab differences applied per hospital (data.sites); 0 = none."""
 
     def digest(self, records: Sequence[ImageRecord]) -> str:
         """Hash of this spec and the images (path, size, mtime, label)."""
@@ -138,6 +141,8 @@ def _image_pairs(rec: ImageRecord, spec: CacheSpec, normalizer, report: SkipRepo
     except BadImage as err:
         report.add(rec.path, err.reason)
         return None
+    if spec.site_shift > 0:  # the hospital's lab, before anything a pipeline would do to its images
+        rgb = site_profile(spec.seed, rec.hospital, spec.site_shift).apply(rgb)
     mask = tissue_mask(rgb)
     if normalizer is not None:
         batch = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]

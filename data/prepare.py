@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 from data.cache import CacheSpec, build_hospital
+from data.files import write_atomic
 from data.datasets import SkipReport, load_records
 from data.patches import PatchSpec
+from data.sites import write_site_profiles
 from data.splits import count_table, hospital_names, partition, split_by_patient, write_splits_csv
 
 log = logging.getLogger("data.prepare")
@@ -41,7 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-patches-per-image", type=int, default=4)
     p.add_argument("--stain", default="macenko", choices=["macenko", "reinhard", "none"])
     p.add_argument("--stain-reference", default="", help="image to fit the normalizer to (default: published constants)")
-    return p.parse_args(argv)
+    p.add_argument("--site-shift", type=float, default=0.0,
+                   help="simulated lab differences per hospital (data.sites): 0 = off, 1 = a typical spread")
+    args = p.parse_args(argv)
+    if not args.site_shift >= 0:
+        p.error(f"--site-shift must be >= 0, got {args.site_shift}")
+    return args
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -55,16 +62,21 @@ def prepare(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_splits_csv(records, out / "splits.csv", class_names)
     print(count_table(records, class_names))
+    if args.site_shift > 0:
+        print(f"site profiles (--site-shift {args.site_shift:g}):")
+        print("\n".join(write_site_profiles(out / "site_profiles.json", hospital_names(records), args.seed,
+                                             args.site_shift)))
     patch = PatchSpec(args.context_size, args.detail_size, args.context_fov, args.min_tissue)
     specs = {split: CacheSpec(patch, args.patches_per_image if split == "train" else args.eval_patches_per_image,
-                              args.stain, args.stain_reference, args.seed) for split in ("train", "val", "test")}
+                              args.stain, args.stain_reference, args.seed, args.site_shift)
+             for split in ("train", "val", "test")}
     for hospital in hospital_names(records):
         hospital_report = SkipReport()
         folders = build_hospital(records, hospital, specs, out, hospital_report)
         report.merge(hospital_report)
         print(f"{hospital}: " + ", ".join(f"{split} -> {folder.name}" for split, folder in folders.items()))
     result = report.to_dict()
-    (out / "data_report.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(out / "data_report.json", json.dumps(result, indent=2) + "\n")
     for line in report.summary_lines():
         print(line)
     return result

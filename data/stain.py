@@ -48,9 +48,14 @@ _MIN_MAX_C = 1e-6
 _LOG2_E = 1.0 / math.log(2.0)
 # Images per chunk when chunk_size is None. A chunk pays a fixed cost of a few
 # hundred small per-image-statistics ops, so it should be large; on CPU the
-# full-resolution work runs in cache-sized blocks inside it (_BLOCK_FLOATS).
+# full-resolution work runs in blocks inside it (_BLOCK_FLOATS), and scratch
+# tensors are kept between chunks: fresh multi-megabyte tensors cost page
+# faults that, on a 2-core VM, took as long as the arithmetic.
 _CPU_CHUNK, _GPU_CHUNK = 64, 256
-_BLOCK_FLOATS = 1 << 17  # 512 KiB of float32: a CPU block's intermediates fit in L2
+# 4 MiB of float32 (about 7 images of 224 px): blocks stay in the last-level cache
+# while each op is long enough to split well across threads (2 MiB and 16 MiB
+# blocks were slower on a 2-core VM, 512 KiB ones 25% slower).
+_BLOCK_FLOATS = 1 << 20
 
 
 class _BatchNormalizer:
@@ -178,7 +183,7 @@ class Macenko(_BatchNormalizer):
         stride: int = 4,
         chunk_size: int | None = None,
         min_pixels: int = 64,
-        max_c_passes: int = 3,
+        max_c_passes: int = 2,
         io: float = MACENKO_IO,
         alpha: float = MACENKO_ALPHA,
         beta: float = MACENKO_BETA,
@@ -224,7 +229,7 @@ class Macenko(_BatchNormalizer):
         return he, max_c, valid
 
     def _fit_pixels(self, pixels: torch.Tensor) -> None:
-        od = math.log(self.io) - _log1p(pixels).unsqueeze(0)  # (1, 3, N)
+        od = _optical_density(pixels, self.io).unsqueeze(0)  # (1, 3, N)
         he, ok = self._stain_vectors(od)
         max_c = _percentiles(_pinv_3x2(he)[0] @ od, (MACENKO_MAX_C_PERCENTILE,))[..., 0]
         if not bool((ok & (max_c > _MIN_MAX_C).all(dim=1))[0]):
@@ -238,13 +243,13 @@ class Macenko(_BatchNormalizer):
         mix = self.he_ref.to(chunk.device) * scale.unsqueeze(1)  # (B, 3, 2)
         mix = torch.where(valid[:, None, None], mix, torch.zeros_like(mix)) * -_LOG2_E  # invalid: kept finite
         b, c, h, w = chunk.shape
-        bias = torch.full((b, c, 1), math.log2(self.io), device=chunk.device)
         flat_out = out.view(b, c, h * w)
         for part in _blocks(b, c * h * w, chunk.device):
             k = part.stop - part.start
             result = self._buffer("float", (k, c, h * w), torch.float32, chunk.device)
             # exp2 is several times cheaper than exp on CPU
-            torch.exp2(torch.baddbmm(bias[part], mix[part], conc[part], out=result), out=result).clamp_(max=255.0)
+            torch.bmm(mix[part], conc[part], out=result).add_(math.log2(self.io))
+            torch.exp2(result, out=result).clamp_(max=255.0)
             # truncation as numpy's astype(uint8); float -> int32 -> uint8 is much faster than float -> uint8 on CPU
             flat_out[part].copy_(self._buffer("int", (k, c, h * w), torch.int32, chunk.device).copy_(result))
         return valid
@@ -255,15 +260,15 @@ class Macenko(_BatchNormalizer):
 
         The concentrations live in a scratch buffer, overwritten by the next chunk.
         """
-        ln_io = math.log(self.io)
-        sample_od = ln_io - _log1p(_strided(chunk, self.stride))
+        sample_od = self._sample_od(chunk)
         he, ok = self._stain_vectors(sample_od)
         pinv, _ = _pinv_3x2(he)  # equals numpy's lstsq solution for full-rank HE
         conc = self._concentrations(chunk, pinv)
         if self.stride == 1:
             max_c = _percentiles(conc, (MACENKO_MAX_C_PERCENTILE,))[..., 0]
         else:
-            max_c = self._refined_max_c(conc, pinv @ sample_od)
+            sample_conc = self._buffer("plane", (pinv.shape[0], 2, sample_od.shape[-1]), conc.dtype, conc.device)
+            max_c = self._refined_max_c(conc, torch.bmm(pinv, sample_od, out=sample_conc))
         valid = ok & (max_c > _MIN_MAX_C).all(dim=1) & torch.isfinite(max_c).all(dim=1)
         return he, conc, max_c, valid
 
@@ -271,15 +276,13 @@ class Macenko(_BatchNormalizer):
         """Least-squares concentrations (B, 2, H*W) of every pixel of a uint8 chunk, in a scratch buffer."""
         b, c, h, w = chunk.shape
         conc = self._buffer("conc", (b, 2, h * w), torch.float32, chunk.device)
-        offset = (math.log(self.io) * pinv.sum(-1)).unsqueeze(-1)
         pixels = chunk.view(b, c, h * w)
         for part in _blocks(b, c * h * w, chunk.device):  # blocks small enough to stay in cache
             k = part.stop - part.start
             levels = self._buffer("int", (k, c, h * w), torch.int32, chunk.device).copy_(pixels[part])
-            log_i = self._buffer("float", (k, c, h * w), torch.float32, chunk.device)
-            torch.index_select(_log1p_lut(chunk.device), 0, levels.view(-1), out=log_i.view(-1))
-            # C = pinv OD = ln(Io) pinv 1 - pinv ln(I + 1)
-            torch.baddbmm(offset[part], pinv[part], log_i, alpha=-1.0, out=conc[part])
+            od = self._buffer("float", (k, c, h * w), torch.float32, chunk.device)
+            torch.index_select(_od_lut(self.io, chunk.device), 0, levels.view(-1), out=od.view(-1))
+            torch.bmm(pinv[part], od, out=conc[part])
         return conc
 
     def _refined_max_c(self, conc: torch.Tensor, sample_conc: torch.Tensor) -> torch.Tensor:
@@ -290,14 +293,24 @@ class Macenko(_BatchNormalizer):
         rows, sample = conc.view(2 * b, n), sample_conc.reshape(2 * b, -1)
         return _search_percentile(rows, MACENKO_MAX_C_PERCENTILE, sample, self.max_c_passes, scratch).view(b, 2)
 
+    def _sample_od(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Optical density (B, 3, n) of the pixels on the ``stride`` grid of a uint8 chunk, in a scratch buffer."""
+        grid = chunk[:, :, :: self.stride, :: self.stride]
+        b, c, h, w = grid.shape
+        levels = self._buffer("sample_levels", (b, c, h, w), torch.int32, chunk.device).copy_(grid)
+        od = self._buffer("sample_od", (b, c, h * w), torch.float32, chunk.device)
+        return torch.index_select(_od_lut(self.io, chunk.device), 0, levels.view(-1), out=od.view(-1)).view(od.shape)
+
     def _stain_vectors(self, od: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit stain vectors (B, 3, 2), haematoxylin first, and (B,) validity, from OD (B, 3, N)."""
+        b, _, n = od.shape
         keep = od.amin(dim=1) >= self.beta  # pixels with OD < beta in any channel are dropped
         count = keep.sum(dim=1)
-        plane, eig_ok = _stain_plane(od, keep, count)
-        that = plane.transpose(1, 2) @ od  # (B, 2, N) coordinates in the plane
-        phi = torch.atan2(that[:, 1], that[:, 0])
-        lo, hi = _masked_percentiles(phi, keep, count, self.alpha, bound=math.pi)
+        plane, eig_ok = _stain_plane(od, keep, count, self._buffer("centred", od.shape, od.dtype, od.device))
+        that = torch.bmm(plane.transpose(1, 2), od, out=self._buffer("plane", (b, 2, n), od.dtype, od.device))
+        phi = torch.atan2(that[:, 1], that[:, 0], out=self._buffer("angle", (b, n), od.dtype, od.device))
+        shifted = self._buffer("shifted", (b, n), od.dtype, od.device)
+        lo, hi = _masked_percentiles(phi, keep, count, self.alpha, bound=math.pi, scratch=shifted)
         v_min = plane @ torch.stack((lo.cos(), lo.sin()), dim=1).unsqueeze(-1)  # (B, 3, 1)
         v_max = plane @ torch.stack((hi.cos(), hi.sin()), dim=1).unsqueeze(-1)
         # haematoxylin first: the vector with the larger red OD, the reference ports' rule
@@ -420,16 +433,19 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, index.view(-1)).view(lab.shape)
 
 
-def _stain_plane(od: torch.Tensor, keep: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _stain_plane(
+    od: torch.Tensor, keep: torch.Tensor, count: torch.Tensor, scratch: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvectors of the two largest eigenvalues of each image's kept-OD covariance.
 
     Returns the plane (B, 3, 2), columns in ascending eigenvalue order as
     ``numpy.linalg.eigh`` gives them, and (B,) whether the plane is well defined.
+    ``scratch``, if given, is a tensor shaped like ``od`` that is overwritten.
     """
     weight = keep.unsqueeze(1).to(od.dtype)
     n = count.clamp(min=2).to(od.dtype)[:, None, None]
-    mean = (od * weight).sum(-1, keepdim=True) / n
-    centred = (od - mean) * weight
+    mean = od @ weight.transpose(1, 2) / n  # (B, 3, 1) masked means, without a masked copy of od
+    centred = torch.sub(od, mean, out=scratch).mul_(weight)  # the centring is kept exact: see the guards
     cov = centred @ centred.transpose(1, 2) / (n - 1)
     finite = torch.isfinite(cov).all(dim=(1, 2))
     eye = torch.eye(3, dtype=od.dtype, device=od.device).expand_as(cov)
@@ -470,7 +486,8 @@ def _percentiles(values: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:
 
 
 def _masked_percentiles(
-    values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor, q_low: float, bound: float
+    values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor, q_low: float, bound: float,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Percentiles ``q_low`` and ``100 - q_low`` (q_low < 50) of each row of ``values`` (B, N) over its
     ``mask``ed entries (``count`` (B,) of them); all values lie in [-bound, bound].
@@ -478,12 +495,13 @@ def _masked_percentiles(
     Linear interpolation between order statistics, as ``numpy.percentile``'s
     default; one ``topk`` per end, about ``q_low`` % of N long, instead of a
     sort. Rows with no entry give 0 (their images are flagged invalid).
+    ``scratch``, if given, is a tensor shaped like ``values`` that is overwritten.
     """
     n = values.shape[-1]
     last = (count - 1).clamp(min=0)
     reach = min(n, math.ceil(q_low / 100.0 * max(n - 1, 0)) + 2)  # how deep into either end a row can need
     # masked entries are pushed past the far end (arithmetic is faster than masked_fill)
-    outside = (~mask).to(values.dtype) * (2.0 * bound + 1.0)
+    outside = (~mask).to(values.dtype).mul_(2.0 * bound + 1.0)
     results = []
     for q, largest in ((q_low, False), (100.0 - q_low, True)):
         pos = last.double() * (q / 100.0)
@@ -491,10 +509,10 @@ def _masked_percentiles(
         frac = (pos - lower.double()).to(values.dtype)
         upper = torch.minimum(lower + 1, last)
         if largest:  # descending: the i-th smallest of a row sits at last - i
-            ends = (values - outside).topk(reach, dim=-1).values
+            ends = torch.sub(values, outside, out=scratch).topk(reach, dim=-1).values
             lower, upper = last - lower, last - upper
         else:
-            ends = (values + outside).topk(reach, dim=-1, largest=False).values
+            ends = torch.add(values, outside, out=scratch).topk(reach, dim=-1, largest=False).values
         index = torch.stack((lower, upper), dim=-1).clamp(max=reach - 1)
         a, b = ends.gather(-1, index).unbind(-1)
         results.append(torch.where(count > 0, a + frac * (b - a), torch.zeros_like(a)))
@@ -567,16 +585,10 @@ def _check_batch(batch: torch.Tensor) -> None:
         raise ValueError(f"expected shape (B, 3, H, W), got {tuple(batch.shape)}")
 
 
-def _log1p(pixels: torch.Tensor) -> torch.Tensor:
-    """ln(I + 1), float32, of uint8 pixels of any shape, by table (a gather is cheaper than a log)."""
-    flat = _log1p_lut(pixels.device).index_select(0, pixels.reshape(-1).int())
+def _optical_density(pixels: torch.Tensor, io: float) -> torch.Tensor:
+    """OD = ln(io) - ln(I + 1), float32, of uint8 pixels of any shape, by table (a gather is cheaper than a log)."""
+    flat = _od_lut(io, pixels.device).index_select(0, pixels.reshape(-1).int())
     return flat.view(pixels.shape)
-
-
-def _strided(batch: torch.Tensor, stride: int) -> torch.Tensor:
-    """Pixels (B, 3, N) on a grid of step ``stride`` of a (B, 3, H, W) batch."""
-    sample = batch[:, :, ::stride, ::stride] if stride > 1 else batch
-    return sample.reshape(batch.shape[0], 3, -1)
 
 
 def _pixels_of(image: ImageLike) -> torch.Tensor:
@@ -620,11 +632,11 @@ def _srgb_encode_lut(device: torch.device) -> torch.Tensor:
     return _LUT_CACHE[key]
 
 
-def _log1p_lut(device: torch.device) -> torch.Tensor:
-    """ln(v + 1) for the 256 uint8 levels v, float32 on ``device``."""
-    key = ("log1p", torch.device(device))
+def _od_lut(io: float, device: torch.device) -> torch.Tensor:
+    """Optical density ln(io) - ln(v + 1) of the 256 uint8 levels v, float32 on ``device``."""
+    key = (f"od{io!r}", torch.device(device))
     if key not in _LUT_CACHE:
-        _LUT_CACHE[key] = torch.log1p(torch.arange(256, dtype=torch.float64)).float().to(device)
+        _LUT_CACHE[key] = (math.log(io) - torch.log1p(torch.arange(256, dtype=torch.float64))).float().to(device)
     return _LUT_CACHE[key]
 
 

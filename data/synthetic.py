@@ -59,7 +59,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from data.files import write_atomic
 from data.records import GRADE_NAMES, MAGNIFICATIONS
+from data.sites import STANDARD_EOSIN, STANDARD_HAEMATOXYLIN, rotate_vector, unit_vector
 
 #: Bumped whenever rendering changes, so cached datasets are not reused.
 GENERATOR_VERSION = 1
@@ -74,9 +76,6 @@ SPEC_NAME = "spec.json"
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "magnification", "patient", "hospital")
 #: Probability that an image's architecture (or nuclear) cue shows its true grade.
 CUE_AGREEMENT = 0.75
-#: Ruifrok & Johnston (2001) optical-density vectors of haematoxylin and eosin.
-STANDARD_HAEMATOXYLIN = (0.65, 0.70, 0.29)
-STANDARD_EOSIN = (0.07, 0.99, 0.11)
 
 #: Image size at which the structure sizes below are given.
 _REFERENCE_SIZE = 800
@@ -167,12 +166,6 @@ def default_root(spec: SyntheticSpec) -> Path:
 # ----------------------------------------------------------------- stain profiles
 
 
-def _unit(vector: Sequence[float]) -> tuple[float, float, float]:
-    """``vector`` scaled to length 1."""
-    v = np.asarray(vector, dtype=np.float64)
-    return tuple(float(x) for x in v / np.linalg.norm(v))
-
-
 @dataclass(frozen=True)
 class StainProfile:
     """How one lab's staining and microscope turn stain amounts into colour.
@@ -187,8 +180,8 @@ class StainProfile:
         vignette: Fraction of light lost in the image corners.
     """
 
-    haematoxylin: tuple[float, float, float] = _unit(STANDARD_HAEMATOXYLIN)
-    eosin: tuple[float, float, float] = _unit(STANDARD_EOSIN)
+    haematoxylin: tuple[float, float, float] = unit_vector(STANDARD_HAEMATOXYLIN)
+    eosin: tuple[float, float, float] = unit_vector(STANDARD_EOSIN)
     h_strength: float = 1.0
     e_strength: float = 1.0
     background: tuple[float, float, float] = (248.0, 248.0, 248.0)
@@ -211,8 +204,8 @@ class StainProfile:
         balance = 1.0 + np.array([_signed(rng, 0.015, 0.045) for _ in range(3)]) * spread
         light = np.clip(rng.uniform(236.0, 252.0) * balance, 220.0, 255.0)
         return cls(
-            haematoxylin=_rotate(STANDARD_HAEMATOXYLIN, rng.uniform(6.0, 14.0) * spread, rng),
-            eosin=_rotate(STANDARD_EOSIN, rng.uniform(6.0, 14.0) * spread, rng),
+            haematoxylin=rotate_vector(STANDARD_HAEMATOXYLIN, rng.uniform(6.0, 14.0) * spread, rng),
+            eosin=rotate_vector(STANDARD_EOSIN, rng.uniform(6.0, 14.0) * spread, rng),
             h_strength=float(np.exp(strength * math.cos(direction))),
             e_strength=float(np.exp(strength * math.sin(direction))),
             background=tuple(float(v) for v in light),
@@ -233,24 +226,6 @@ class StainProfile:
 def _signed(rng: np.random.Generator, low: float, high: float) -> float:
     """A magnitude in [low, high) with a random sign."""
     return float(rng.uniform(low, high) * rng.choice((-1.0, 1.0)))
-
-
-def _rotate(vector: Sequence[float], degrees: float, rng: np.random.Generator
-            ) -> tuple[float, float, float]:
-    """``vector`` turned by ``degrees`` towards a random direction, kept positive and unit.
-
-    Optical densities cannot be negative, so directions that would push a
-    component below 0.02 (eosin's red and blue are small) are redrawn.
-    """
-    v = np.asarray(_unit(vector))
-    angle = math.radians(degrees)
-    for _ in range(100):
-        w = rng.standard_normal(3)
-        w -= w.dot(v) * v
-        turned = v * math.cos(angle) + w / np.linalg.norm(w) * math.sin(angle)
-        if turned.min() >= 0.02:
-            return _unit(turned)
-    return _unit(v)  # no admissible direction: keep the vector as it is
 
 
 # ------------------------------------------------------------------ cue tables
@@ -1037,13 +1012,13 @@ def generate(root: str | os.PathLike, spec: SyntheticSpec, progress: bool = True
         path = root / item.relpath
         if not (resume and path.is_file()):
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(path, render_item(spec, item))
+            write_atomic(path, render_item(spec, item))
     _remove_strays(root, {item.relpath for item in items})
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(item.row() for item in items)
-    _write_atomic(manifest, text.getvalue().encode("utf-8"))
+    write_atomic(manifest, text.getvalue().encode("utf-8"))
     return manifest
 
 
@@ -1069,15 +1044,8 @@ def _claim(root: Path, document: dict) -> bool:
                               f"a synthetic dataset into it")
     root.mkdir(parents=True, exist_ok=True)
     text = json.dumps(document, indent=2, sort_keys=True) + "\n"
-    _write_atomic(spec_path, text.encode("utf-8"))
+    write_atomic(spec_path, text.encode("utf-8"))
     return False
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either nothing or all of it."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_bytes(data)
-    os.replace(temp, path)
 
 
 def _remove_strays(root: Path, keep: set[str]) -> None:

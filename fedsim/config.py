@@ -88,6 +88,8 @@ class DataConfig:
     """Stain normalization: macenko, reinhard or none."""
     stain_reference: str = ""
     """Image to fit the stain normalizer to; empty = the published reference constants."""
+    site_shift: float = 0.0
+    """Simulated lab differences per hospital (stain vectors, dye strength, light, blur, JPEG); 0 = off, 1 = typical."""
     stain_on_device: bool = False
     """Normalize each patch batch on the training device instead of once in the cache (the cache then holds raw pixels)."""
     cache_dir: str = ""
@@ -106,6 +108,7 @@ class DataConfig:
         _choice("data.stain", self.stain, ("macenko", "reinhard", "none"))
         _at_least("data.num_hospitals", self.num_hospitals, 0)
         _at_least("data.dirichlet_alpha", self.dirichlet_alpha, 0.0, inclusive=False)
+        _at_least("data.site_shift", self.site_shift, 0.0)
         if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6:
             raise ConfigError(f"data.split = {self.split} must be three non-negative fractions summing to 1")
         for name in ("context_size", "detail_size", "context_fov", "patches_per_image", "eval_patches_per_image"):

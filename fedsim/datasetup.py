@@ -16,6 +16,7 @@ from data.cache import CachedPairs, CacheSpec, build_hospital, default_cache_roo
 from data.datasets import SkipReport, load_records
 from data.patches import PatchSpec
 from data.records import ImageRecord
+from data.sites import write_site_profiles
 from data.splits import count_table, hospital_names, partition, split_by_patient, write_splits_csv
 from data.synthetic import SyntheticSpec, default_root, generate
 from fedsim.config import ConfigError, RunConfig
@@ -105,6 +106,9 @@ def plan_data(cfg: RunConfig, info: DistInfo, out: Path) -> DataPlan:
     if info.is_main:
         write_splits_csv(records, out / "splits.csv", class_names)
         log.info("data: %d images, classes %s\n%s", len(records), ", ".join(class_names), count_table(records, class_names))
+        if cfg.data.site_shift > 0:
+            lines = write_site_profiles(out / "site_profiles.json", hospitals, cfg.train.seed, cfg.data.site_shift)
+            log.info("site profiles (data.site_shift = %g):\n%s", cfg.data.site_shift, "\n".join(lines))
     mine_idx = [info.rank] if cfg.train.mode == "federated" else list(range(info.rank, len(hospitals), info.world_size))
     mine = [_cache_hospital(cfg, records, hospitals[i], i, info) for i in mine_idx]
     if info.is_main and mine:
@@ -130,7 +134,8 @@ def cache_spec(cfg: RunConfig, split: str) -> CacheSpec:
     patch = PatchSpec(d.context_size, d.detail_size, d.context_fov, d.min_tissue)
     per_image = d.patches_per_image if split == "train" else d.eval_patches_per_image
     stain = "none" if d.stain_on_device else d.stain  # normalized per batch on the device instead
-    return CacheSpec(patch, per_image, stain, "" if d.stain_on_device else d.stain_reference, cfg.train.seed)
+    return CacheSpec(patch, per_image, stain, "" if d.stain_on_device else d.stain_reference, cfg.train.seed,
+                     d.site_shift)
 
 
 def cache_root(cfg: RunConfig) -> Path:

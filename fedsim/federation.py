@@ -22,7 +22,7 @@ from data.cache import CachedPairs, collate_batch
 from fedsim import checkpoint, metrics
 from fedsim.aggregate import allreduce_mean_, fedavg
 from fedsim.client import StepSettings, local_proximal, make_optimizer, predict, train_epoch
-from fedsim.config import ConfigError, RunConfig, save
+from fedsim.config import ConfigError, RunConfig
 from fedsim.datasetup import DataPlan, HospitalData, plan_data, write_data_report
 from fedsim.dist import DistInfo, HungRanks, broadcast_object, broadcast_weights, gather_figures, wait_for_all
 from fedsim.drift import DriftTracker

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from data.files import write_atomic
 
 FORMAT = "%(asctime)s %(levelname).1s [rank %(rank)s %(hospital)s] %(message)s"
 
@@ -71,13 +72,7 @@ def setup_logging(rank: int | str = "-", hospital: str = "-", level: int | None 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see the old or the new content, never half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
