@@ -165,6 +165,20 @@ def test_stain_normalization_on_the_device(tmp_path):
     assert cache_spec(on_device, "train") != cache_spec(from_dict({}), "train")
 
 
+def test_simulated_labs_reach_the_run(tmp_path):
+    # data.site_shift gives the hospital its lab before caching; the profiles are logged and saved.
+    from conftest import train_single
+
+    out = tmp_path / "run"
+    proc = train_single([*SMALL, "--rounds", "1", "--num-hospitals", "1", "--set", "data.site_shift=1",
+                         "--out", str(out), "--set", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path / "fedsim")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profiles = json.loads((out / "site_profiles.json").read_text())
+    assert list(profiles["hospitals"]) == ["H1"] and profiles["site_shift"] == 1
+    assert "site profiles (data.site_shift = 1)" in proc.stderr
+    assert json.loads((out / "final.json").read_text())["n_images"] > 0
+
+
 def test_centralized_mode_on_two_ranks(demo_run, tmp_path):
     # The pooled data of 3 hospitals, sharded over 2 ranks that average gradients every step.
     out_dir = tmp_path / "run"
