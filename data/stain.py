@@ -12,7 +12,9 @@ counted in the normalizer's ``num_degenerate``; no output is ever NaN.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Union
 
 import numpy as np
@@ -61,15 +63,27 @@ _BLOCK_FLOATS = 1 << 20
 class _BatchNormalizer:
     """Shared plumbing: input checks, chunking, degenerate counting, numpy convenience."""
 
-    def __init__(self, chunk_size: int | None, min_pixels: int) -> None:
+    def __init__(self, chunk_size: int | None, min_pixels: int, workers: int) -> None:
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         if min_pixels < 2:
             raise ValueError(f"min_pixels must be >= 2, got {min_pixels}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.chunk_size = chunk_size
         self.min_pixels = min_pixels
+        self.workers = workers
         self.num_degenerate = 0
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._local = threading.local()  # scratch buffers, one set per thread
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_local"]  # scratch is rebuilt where the normalizer lands
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def fit(self, image: ImageLike | Sequence[ImageLike]) -> "_BatchNormalizer":
         """Take the reference from an image, or from the pooled pixels of a list of images.
@@ -91,20 +105,37 @@ class _BatchNormalizer:
         self._fit_pixels(pixels)
         return self
 
-    @torch.no_grad()
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalize a uint8 batch (B, 3, H, W); returns a new uint8 batch on the same device."""
         _check_batch(batch)
         out = torch.empty_like(batch)
-        step = self._chunk_for(batch)
-        for start in range(0, batch.shape[0], step):
-            chunk = batch[start : start + step].contiguous()
-            target = out[start : start + chunk.shape[0]]
-            invalid = (~self._normalize_chunk(chunk, target)).nonzero()[:, 0]
-            if invalid.numel():
-                target[invalid] = chunk[invalid]  # degenerate images pass through untouched
-            self.num_degenerate += int(invalid.numel())
+        spans = self._spans(batch)
+        if len(spans) > 1 and self.workers > 1 and not batch.is_cuda:
+            # Chunks on CPU threads at once: while one runs its many small per-image
+            # statistics ops, the other keeps the cores busy (+15% on 2 cores).
+            with ThreadPoolExecutor(min(self.workers, len(spans)), thread_name_prefix="stain") as pool:
+                degenerate = list(pool.map(lambda span: self._normalize_span(batch, out, span), spans))
+        else:
+            degenerate = [self._normalize_span(batch, out, span) for span in spans]
+        self.num_degenerate += sum(degenerate)
         return out
+
+    @torch.no_grad()  # grad mode is per thread: set here, where the chunks run
+    def _normalize_span(self, batch: torch.Tensor, out: torch.Tensor, span: slice) -> int:
+        """Normalize ``batch[span]`` into ``out[span]``; returns how many images were degenerate."""
+        chunk, target = batch[span].contiguous(), out[span]
+        invalid = (~self._normalize_chunk(chunk, target)).nonzero()[:, 0]
+        if invalid.numel():
+            target[invalid] = chunk[invalid]  # degenerate images pass through untouched
+        return int(invalid.numel())
+
+    def _spans(self, batch: torch.Tensor) -> list[slice]:
+        """The chunks of a batch: at most ``chunk_size`` images, and at least one per CPU worker."""
+        count = batch.shape[0]
+        step = self._chunk_for(batch)
+        if not batch.is_cuda and self.workers > 1:
+            step = min(step, max(1, -(-count // self.workers)))
+        return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
     def normalize_image(self, image: np.ndarray) -> np.ndarray:
         """Normalize one uint8 HxWx3 numpy image; returns uint8 HxWx3."""
@@ -131,13 +162,16 @@ class _BatchNormalizer:
 
         Chunks take megabytes of scratch per step; keeping it between chunks
         and calls saves reallocating (and, on CPU, re-faulting) that memory.
-        Not thread-safe: one normalizer per thread or worker process.
+        Each thread has its own set.
         """
         numel = math.prod(shape)
-        buf = self._buffers.get(name)
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        buf = buffers.get(name)
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
             buf = torch.empty(numel, dtype=dtype, device=device)
-            self._buffers[name] = buf
+            buffers[name] = buf
         return buf[:numel].view(shape)
 
 
@@ -172,6 +206,8 @@ class Macenko(_BatchNormalizer):
         stride: Grid step of the stain-vector estimate; 1 uses every pixel.
         chunk_size: Images processed at once, bounding the memory of large
             batches; None picks 64 on CPU and 256 on GPU.
+        workers: Chunks normalized at once on CPU, on threads (batches are cut
+            into at least this many chunks); 1 runs them one after another.
         min_pixels: Fewest sampled tissue pixels (OD >= beta in all channels)
             for an image to be normalized; fewer and it is returned unchanged.
         max_c_passes: Counting rounds of the 99th-percentile search (stride > 1).
@@ -183,12 +219,13 @@ class Macenko(_BatchNormalizer):
         stride: int = 4,
         chunk_size: int | None = None,
         min_pixels: int = 64,
+        workers: int = 2,
         max_c_passes: int = 2,
         io: float = MACENKO_IO,
         alpha: float = MACENKO_ALPHA,
         beta: float = MACENKO_BETA,
     ) -> None:
-        super().__init__(chunk_size, min_pixels)
+        super().__init__(chunk_size, min_pixels, workers)
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         if max_c_passes < 0:
@@ -289,7 +326,7 @@ class Macenko(_BatchNormalizer):
         """99th percentiles (B, 2) of all-pixel concentrations (B, 2, N), searched from a sample's (B, 2, n)."""
         b, _, n = conc.shape
         step = _blocks(2 * b, n, conc.device)[0].stop
-        scratch = self._buffer("float", (step, n), torch.float32, conc.device)  # ln(I + 1) is no longer needed
+        scratch = self._buffer("float", (step, n), torch.float32, conc.device)  # the OD blocks are no longer needed
         rows, sample = conc.view(2 * b, n), sample_conc.reshape(2 * b, -1)
         return _search_percentile(rows, MACENKO_MAX_C_PERCENTILE, sample, self.max_c_passes, scratch).view(b, 2)
 
@@ -336,10 +373,13 @@ class Reinhard(_BatchNormalizer):
         max_lightness: L* below which a pixel counts as tissue.
         chunk_size: Images processed at once; None picks 64 on CPU and 256 on GPU.
         min_pixels: Fewest tissue pixels for an image to be normalized.
+        workers: Chunks normalized at once on CPU threads; 1 runs them one after another.
     """
 
-    def __init__(self, max_lightness: float = 88.0, chunk_size: int | None = None, min_pixels: int = 64) -> None:
-        super().__init__(chunk_size, min_pixels)
+    def __init__(
+        self, max_lightness: float = 88.0, chunk_size: int | None = None, min_pixels: int = 64, workers: int = 2
+    ) -> None:
+        super().__init__(chunk_size, min_pixels, workers)
         self.max_lightness = float(max_lightness)
         self.target_mean: torch.Tensor | None = None
         self.target_std: torch.Tensor | None = None

@@ -175,6 +175,26 @@ def test_degenerate_images_pass_through_and_are_counted(crops: list[np.ndarray],
     assert _mad(out[len(bad) :], batch[len(bad) :]) > 1.0  # the real crops were changed
 
 
+@pytest.mark.parametrize("kind", ["macenko", "reinhard"])
+def test_concurrent_chunks_match_one_at_a_time(crops: list[np.ndarray], kind: str) -> None:
+    # Chunks normalized on worker threads give the same pixels and the same degenerate count,
+    # and a normalizer survives pickling (its per-thread scratch is rebuilt).
+    import pickle
+
+    batch = _batch(_degenerate_images() + crops)
+    outs, counts = [], []
+    for workers in (1, 3):
+        norm = build_normalizer(kind, chunk_size=2, workers=workers)
+        if kind == "reinhard":
+            norm.fit(crops[0])
+        norm = pickle.loads(pickle.dumps(norm))
+        outs.append(norm.normalize(batch))
+        counts.append(norm.num_degenerate)
+    assert torch.equal(outs[0], outs[1]) and counts[0] == counts[1] > 0
+    with pytest.raises(ValueError, match="workers"):
+        build_normalizer(kind, workers=0)
+
+
 def test_degenerate_estimates_are_finite() -> None:
     he, max_c, valid = Macenko().stain_matrix(_batch(_degenerate_images()))
     assert not valid.any()
