@@ -59,7 +59,7 @@ def main() -> int:
         try:
             with warnings.catch_warnings():  # torchstain's numpy warns on the crops it then fails on
                 warnings.simplefilter("ignore", RuntimeWarning)
-                    expected = reference.normalize(I=crop, Io=240, alpha=1, beta=0.15, stains=False)[0].astype(np.int16)
+                expected = reference.normalize(I=crop, Io=240, alpha=1, beta=0.15, stains=False)[0].astype(np.int16)
         except Exception:  # torchstain's own failure modes: empty percentiles, eigen-solver errors
             failed += 1
             continue

@@ -7,8 +7,9 @@ Patches come from the real H&E sample in ../shared/data (random tissue-rich
 crops), or, if it is absent, from synthetic noise-free tissue-like images. For
 Macenko and Reinhard at 224 and 320 px it times ``normalize`` on a whole batch
 and on batches of one (the baseline), in the same run, and prints patches/s
-and their ratio. Figures are medians over repeats; on a shared machine they
-are noisy. When torchstain is installed (it is not a dependency), its torch
+and their ratio. The two are timed in turn, round after round, and figures
+are medians over the rounds: on a shared machine absolute figures are noisy,
+their ratio less so. When torchstain is installed (it is not a dependency), its torch
 Macenko backend, one image at a time, is timed as an outside reference.
 """
 from __future__ import annotations
@@ -19,7 +20,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from common import alternating_times  # noqa: E402
 from data.stain import Macenko, Reinhard  # noqa: E402
 from data.tissue import tissue_mask, window_tissue_fraction  # noqa: E402
 
@@ -71,28 +73,14 @@ def synthetic_crops(count: int, size: int, rng: np.random.Generator) -> np.ndarr
     return out
 
 
-def time_calls(fn, repeats: int, device: torch.device) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def bench_one(name: str, make, batch: torch.Tensor, singles: int, repeats: int) -> dict:
     """Batched and one-by-one patches/s of one normalizer on one batch."""
-    device = batch.device
     norm = make()
-    batched = time_calls(lambda: norm.normalize(batch), repeats, device)
     loop_batch = batch[:singles]
-    single = time_calls(lambda: [norm.normalize(loop_batch[i : i + 1]) for i in range(singles)], repeats, device)
+    times = alternating_times({"batched": lambda: norm.normalize(batch),
+                               "single": lambda: [norm.normalize(loop_batch[i : i + 1]) for i in range(singles)]},
+                              repeats, torch.cuda.synchronize if batch.is_cuda else None)
+    batched, single = times["batched"], times["single"]
     batched_pps = batch.shape[0] / statistics.median(batched)
     single_pps = singles / statistics.median(single)
     return {
@@ -123,7 +111,7 @@ def bench_torchstain(batch: torch.Tensor, repeats: int) -> dict | None:
             except Exception:  # its failure modes on near-background crops; timed all the same
                 pass
 
-    times = time_calls(loop, repeats, torch.device("cpu"))
+    times = alternating_times({"torchstain": loop}, repeats)["torchstain"]
     from importlib.metadata import version
 
     return {"method": f"torchstain {version('torchstain')} torch", "size": int(batch.shape[-1]),

@@ -40,6 +40,28 @@ def median_time(fn: Callable[[], None], repeats: int, warmup: int = 1, sync: Cal
     return statistics.median(times)
 
 
+def alternating_times(fns: dict[str, Callable[[], object]], repeats: int,
+                      sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Wall times of each of ``fns`` over ``repeats`` rounds, calling them in turn in every round.
+
+    One warm-up call each first. Taking turns makes a change in machine load
+    hit every function alike, so ratios of their medians stay meaningful on a
+    shared machine.
+    """
+    sync = sync or (lambda: None)
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
