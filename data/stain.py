@@ -103,6 +103,7 @@ class _BatchNormalizer:
             raise ValueError("fit needs at least one image")
         pixels = torch.cat([_pixels_of(im) for im in images], dim=1)
         self._fit_pixels(pixels)
+        self._local.__dict__.pop("buffers", None)  # scratch sized for the reference, not for patches
         return self
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
