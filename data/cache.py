@@ -32,7 +32,7 @@ from data.stain import build_normalizer
 from data.tissue import tissue_mask
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: Macenko with two search passes and the OD table
 
 
 def default_cache_root() -> Path:

@@ -18,7 +18,7 @@ from data.cache import CacheSpec, build_hospital
 from data.files import write_atomic
 from data.datasets import SkipReport, load_records
 from data.patches import PatchSpec
-from data.sites import write_site_profiles
+from data.sites import MAX_SITE_SHIFT, write_site_profiles
 from data.splits import count_table, hospital_names, partition, split_by_patient, write_splits_csv
 
 log = logging.getLogger("data.prepare")
@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--site-shift", type=float, default=0.0,
                    help="simulated lab differences per hospital (data.sites): 0 = off, 1 = a typical spread")
     args = p.parse_args(argv)
-    if not args.site_shift >= 0:
-        p.error(f"--site-shift must be >= 0, got {args.site_shift}")
+    if not 0 <= args.site_shift <= MAX_SITE_SHIFT:
+        p.error(f"--site-shift must lie in [0, {MAX_SITE_SHIFT:g}], got {args.site_shift}")
     return args
 
 

@@ -12,16 +12,19 @@ simulated hospitals see the same tissue through different labs.
 An image is changed in the order a slide is made and read:
 
 1. Stain (Beer-Lambert): the image's optical density ``OD = -ln((I + 1) / 256)``
-   is unmixed with Ruifrok & Johnston's (2001) haematoxylin, eosin and
-   residual vectors, and mixed back with the lab's own haematoxylin and eosin
-   vectors (turned by a few degrees) and dye strengths.
+   is unmixed into Ruifrok & Johnston's (2001) haematoxylin and eosin vectors
+   and a residual (their cross product), and mixed back with the lab's own
+   haematoxylin and eosin vectors (turned by a few degrees) and dye strengths;
+   the residual is kept.
 2. Light: the transmitted light is scaled by ``brightness``.
 3. Focus: Gaussian blur of ``blur_sigma`` pixels.
 4. Compression: JPEG re-encoding at ``jpeg_quality``.
 
 A profile is drawn from ``(seed, hospital name, strength)`` alone, so every
 rank, run and cache build gives one hospital the same lab. Strength 0 is no
-change at all; strength 1 is a typical spread between labs.
+change at all; strength 1 is a typical spread between labs; 4 is the most
+allowed. Any strength above 0 re-encodes as JPEG (quality 95 at the
+smallest strengths).
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ from data.files import write_atomic
 STANDARD_HAEMATOXYLIN = (0.65, 0.70, 0.29)
 STANDARD_EOSIN = (0.07, 0.99, 0.11)
 _SITE_STREAM = 21  # random-stream tag of site profiles (the generator uses 11-13)
+#: Largest strength: at 4 stains turn by up to 32 degrees and JPEG quality bottoms out.
+MAX_SITE_SHIFT = 4.0
 
 # Ranges at strength 1 (each scales linearly with strength).
 _MAX_TURN_DEGREES = 8.0  # stain-vector rotation, drawn in [0.25, 1] x this
@@ -111,8 +116,8 @@ class SiteProfile:
         a profile does not depend on which other hospitals exist; strength
         scales every departure from standard H&E.
         """
-        if not strength >= 0:
-            raise ValueError(f"site strength must be >= 0, got {strength}")
+        if not 0 <= strength <= MAX_SITE_SHIFT:  # also refuses NaN and infinity
+            raise ValueError(f"site strength must lie in [0, {MAX_SITE_SHIFT:g}], got {strength}")
         if strength == 0:
             return cls()
         rng = np.random.default_rng([seed, _SITE_STREAM, zlib.crc32(hospital.encode("utf-8"))])

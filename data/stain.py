@@ -12,6 +12,7 @@ counted in the normalizer's ``num_degenerate``; no output is ever NaN.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -74,16 +75,18 @@ class _BatchNormalizer:
         self.min_pixels = min_pixels
         self.workers = workers
         self.num_degenerate = 0
-        self._local = threading.local()  # scratch buffers, one set per thread
+        self._local = threading.local()  # CPU scratch buffers, one set per thread
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool), made on first use
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        del state["_local"]  # scratch is rebuilt where the normalizer lands
+        del state["_local"], state["_pool"]  # threads and scratch are rebuilt where the normalizer lands
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+        self._pool = None
 
     def fit(self, image: ImageLike | Sequence[ImageLike]) -> "_BatchNormalizer":
         """Take the reference from an image, or from the pooled pixels of a list of images.
@@ -107,21 +110,29 @@ class _BatchNormalizer:
         return self
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """Normalize a uint8 batch (B, 3, H, W); returns a new uint8 batch on the same device."""
+        """Normalize a uint8 batch (B, 3, H, W); returns a new uint8 batch on the same device.
+
+        One call at a time per normalizer: concurrent calls from several
+        threads would share its scratch and its ``num_degenerate`` count.
+        """
         _check_batch(batch)
         out = torch.empty_like(batch)
         spans = self._spans(batch)
-        if len(spans) > 1 and self.workers > 1 and not batch.is_cuda:
+        inference = torch.is_inference_mode_enabled()  # like grad mode, it is per thread
+
+        def run(span: slice) -> int:
+            with torch.inference_mode(inference), torch.no_grad():
+                return self._normalize_span(batch, out, span)
+
+        if len(spans) > 1 and self.workers > 1 and batch.device.type == "cpu":
             # Chunks on CPU threads at once: while one runs its many small per-image
             # statistics ops, the other keeps the cores busy (+15% on 2 cores).
-            with ThreadPoolExecutor(min(self.workers, len(spans)), thread_name_prefix="stain") as pool:
-                degenerate = list(pool.map(lambda span: self._normalize_span(batch, out, span), spans))
+            degenerate = list(self._thread_pool().map(run, spans))
         else:
-            degenerate = [self._normalize_span(batch, out, span) for span in spans]
+            degenerate = [run(span) for span in spans]
         self.num_degenerate += sum(degenerate)
         return out
 
-    @torch.no_grad()  # grad mode is per thread: set here, where the chunks run
     def _normalize_span(self, batch: torch.Tensor, out: torch.Tensor, span: slice) -> int:
         """Normalize ``batch[span]`` into ``out[span]``; returns how many images were degenerate."""
         chunk, target = batch[span].contiguous(), out[span]
@@ -134,9 +145,19 @@ class _BatchNormalizer:
         """The chunks of a batch: at most ``chunk_size`` images, and at least one per CPU worker."""
         count = batch.shape[0]
         step = self._chunk_for(batch)
-        if not batch.is_cuda and self.workers > 1:
+        if batch.device.type == "cpu" and self.workers > 1:
             step = min(step, max(1, -(-count // self.workers)))
         return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        """The normalizer's worker threads, kept between calls so that their scratch is too.
+
+        A process forked after the pool was made (a DataLoader worker) has
+        none of its threads, so each process makes its own.
+        """
+        if self._pool is None or self._pool[0] != os.getpid():
+            self._pool = (os.getpid(), ThreadPoolExecutor(self.workers, thread_name_prefix="stain"))
+        return self._pool[1]
 
     def normalize_image(self, image: np.ndarray) -> np.ndarray:
         """Normalize one uint8 HxWx3 numpy image; returns uint8 HxWx3."""
@@ -161,11 +182,14 @@ class _BatchNormalizer:
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A reusable scratch tensor of the given shape (contents undefined).
 
-        Chunks take megabytes of scratch per step; keeping it between chunks
-        and calls saves reallocating (and, on CPU, re-faulting) that memory.
-        Each thread has its own set.
+        On CPU, chunks take megabytes of scratch per step; keeping it between
+        chunks and calls saves reallocating and re-faulting that memory. Each
+        thread has its own set. Other devices allocate afresh: their caching
+        allocators already recycle memory, and held scratch would cost GPU memory.
         """
         numel = math.prod(shape)
+        if torch.device(device).type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
         buffers = getattr(self._local, "buffers", None)
         if buffers is None:
             buffers = self._local.buffers = {}
@@ -485,7 +509,9 @@ def _stain_plane(
     """
     weight = keep.unsqueeze(1).to(od.dtype)
     n = count.clamp(min=2).to(od.dtype)[:, None, None]
-    mean = od @ weight.transpose(1, 2) / n  # (B, 3, 1) masked means, without a masked copy of od
+    # per-row sums, not a matrix product: a product's rounding varies with the batch size,
+    # and one image's result must not depend on the images beside it
+    mean = torch.mul(od, weight, out=scratch).sum(-1, keepdim=True) / n  # (B, 3, 1) masked means
     centred = torch.sub(od, mean, out=scratch).mul_(weight)  # the centring is kept exact: see the guards
     cov = centred @ centred.transpose(1, 2) / (n - 1)
     finite = torch.isfinite(cov).all(dim=(1, 2))
@@ -575,8 +601,8 @@ def _search_percentile(
     at the q-th percentile of ``sample`` (R, n), a subset of each row, steps
     once along the slope of the sample's tail, then takes secant steps; each of
     the ``passes`` counts one pass. Steps stay between the sample's
-    (q - 1.5)-th percentile and its maximum. Typical relative error with 3
-    passes: 1e-3.
+    (q - 1.5)-th percentile and its maximum. Relative error on 224 px H&E
+    crops with 2 passes (the default): median 1e-3, worst 1.5e-2.
     """
     n = values.shape[-1]
     goal = _tail_level(n, q)

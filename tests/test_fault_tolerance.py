@@ -180,6 +180,7 @@ def test_two_launches_form_one_group_of_four(cache, tmp_path):
     (["--mode", "sideways"], "train.mode = 'sideways' is not allowed; choose one of: federated, centralized"),
     (["--set", "train.nope=1"], "unknown setting train.nope"),
     (["--set", 'train.simulate_crash="H2"'], "must look like HOSPITAL:ROUND"),
+    (["--set", "data.site_shift=5"], "data.site_shift = 5.0 must lie in [0, 4]"),
 ])
 def test_bad_settings_give_one_line_and_exit_code(args, message, cache, tmp_path, capfd, monkeypatch):
     # In-process: the same main() a rank runs, without paying for a new interpreter per case.

@@ -118,20 +118,22 @@ def test_bad_input_and_strength():
         SiteProfile(h_gain=2.0).apply(np.zeros((4, 4), np.uint8))
     with pytest.raises(ValueError, match="uint8 HxWx3"):
         SiteProfile(h_gain=2.0).apply(np.zeros((4, 4, 3), np.float32))
-    with pytest.raises(ValueError, match=">= 0"):
-        SiteProfile.for_hospital(0, "H1", -1.0)
+    for bad in (-1.0, math.inf, math.nan, 4.5):
+        with pytest.raises(ValueError, match="must lie in"):
+            SiteProfile.for_hospital(0, "H1", bad)
+    strongest = SiteProfile.for_hospital(0, "H1", 4.0)  # the largest allowed strength still works
+    assert 1 <= strongest.jpeg_quality <= 95 and strongest.h_gain > 0
 
 
 def _pooled_records(root: Path, crops: list[np.ndarray]) -> list[ImageRecord]:
-    """The same four images given to each of two hospitals, as a pooled dataset cut in two would."""
+    """The same four image files given to each of two hospitals: any difference between them is the labs'."""
+    root.mkdir(parents=True, exist_ok=True)
     records = []
-    for hospital in ("H1", "H2"):
-        for i, crop in enumerate(crops):
-            path = root / hospital / f"img{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(crop).save(path)
-            records.append(ImageRecord(str(path), label=i % 3, patient=f"{hospital}-{i}", hospital=hospital,
-                                       split="train"))
+    for i, crop in enumerate(crops):
+        path = root / f"img{i}.png"
+        Image.fromarray(crop).save(path)
+        records += [ImageRecord(str(path), label=i % 3, patient=f"{h}-{i}", hospital=h, split="train")
+                    for h in ("H1", "H2")]
     return records
 
 
@@ -152,17 +154,23 @@ def test_site_shift_separates_hospitals_and_normalization_narrows_it(tmp_path, h
     without = _hospital_gap(records, tmp_path / "cache", "none", 0.0)
     shifted = _hospital_gap(records, tmp_path / "cache", "none", 1.0)
     normalized = _hospital_gap(records, tmp_path / "cache", "macenko", 1.0)
-    assert shifted > 3 * without + 0.02  # the labs really differ
+    assert without == 0.0  # same files, same patches: nothing tells the hospitals apart
+    assert shifted > 0.1  # the labs do
     assert normalized < 0.5 * shifted  # and stain normalization removes most of it
 
 
-def test_prepare_writes_site_profiles(tmp_path, he_crops):
+def test_prepare_writes_site_profiles(tmp_path, he_crops, capsys):
     from data.prepare import main
 
-    records = _pooled_records(tmp_path / "images", he_crops)
+    rows = []
+    for hospital in ("H1", "H2"):  # a manifest lists each file once, so each hospital gets its own copies
+        for i, crop in enumerate(he_crops):
+            path = tmp_path / hospital / f"img{i}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(crop).save(path)
+            rows.append(f"{path},{i % 3},{hospital}-{i},{hospital}\n")
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text("path,label,patient,hospital\n" + "".join(
-        f"{r.path},{r.label},{r.patient},{r.hospital}\n" for r in records))
+    manifest.write_text("path,label,patient,hospital\n" + "".join(rows))
     args = ["--data", str(manifest), "--out", str(tmp_path / "cache"), "--hospitals", "2", "--split", "1", "0", "0",
             "--context-size", "96", "--detail-size", "64", "--context-fov", "128", "--site-shift", "1"]
     assert main(args) == 0
@@ -170,6 +178,7 @@ def test_prepare_writes_site_profiles(tmp_path, he_crops):
     assert set(saved["hospitals"]) == {"H1", "H2"} and saved["site_shift"] == 1.0
     assert SiteProfile(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["hospitals"]["H2"].items()}) \
         == SiteProfile.for_hospital(0, "H2", 1.0)
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args[:-1], "-0.5"])
-    assert exit_info.value.code == 2
+    for bad in ("-0.5", "inf"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args[:-1], bad])
+        assert exit_info.value.code == 2 and "--site-shift must lie in [0, 4]" in capsys.readouterr().err

@@ -195,6 +195,17 @@ def test_concurrent_chunks_match_one_at_a_time(crops: list[np.ndarray], kind: st
         build_normalizer(kind, workers=0)
 
 
+def test_pixels_do_not_depend_on_chunking_or_inference_mode(crops: list[np.ndarray]) -> None:
+    # One image's result must not depend on the images batched with it, nor on the caller's autograd mode
+    # (worker threads do not inherit it).
+    batch = _batch(crops * 3)
+    alone = Macenko(chunk_size=1, workers=1).normalize(batch)
+    norm = Macenko()  # default chunks, cut differently on the worker threads
+    assert torch.equal(norm.normalize(batch), alone)
+    with torch.inference_mode():
+        assert torch.equal(norm.normalize(batch), alone)
+
+
 def test_degenerate_estimates_are_finite() -> None:
     he, max_c, valid = Macenko().stain_matrix(_batch(_degenerate_images()))
     assert not valid.any()
