@@ -11,10 +11,11 @@ counted in the normalizer's ``num_degenerate``; no output is ever NaN.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import os
+import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Union
 
@@ -75,18 +76,18 @@ class _BatchNormalizer:
         self.min_pixels = min_pixels
         self.workers = workers
         self.num_degenerate = 0
-        self._local = threading.local()  # CPU scratch buffers, one set per thread
-        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool), made on first use
+        self._local = threading.local()  # the scratch set the current thread works in
+        self._free_scratch: queue.SimpleQueue[dict[str, torch.Tensor]] = queue.SimpleQueue()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        del state["_local"], state["_pool"]  # threads and scratch are rebuilt where the normalizer lands
+        del state["_local"], state["_free_scratch"]  # scratch is rebuilt where the normalizer lands
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
-        self._pool = None
+        self._free_scratch = queue.SimpleQueue()
 
     def fit(self, image: ImageLike | Sequence[ImageLike]) -> "_BatchNormalizer":
         """Take the reference from an image, or from the pooled pixels of a list of images.
@@ -105,8 +106,7 @@ class _BatchNormalizer:
         if not images:
             raise ValueError("fit needs at least one image")
         pixels = torch.cat([_pixels_of(im) for im in images], dim=1)
-        self._fit_pixels(pixels)
-        self._local.__dict__.pop("buffers", None)  # scratch sized for the reference, not for patches
+        self._fit_pixels(pixels)  # outside a scratch set: a reference's temporaries are not kept
         return self
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
@@ -121,13 +121,15 @@ class _BatchNormalizer:
         inference = torch.is_inference_mode_enabled()  # like grad mode, it is per thread
 
         def run(span: slice) -> int:
-            with torch.inference_mode(inference), torch.no_grad():
+            with self._scratch_set(), torch.inference_mode(inference), torch.no_grad():
                 return self._normalize_span(batch, out, span)
 
         if len(spans) > 1 and self.workers > 1 and batch.device.type == "cpu":
             # Chunks on CPU threads at once: while one runs its many small per-image
-            # statistics ops, the other keeps the cores busy (+15% on 2 cores).
-            degenerate = list(self._thread_pool().map(run, spans))
+            # statistics ops, the other keeps the cores busy. The threads end with the
+            # call: idle OpenMP teams of kept threads would spin against the caller's work.
+            with ThreadPoolExecutor(min(self.workers, len(spans)), thread_name_prefix="stain") as pool:
+                degenerate = list(pool.map(run, spans))
         else:
             degenerate = [run(span) for span in spans]
         self.num_degenerate += sum(degenerate)
@@ -149,15 +151,23 @@ class _BatchNormalizer:
             step = min(step, max(1, -(-count // self.workers)))
         return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
-    def _thread_pool(self) -> ThreadPoolExecutor:
-        """The normalizer's worker threads, kept between calls so that their scratch is too.
+    @contextlib.contextmanager
+    def _scratch_set(self) -> Iterator[None]:
+        """Let the current thread work in a free set of scratch buffers, kept for later calls.
 
-        A process forked after the pool was made (a DataLoader worker) has
-        none of its threads, so each process makes its own.
+        There are as many sets as chunks ever ran at once, so threads of
+        different calls reuse the same memory.
         """
-        if self._pool is None or self._pool[0] != os.getpid():
-            self._pool = (os.getpid(), ThreadPoolExecutor(self.workers, thread_name_prefix="stain"))
-        return self._pool[1]
+        try:
+            buffers = self._free_scratch.get_nowait()
+        except queue.Empty:
+            buffers = {}
+        self._local.buffers = buffers
+        try:
+            yield
+        finally:
+            self._local.buffers = None
+            self._free_scratch.put(buffers)
 
     def normalize_image(self, image: np.ndarray) -> np.ndarray:
         """Normalize one uint8 HxWx3 numpy image; returns uint8 HxWx3."""
@@ -184,15 +194,14 @@ class _BatchNormalizer:
 
         On CPU, chunks take megabytes of scratch per step; keeping it between
         chunks and calls saves reallocating and re-faulting that memory. Each
-        thread has its own set. Other devices allocate afresh: their caching
-        allocators already recycle memory, and held scratch would cost GPU memory.
+        running chunk has a set of its own (``_scratch_set``). Outside one, and
+        on other devices, tensors are allocated afresh: GPU caching allocators
+        already recycle memory, and held scratch would cost GPU memory.
         """
         numel = math.prod(shape)
-        if torch.device(device).type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=device)
         buffers = getattr(self._local, "buffers", None)
-        if buffers is None:
-            buffers = self._local.buffers = {}
+        if buffers is None or torch.device(device).type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
         buf = buffers.get(name)
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
             buf = torch.empty(numel, dtype=dtype, device=device)
