@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from data.cache import CacheSpec, build_hospital
-from data.files import write_atomic
 from data.datasets import SkipReport, load_records
+from data.files import write_atomic
 from data.patches import PatchSpec
 from data.sites import MAX_SITE_SHIFT, write_site_profiles
 from data.splits import count_table, hospital_names, partition, split_by_patient, write_splits_csv

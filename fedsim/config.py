@@ -20,6 +20,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from data.sites import MAX_SITE_SHIFT
+
 
 class ConfigError(ValueError):
     """An invalid setting; the message names the field and what is allowed."""
@@ -108,8 +110,9 @@ class DataConfig:
         _choice("data.stain", self.stain, ("macenko", "reinhard", "none"))
         _at_least("data.num_hospitals", self.num_hospitals, 0)
         _at_least("data.dirichlet_alpha", self.dirichlet_alpha, 0.0, inclusive=False)
-        if not 0 <= self.site_shift <= 4:
-            raise ConfigError(f"data.site_shift = {self.site_shift!r} must lie in [0, 4] (0 = off, 1 = typical)")
+        if not 0 <= self.site_shift <= MAX_SITE_SHIFT:
+            raise ConfigError(f"data.site_shift = {self.site_shift!r} must lie in [0, {MAX_SITE_SHIFT:g}] "
+                              "(0 = off, 1 = typical)")
         if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6:
             raise ConfigError(f"data.split = {self.split} must be three non-negative fractions summing to 1")
         for name in ("context_size", "detail_size", "context_fov", "patches_per_image", "eval_patches_per_image"):
