@@ -111,7 +111,7 @@ def _write_arrays(records: Sequence[ImageRecord], spec: CacheSpec, folder: Path,
     capacity = max(1, len(records) * k)
     contexts = np.lib.format.open_memmap(folder / "context.npy", "w+", np.uint8, (capacity, p.context_size, p.context_size, 3))
     details = np.lib.format.open_memmap(folder / "detail.npy", "w+", np.uint8, (capacity, p.detail_size, p.detail_size, 3))
-    normalizer = _fitted_normalizer(spec)
+    normalizer = fitted_normalizer(spec.stain, spec.stain_reference)
     meta, count = [], 0
     for index, rec in enumerate(tqdm(records, desc=f"caching {name}", disable=None if progress else True, leave=False)):
         pairs = _image_pairs(rec, spec, normalizer, report)
@@ -127,10 +127,11 @@ def _write_arrays(records: Sequence[ImageRecord], spec: CacheSpec, folder: Path,
     (folder / "patches.json").write_text(json.dumps({"count": count, "stain_degenerate": degenerate, "patches": meta}))
 
 
-def _fitted_normalizer(spec: CacheSpec):
-    normalizer = build_normalizer(spec.stain)
-    if normalizer is not None and spec.stain_reference:
-        normalizer.fit(load_rgb(spec.stain_reference))
+def fitted_normalizer(stain: str, reference: str = ""):
+    """The stain normalizer named ``stain`` (None for "none"), fitted to the image file ``reference`` if given."""
+    normalizer = build_normalizer(stain)
+    if normalizer is not None and reference:
+        normalizer.fit(load_rgb(reference))
     return normalizer
 
 

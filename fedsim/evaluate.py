@@ -85,12 +85,11 @@ def _data_root(cfg, hospitals: int) -> Path:
 def levels(dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> dict[str, dict[str, Any]]:
     """Labels, probabilities and metadata at patch level and at image level (patch probabilities averaged)."""
     meta = [dataset.meta[i] for i in idx]
-    field = lambda rows, key: [r[key] for r in rows]  # noqa: E731
     patch = {"y": np.asarray(labels), "probs": probs, "meta": meta}
     image_probs, order = metrics.aggregate_image_probs(probs, [m["image"] for m in meta])
     first = {m["image"]: m for m in reversed(meta)}
     rows = [first[i] for i in order]
-    image = {"y": np.asarray(field(rows, "label")), "probs": image_probs, "meta": rows}
+    image = {"y": np.asarray([r["label"] for r in rows]), "probs": image_probs, "meta": rows}
     return {"image": image, "patch": patch}
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler
 
-from data.cache import CachedPairs, collate_batch
+from data.cache import CachedPairs, collate_batch, fitted_normalizer
 from fedsim import checkpoint, metrics
 from fedsim.aggregate import allreduce_mean_, fedavg
 from fedsim.client import StepSettings, local_proximal, make_optimizer, predict, train_epoch
@@ -26,7 +26,7 @@ from fedsim.config import ConfigError, RunConfig
 from fedsim.datasetup import DataPlan, HospitalData, plan_data, write_data_report
 from fedsim.dist import DistInfo, HungRanks, broadcast_object, broadcast_weights, gather_figures, wait_for_all
 from fedsim.drift import DriftTracker
-from fedsim.evaluate import summaries
+from fedsim.evaluate import levels, summaries
 from fedsim.flat import flatten, is_batchnorm
 from fedsim.logger import RunLogger, format_round, write_json
 from fedsim.seeding import derive_seed, generator
@@ -357,15 +357,7 @@ def _step_settings(cfg: RunConfig, info: DistInfo) -> StepSettings:
 
 def _device_normalizer(cfg: RunConfig):
     """The stain normalizer used per batch when data.stain_on_device is set."""
-    if not cfg.data.stain_on_device or cfg.data.stain == "none":
-        return None
-    from data.images import load_rgb
-    from data.stain import build_normalizer
-
-    normalizer = build_normalizer(cfg.data.stain)
-    if cfg.data.stain_reference:
-        normalizer.fit(load_rgb(cfg.data.stain_reference))
-    return normalizer
+    return fitted_normalizer(cfg.data.stain, cfg.data.stain_reference) if cfg.data.stain_on_device else None
 
 
 def _checksum(values: torch.Tensor) -> list[float]:
@@ -389,14 +381,11 @@ def _global_figures(clients: list[dict[str, Any]], total: int) -> dict[str, Any]
 def image_level(dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray,
                 num_classes: int) -> dict[str, Any]:
     """Image-level accuracy and confusion matrix: each image's patch probabilities averaged."""
-    images = [dataset.meta[i]["image"] for i in idx]
-    if not images:
+    if len(idx) == 0:
         return {"accuracy": None, "n": 0, "confusion_matrix": None}
-    image_probs, order = metrics.aggregate_image_probs(probs, images)
-    first = {img: labels[k] for k, img in reversed(list(enumerate(images)))}
-    y = np.array([first[img] for img in order])
-    cm = metrics.confusion_matrix(y, image_probs.argmax(1), num_classes)
-    return {"accuracy": metrics.accuracy(cm), "n": len(y), "confusion_matrix": cm.tolist()}
+    image = levels(dataset, probs, labels, idx)["image"]
+    cm = metrics.confusion_matrix(image["y"], image["probs"].argmax(1), num_classes)
+    return {"accuracy": metrics.accuracy(cm), "n": len(image["y"]), "confusion_matrix": cm.tolist()}
 
 
 def final_report(per_hospital: list[dict[str, Any]], class_names) -> dict[str, Any]:
