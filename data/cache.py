@@ -32,7 +32,7 @@ from data.stain import build_normalizer
 from data.tissue import tissue_mask
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: Macenko with two search passes and the OD table
+CACHE_VERSION = 3  # 2: Macenko with two search passes and the OD table; 3: ties in that search
 
 
 def default_cache_root() -> Path:

@@ -195,6 +195,39 @@ def test_concurrent_chunks_match_one_at_a_time(crops: list[np.ndarray], kind: st
         build_normalizer(kind, workers=0)
 
 
+def test_worker_threads_share_and_restore_the_intra_op_threads(crops: list[np.ndarray], monkeypatch) -> None:
+    # While chunks run on worker threads each gets an equal share of torch's threads; the process-wide
+    # setting comes back when the last of several overlapping calls ends.
+    import threading
+
+    seen: list[int] = []
+    original = Macenko._normalize_span
+
+    def spy(self, batch, out, span):
+        seen.append(torch.get_num_threads())
+        return original(self, batch, out, span)
+
+    monkeypatch.setattr(Macenko, "_normalize_span", spy)
+    batch = _batch(crops)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        expected = Macenko(workers=1).normalize(batch)
+        assert seen == [4]
+        results: list[torch.Tensor] = []
+        callers = [threading.Thread(target=lambda: results.append(Macenko(workers=2).normalize(batch)))
+                   for _ in range(3)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+        assert torch.get_num_threads() == 4
+        assert len(results) == 3 and all(torch.equal(r, expected) for r in results)
+        assert seen[1:] and set(seen[1:]) == {2}  # 4 threads shared by 2 workers
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_pixels_do_not_depend_on_chunking_or_inference_mode(crops: list[np.ndarray]) -> None:
     # One image's result must not depend on the images batched with it, nor on the caller's autograd mode
     # (worker threads do not inherit it).
