@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader, RandomSampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, write_json  # noqa: E402
+from common import alternating_times, machine, write_json  # noqa: E402
 from data.cache import CachedPairs, collate_batch  # noqa: E402
 from fedsim.client import StepSettings, autocast, make_optimizer, prepare_inputs, train_epoch  # noqa: E402
 from fedsim.flat import flatten  # noqa: E402
@@ -74,14 +73,6 @@ def plain_epoch(model, optimizer, batches, settings: StepSettings) -> int:
     return seen
 
 
-def timed(fn, sync) -> float:
-    sync()
-    start = time.perf_counter()
-    samples = fn()
-    sync()
-    return samples / (time.perf_counter() - start)
-
-
 def run(args) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -101,12 +92,15 @@ def run(args) -> dict:
     batches = make_loader(dataset, args)
     fed = lambda: train_epoch(forward, flat, optimizer, batches, anchor, settings, rng).samples  # noqa: E731
     plain = lambda: plain_epoch(forward, optimizer, batches, settings)  # noqa: E731
-    fed(), plain()  # warm-up: cudnn autotuning, compilation, worker start, page cache
-    result = {"plain": [], "federated": [], "loader": []}
-    for _ in range(args.repeats):  # alternate so load changes hit all alike
-        result["plain"].append(timed(plain, sync))
-        result["federated"].append(timed(fed, sync))
-        result["loader"].append(timed(lambda: loader_epoch(batches, settings), sync))
+    epochs = {"plain": plain, "federated": fed, "loader": lambda: loader_epoch(batches, settings)}
+    samples: dict[str, int] = {}
+
+    def counting(name: str):
+        return lambda: samples.__setitem__(name, epochs[name]())
+
+    # in turn, after one warm-up call each (cudnn autotuning, compilation, worker start, page cache)
+    times = alternating_times({name: counting(name) for name in epochs}, args.repeats, sync)
+    result = {name: [samples[name] / t for t in ts] for name, ts in times.items()}
     med = {k: float(np.median(v)) for k, v in result.items()}
     return {**med, "ratio": med["federated"] / med["plain"], "loader_headroom": med["loader"] / med["federated"],
             "samples_per_epoch": args.samples}
