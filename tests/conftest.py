@@ -7,13 +7,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _shared_data() -> Path:
+    """The shared test data: ``$FEDSIM_SHARED_DATA``, else ``shared/data`` beside the repository, else inside it."""
+    candidates = [Path(os.environ["FEDSIM_SHARED_DATA"])] if os.environ.get("FEDSIM_SHARED_DATA") else []
+    candidates += [REPO.parent / "shared" / "data", REPO / "shared" / "data"]
+    return next((folder for folder in candidates if folder.is_dir()), candidates[0])
+
+
+SHARED_DATA = _shared_data()
+#: A real H&E slide region (public domain); tests that need it skip when it is absent.
+HE_SAMPLE = SHARED_DATA / "he_cmu_small_region.jpg"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -88,9 +100,12 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
     return [results[r] for r in range(world)]
 
 
-@pytest.fixture
-def he_image() -> Path:
-    path = SHARED_DATA / "he_cmu_small_region.jpg"
-    if not path.exists():
-        pytest.skip(f"real H&E sample not found at {path}")
-    return path
+@pytest.fixture(scope="session")
+def he_pixels() -> np.ndarray:
+    """The real H&E sample, uint8 HxWx3 (read-only); the test skips when it is absent."""
+    if not HE_SAMPLE.is_file():
+        pytest.skip(f"real H&E sample not found at {HE_SAMPLE}")
+    from PIL import Image
+
+    with Image.open(HE_SAMPLE) as img:
+        return np.asarray(img.convert("RGB"))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import HE_SAMPLE
 from data.datasets import (
     SkipReport,
     grade_from_folder,
@@ -22,16 +23,14 @@ from data.datasets import (
 from data.images import IMAGE_SUFFIXES, BadImage, is_image_name, load_rgb, probe
 from data.records import EXTRA_CLASS_NAMES, GRADE_NAMES, UNKNOWN
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-HE_IMAGE = SHARED / "he_cmu_small_region.jpg"
 _CROPS: list[np.ndarray] = []
 
 
 def _tile(index: int = 0, size: int = 24) -> np.ndarray:
     """A small RGB tile: a crop of the real H&E sample when present, else noise."""
     if not _CROPS:
-        if HE_IMAGE.is_file():
-            with Image.open(HE_IMAGE) as img:
+        if HE_SAMPLE.is_file():
+            with Image.open(HE_SAMPLE) as img:
                 region = np.asarray(img.convert("RGB").crop((800, 800, 1312, 1312)))
             _CROPS.extend(region[y:y + 64, x:x + 64] for y in range(0, 512, 64)
                           for x in range(0, 512, 64))
@@ -265,9 +264,9 @@ def test_load_rgb_converts_modes(tmp_path: Path) -> None:
     assert set(np.unique(load_rgb(tmp_path / "bits.bmp"))) <= {0, 255}
 
 
-@pytest.mark.skipif(not HE_IMAGE.is_file(), reason="shared H&E sample not present")
+@pytest.mark.skipif(not HE_SAMPLE.is_file(), reason="shared H&E sample not present")
 def test_load_rgb_real_he_image() -> None:
-    arr = load_rgb(HE_IMAGE, min_size=512)
+    arr = load_rgb(HE_SAMPLE, min_size=512)
     assert arr.shape == (2967, 2220, 3) and arr.dtype == np.uint8
     assert arr.mean() > 100  # mostly bright background with stained tissue
 

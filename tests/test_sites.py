@@ -17,18 +17,13 @@ from data.records import ImageRecord
 from data.sites import STANDARD_EOSIN, STANDARD_HAEMATOXYLIN, SiteProfile, stain_basis, unit_vector
 from data.stain import Macenko
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "he_cmu_small_region.jpg"
 CORNERS = [(1800, 700), (2200, 900), (2500, 1200), (1500, 800)]
 
 
 @pytest.fixture(scope="module")
-def he_crops() -> list[np.ndarray]:
+def he_crops(he_pixels: np.ndarray) -> list[np.ndarray]:
     """Four 256 x 256 tissue crops of the real H&E sample."""
-    if not SAMPLE.is_file():
-        pytest.skip(f"real H&E sample not found at {SAMPLE}")
-    with Image.open(SAMPLE) as img:
-        image = np.asarray(img.convert("RGB"))
-    return [image[r : r + 256, c : c + 256].copy() for r, c in CORNERS]
+    return [he_pixels[r : r + 256, c : c + 256].copy() for r, c in CORNERS]
 
 
 def _render(amounts: np.ndarray, haematoxylin, eosin, gains=(1.0, 1.0)) -> np.ndarray:

@@ -1,7 +1,6 @@
 """Tests of data.tissue: Otsu threshold, tissue masks and windowed tissue fractions."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,18 +16,12 @@ from data.tissue import (
     window_tissue_fraction,
 )
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "he_cmu_small_region.jpg"
 
 
 @pytest.fixture(scope="module")
-def he_image() -> np.ndarray:
+def he_image(he_pixels: np.ndarray) -> np.ndarray:
     """The real H&E sample, every 4th pixel (about 740 x 555) to keep tests fast."""
-    if not SAMPLE.is_file():
-        pytest.skip(f"real H&E sample not found at {SAMPLE}")
-    from PIL import Image
-
-    with Image.open(SAMPLE) as img:
-        return np.asarray(img.convert("RGB"))[::4, ::4].copy()
+    return he_pixels[::4, ::4].copy()
 
 
 def test_otsu_equals_skimage_on_random_values() -> None:
