@@ -359,14 +359,10 @@ def test_build_normalizer() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cpu_and_gpu_agree() -> None:
+def test_cpu_and_gpu_agree(request: pytest.FixtureRequest) -> None:
     # The real sample when present, else the embedded generator's images: on a GPU this test never skips.
     if HE_SAMPLE.is_file():
-        from PIL import Image
-
-        with Image.open(HE_SAMPLE) as img:
-            image = np.asarray(img.convert("RGB"))
-        crops = [image[r : r + 224, c : c + 224].copy() for r, c in CORNERS]
+        crops = request.getfixturevalue("crops")
     else:
         stain = StainProfile.for_hospital(0, 1)
         crops = [render_image(i % 3, "20x", stain, np.random.default_rng(i), 224) for i in range(8)]
