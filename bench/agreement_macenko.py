@@ -4,7 +4,7 @@ Usage:
     pip install torchstain   # only for this check; fedsim does not depend on it
     python bench/agreement_macenko.py [--crops 80] [--size 224] [--seed 0]
 
-Draws random crops of the real H&E sample in ../shared/data, normalizes each
+Draws random crops of the real H&E sample (see ``common.he_sample``), normalizes each
 with torchstain's ``MacenkoNormalizer(backend="numpy")`` (Io 240, alpha 1,
 beta 0.15, its default HERef and maxCRef, the same as fedsim's) and with
 fedsim's ``Macenko`` (default and ``stride=1``), and prints the mean absolute
@@ -23,11 +23,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from common import he_sample, load_rgb_image  # noqa: E402
 from data.stain import Macenko  # noqa: E402
 from data.tissue import tissue_mask  # noqa: E402
 
-SAMPLE = ROOT.parent / "shared" / "data" / "he_cmu_small_region.jpg"
+SAMPLE = he_sample()
 GROUPS = (0.1, 0.5)  # report crops with at least this tissue fraction
 
 
@@ -45,10 +47,7 @@ def main() -> int:
     if not SAMPLE.is_file():
         print(f"agreement_macenko: error: real H&E sample not found at {SAMPLE}", file=sys.stderr)
         return 2
-    from PIL import Image
-
-    with Image.open(SAMPLE) as img:
-        image = np.asarray(img.convert("RGB"))
+    image = load_rgb_image(SAMPLE)
     rng = np.random.default_rng(args.seed)
     reference = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
     ours = {"default": Macenko(), "stride=1": Macenko(stride=1)}

@@ -3,7 +3,7 @@
 Usage:
     python bench/bench_stain.py [--quick] [--device cpu|cuda] [--json PATH]
 
-Patches come from the real H&E sample in ../shared/data (random tissue-rich
+Patches come from the real H&E sample (``common.he_sample``: random tissue-rich
 crops), or, if it is absent, from synthetic noise-free tissue-like images. For
 Macenko and Reinhard at 224 and 320 px it times ``normalize`` on a whole batch
 and on batches of one (the baseline), in the same run, and prints patches/s
@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import alternating_times  # noqa: E402
+from common import alternating_times, he_sample, load_rgb_image  # noqa: E402
 from data.stain import Macenko, Reinhard  # noqa: E402
 from data.tissue import tissue_mask, window_tissue_fraction  # noqa: E402
 
-SAMPLE = ROOT.parent / "shared" / "data" / "he_cmu_small_region.jpg"
+SAMPLE = he_sample()
 LABELS = {"macenko": "macenko", "exact": "macenko stride=1 (exact)", "reinhard": "reinhard"}
 
 
@@ -42,10 +42,7 @@ def load_crops(count: int, size: int, seed: int = 0) -> tuple[np.ndarray, str]:
     rng = np.random.default_rng(seed)
     if not SAMPLE.is_file():
         return synthetic_crops(count, size, rng), "synthetic"
-    from PIL import Image
-
-    with Image.open(SAMPLE) as img:
-        image = np.asarray(img.convert("RGB"))
+    image = load_rgb_image(SAMPLE)
     step = 8  # centres are chosen on a thumbnail: mostly-tissue windows only
     frac = window_tissue_fraction(tissue_mask(image[::step, ::step]), size // step)
     half = size // (2 * step)

@@ -11,7 +11,29 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def he_sample() -> Path:
+    """The real H&E sample: under ``$FEDSIM_SHARED_DATA``, else ``shared/data`` beside the repository, else inside it.
+
+    The same rule as the tests'; the path may not exist (callers fall back or stop).
+    """
+    env = os.environ.get("FEDSIM_SHARED_DATA")
+    folders = ([Path(env)] if env else []) + [REPO.parent / "shared" / "data", REPO / "shared" / "data"]
+    folder = next((f for f in folders if f.is_dir()), folders[0])
+    return folder / "he_cmu_small_region.jpg"
+
+
+def load_rgb_image(path: Path) -> np.ndarray:
+    """An image file as uint8 HxWx3."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def machine() -> dict:
