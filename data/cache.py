@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from data.datasets import SkipReport
+from data.files import exclusive
 from data.images import BadImage, load_rgb
 from data.patches import NoTissue, PatchSpec, extract_pairs, sample_centres
 from data.records import ImageRecord
@@ -70,9 +71,16 @@ def build_split(records: Sequence[ImageRecord], spec: CacheSpec, root: Path, rep
                 name: str = "", progress: bool = True) -> Path:
     """Cache one hospital's split (reusing a complete cache) and return its folder."""
     folder = split_folder(records, spec, root, name)
-    if (folder / "DONE").exists():
-        _merge_saved_report(folder, report)
-        return folder
+    if not (folder / "DONE").exists():
+        with exclusive(folder):  # ranks or runs sharing the cache: one builds, the others wait
+            if not (folder / "DONE").exists():  # unless it was built while this one waited
+                _build(records, spec, folder, name, progress)
+    _merge_saved_report(folder, report)
+    return folder
+
+
+def _build(records: Sequence[ImageRecord], spec: CacheSpec, folder: Path, name: str, progress: bool) -> None:
+    """Write the split beside ``folder`` and move it in whole, so only complete caches carry DONE."""
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -82,8 +90,6 @@ def build_split(records: Sequence[ImageRecord], spec: CacheSpec, root: Path, rep
     (tmp / "DONE").write_text("ok\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
-    report.merge(local)
-    return folder
 
 
 def build_hospital(records: Sequence[ImageRecord], hospital: str, specs: dict[str, CacheSpec], root: Path,

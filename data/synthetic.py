@@ -59,7 +59,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from data.files import write_atomic
+from data.files import exclusive, write_atomic
 from data.records import GRADE_NAMES, MAGNIFICATIONS
 from data.sites import STANDARD_EOSIN, STANDARD_HAEMATOXYLIN, rotate_vector, unit_vector
 
@@ -1004,6 +1004,15 @@ def generate(root: str | os.PathLike, spec: SyntheticSpec, progress: bool = True
     root = Path(root)
     manifest = root / MANIFEST_NAME
     document = spec_document(spec)
+    if manifest.is_file() and _spec_on_disk(root) == document:
+        return manifest  # finished: no lock needed, so a read-only copy serves too
+    with exclusive(root):  # ranks or runs sharing the cache: one renders, the others wait
+        return _render(root, spec, document, progress)
+
+
+def _render(root: Path, spec: SyntheticSpec, document: dict, progress: bool) -> Path:
+    """``generate`` under the lock: claim the folder, render what is missing, write the manifest last."""
+    manifest = root / MANIFEST_NAME
     resume = _claim(root, document)
     if resume and manifest.is_file():
         return manifest
@@ -1030,11 +1039,7 @@ def _claim(root: Path, document: dict) -> bool:
     """
     spec_path = root / SPEC_NAME
     if spec_path.is_file():
-        try:
-            previous = json.loads(spec_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            previous = None
-        if previous == document:
+        if _spec_on_disk(root) == document:
             return True
         if (root / MANIFEST_NAME).exists():
             raise FileExistsError(f"{root} holds a synthetic dataset of another spec; "
@@ -1046,6 +1051,14 @@ def _claim(root: Path, document: dict) -> bool:
     text = json.dumps(document, indent=2, sort_keys=True) + "\n"
     write_atomic(spec_path, text.encode("utf-8"))
     return False
+
+
+def _spec_on_disk(root: Path) -> dict | None:
+    """The spec document saved in ``root``; None when missing or unreadable."""
+    try:
+        return json.loads((root / SPEC_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _remove_strays(root: Path, keep: set[str]) -> None:

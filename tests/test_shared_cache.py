@@ -1,0 +1,89 @@
+"""Several processes filling the same cache at once (ranks without LOCAL_RANK, runs sharing a cache)."""
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+
+from data.cache import CachedPairs, CacheSpec, build_split
+from data.datasets import SkipReport, load_records
+from data.patches import PatchSpec
+from data.synthetic import SyntheticSpec, generate
+
+WRITERS = 3
+SPEC = SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=2, image_size=128)
+PATCHES = CacheSpec(PatchSpec(64, 48, 96, 0.05), 2, "macenko", "", 0, 0.0)
+
+
+def _generate(root: str, start, results) -> None:
+    start.wait()
+    try:
+        results.put(str(generate(root, SPEC, progress=False)))
+    except BaseException as err:  # noqa: BLE001 - the parent judges
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def _cache(data: str, root: str, start, results) -> None:
+    records, _, _ = load_records(Path(data))
+    start.wait()
+    try:
+        results.put(str(build_split(records, PATCHES, Path(root), SkipReport(), name="h", progress=False)))
+    except BaseException as err:  # noqa: BLE001 - the parent judges
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def _race(target, *args) -> list[str]:
+    """Start WRITERS processes on ``target`` at the same moment; what each returned or raised."""
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Barrier(WRITERS), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, start, results)) for _ in range(WRITERS)]
+    for p in procs:
+        p.start()
+    out = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    return out
+
+
+def test_concurrent_generation_of_one_dataset(tmp_path):
+    root = tmp_path / "synthetic"
+    outcomes = _race(_generate, str(root))
+    assert outcomes == [str(root / "manifest.csv")] * WRITERS
+    alone = generate(tmp_path / "alone", SPEC, progress=False).parent
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg")) == \
+        sorted(p.relative_to(alone).as_posix() for p in alone.rglob("*.jpg"))
+    assert not [p.name for p in root.rglob(".*tmp*")]
+
+
+def test_concurrent_caching_of_one_split(tmp_path):
+    data = generate(tmp_path / "data", SPEC, progress=False).parent
+    outcomes = _race(_cache, str(data), str(tmp_path / "cache"))
+    assert len(set(outcomes)) == 1 and Path(outcomes[0]).is_dir(), outcomes
+    records, _, _ = load_records(data)
+    alone = build_split(records, PATCHES, tmp_path / "alone", SkipReport(), name="h", progress=False)
+    (shared_context, shared_detail), = CachedPairs([Path(outcomes[0])]).arrays()
+    (context, detail), = CachedPairs([alone]).arrays()
+    assert np.array_equal(shared_context, context) and np.array_equal(shared_detail, detail)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == [Path(outcomes[0]).name]
+
+
+def test_exclusive_runs_unlocked_where_the_file_system_has_no_locks(tmp_path, monkeypatch, caplog):
+    import errno
+
+    import data.files as files
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(files.fcntl, "flock", refuse)
+    monkeypatch.setattr(files, "_WARNED", False)
+    ran = []
+    with caplog.at_level("WARNING", logger="data.files"):
+        with files.exclusive(tmp_path / "entry"):
+            ran.append(True)
+        with files.exclusive(tmp_path / "entry"):
+            ran.append(True)
+    assert ran == [True, True]
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot lock files here (No locks available); concurrent writers to one cache may collide"]
