@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -54,12 +54,32 @@ class CacheSpec:
     """Strength of the simulated lab differences applied per hospital (data.sites); 0 = none."""
 
     def digest(self, records: Sequence[ImageRecord]) -> str:
-        """Hash of this spec and the images (path, size, mtime, label)."""
-        h = hashlib.sha256(json.dumps([CACHE_VERSION, asdict(self)], sort_keys=True).encode())
+        """Hash of this spec, the stain reference file and the images (every record field, size, mtime).
+
+        The hospital shapes the pixels (site profiles) and the patient and
+        magnification are stored beside them for evaluation, so all count.
+        """
+        h = hashlib.sha256(json.dumps([CACHE_VERSION, asdict(self), _stamp(self.stain_reference)],
+                                      sort_keys=True).encode())
         for rec in records:
-            st = os.stat(rec.path) if os.path.exists(rec.path) else None
-            h.update(f"{rec.path}|{rec.label}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
+            h.update(json.dumps([*astuple(rec), _stamp(rec.path)]).encode() + b"\n")
         return h.hexdigest()[:16]
+
+
+def _stamp(path: str) -> list[int] | None:
+    """Size and modification time of a file (so an edited file gives a new cache key); None if absent."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return st and [st.st_size, st.st_mtime_ns]
+
+
+def split_specs(patch: PatchSpec, train_patches: int, eval_patches: int, stain: str = "macenko",
+                stain_reference: str = "", seed: int = 0, site_shift: float = 0.0) -> dict[str, CacheSpec]:
+    """The spec of each split: ``train_patches`` pairs per training image, ``eval_patches`` per val/test image."""
+    return {split: CacheSpec(patch, train_patches if split == "train" else eval_patches, stain, stain_reference,
+                             seed, site_shift) for split in ("train", "val", "test")}
 
 
 def split_folder(records: Sequence[ImageRecord], spec: CacheSpec, root: Path, name: str = "") -> Path:
@@ -97,7 +117,7 @@ def build_hospital(records: Sequence[ImageRecord], hospital: str, specs: dict[st
     """Cache every split of one hospital; a split without images is left out (logged).
 
     Raises:
-        ValueError: if the hospital has no training images.
+        ValueError: if the hospital has no training images, or none that gives a patch pair.
     """
     folders = {}
     for split, spec in specs.items():
@@ -107,8 +127,18 @@ def build_hospital(records: Sequence[ImageRecord], hospital: str, specs: dict[st
                 raise ValueError(f"hospital {hospital} has no training images; use fewer hospitals or more data")
             log.warning("hospital %s has no %s images: its %s figures will be empty", hospital, split, split)
             continue
-        folders[split] = build_split(chosen, spec, root, report, name=f"{hospital}-{split}", progress=progress)
+        local = SkipReport()
+        folders[split] = build_split(chosen, spec, root, local, name=f"{hospital}-{split}", progress=progress)
+        report.merge(local)
+        if split == "train" and not _patch_count(folders[split]):
+            reasons = "; ".join(f"{r}: {n}" for r, n in sorted(local.counts.items())) or "no tissue found"
+            raise ValueError(f"hospital {hospital}: none of its {len(chosen)} training images gave a patch pair "
+                             f"({reasons})")
     return folders
+
+
+def _patch_count(folder: Path) -> int:
+    return int(json.loads((folder / "patches.json").read_text())["count"])
 
 
 def _write_arrays(records: Sequence[ImageRecord], spec: CacheSpec, folder: Path, report: SkipReport,

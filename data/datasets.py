@@ -8,6 +8,7 @@ was left out and why.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import os
@@ -107,6 +108,13 @@ def _tokens(name: str) -> list[str]:
     return re.findall(r"[a-z]+|[0-9]+", name.lower())
 
 
+def _split_roman_grade(token: str) -> list[str]:
+    """``gradeiii`` -> ``grade``, ``iii`` (letters and Roman numerals make one token); others unchanged."""
+    if token.startswith("grade") and token[5:] in _GRADE_NUMBERS:
+        return ["grade", token[5:]]
+    return [token]
+
+
 def grade_from_folder(name: str, extras: bool = False) -> int | None:
     """Recognise the class of a folder (or label) name.
 
@@ -115,7 +123,9 @@ def grade_from_folder(name: str, extras: bool = False) -> int | None:
 
     * A grade number is ``1``/``2``/``3`` or the Roman ``i``/``ii``/``iii`` as a whole
       token, counted only right after ``grade``, ``gr`` or ``g`` (so ``Batch_2`` is
-      not a grade, ``III`` never matches ``II``).
+      not a grade, ``III`` never matches ``II``); ``GradeIII`` reads as ``Grade III``.
+      Every number of a run after the prefix counts, so a range (``Grade II-III``)
+      is conflicting evidence.
     * Differentiation words: ``well`` -> 0; ``moderately``/``moderate``/``mod`` -> 1;
       ``poorly``/``poor`` -> 2.
     * The grade is found when the numbers and words present all agree; conflicting
@@ -132,11 +142,12 @@ def grade_from_folder(name: str, extras: bool = False) -> int | None:
         Index into :data:`ALL_CLASS_NAMES` (0-2 for Grades I-III, 3 Normal, 4 Mixed),
         or ``None``.
     """
-    tokens = _tokens(name)
+    tokens = [part for tok in _tokens(name) for part in _split_roman_grade(tok)]
     found = {_DIFF_WORDS[t] for t in tokens if t in _DIFF_WORDS}
-    for prev, tok in zip(tokens, tokens[1:]):
-        if prev in _GRADE_PREFIXES and tok in _GRADE_NUMBERS:
-            found.add(_GRADE_NUMBERS[tok])
+    for i, tok in enumerate(tokens):
+        if tok in _GRADE_PREFIXES:  # every number of a run counts: "Grade II-III" is a conflict, not Grade II
+            for number in itertools.takewhile(lambda t: t in _GRADE_NUMBERS, tokens[i + 1 :]):
+                found.add(_GRADE_NUMBERS[number])
     extra = _MIXED if "mixed" in tokens else _NORMAL if "normal" in tokens else None
     if extra is not None:
         return extra if extras and not found else None

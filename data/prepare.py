@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from data.cache import CacheSpec, build_hospital
+from data.cache import build_hospital, split_specs
 from data.datasets import SkipReport, load_records
 from data.files import write_atomic
 from data.patches import PatchSpec
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patches-per-image", type=int, default=4)
     p.add_argument("--eval-patches-per-image", type=int, default=4)
     p.add_argument("--stain", default="macenko", choices=["macenko", "reinhard", "none"])
-    p.add_argument("--stain-reference", default="", help="image to fit the normalizer to (default: published constants)")
+    p.add_argument("--stain-reference", default="", help="image to fit the normalizer to (default: the built-in reference of data/stain.py)")
     p.add_argument("--site-shift", type=float, default=0.0,
                    help="simulated lab differences per hospital (data.sites): 0 = off, 1 = a typical spread")
     args = p.parse_args(argv)
@@ -67,9 +67,8 @@ def prepare(args: argparse.Namespace) -> dict:
         print("\n".join(write_site_profiles(out / "site_profiles.json", hospital_names(records), args.seed,
                                              args.site_shift)))
     patch = PatchSpec(args.context_size, args.detail_size, args.context_fov, args.min_tissue)
-    specs = {split: CacheSpec(patch, args.patches_per_image if split == "train" else args.eval_patches_per_image,
-                              args.stain, args.stain_reference, args.seed, args.site_shift)
-             for split in ("train", "val", "test")}
+    specs = split_specs(patch, args.patches_per_image, args.eval_patches_per_image, args.stain,
+                        args.stain_reference, args.seed, args.site_shift)
     for hospital in hospital_names(records):
         hospital_report = SkipReport()
         folders = build_hospital(records, hospital, specs, out, hospital_report)

@@ -120,8 +120,8 @@ def _check_fractions(fractions: Sequence[float]) -> list[float]:
     if len(fractions) != len(SPLITS):
         raise ValueError(f"fractions needs {len(SPLITS)} values (train, val, test), "
                          f"got {fractions}")
-    if any(f < 0 for f in fractions) or fractions[0] <= 0:
-        raise ValueError(f"fractions must be >= 0 with a positive train share, got {fractions}")
+    if not all(math.isfinite(f) and f >= 0 for f in fractions) or fractions[0] <= 0:
+        raise ValueError(f"fractions must be finite and >= 0 with a positive train share, got {fractions}")
     total = float(sum(fractions))
     return [f / total for f in fractions]
 

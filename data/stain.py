@@ -35,6 +35,11 @@ MACENKO_BETA = 0.15  # optical-density threshold for "transparent" pixels
 MACENKO_MAX_C_PERCENTILE = 99.0
 MACENKO_HE_REF = ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581))
 MACENKO_MAX_C_REF = (1.9705, 1.0308)
+# Reinhard's default target, CIE-LAB mean and std over tissue (L* < 88): those of the public-domain
+# H&E region "CMU-1-Small-Region" (OpenSlide test data, CC0) after Macenko normalization to the
+# reference above (stride 1), so that both methods aim at the same colours unless fitted.
+REINHARD_MEAN_REF = (56.7218, 22.1164, -9.5896)
+REINHARD_STD_REF = (18.7588, 6.3484, 5.2087)
 
 # sRGB (D65) <-> CIE XYZ, with the constants of skimage.color (rgb2xyz, xyz2lab).
 _XYZ_FROM_RGB = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
@@ -406,7 +411,9 @@ class Reinhard(_BatchNormalizer):
 
     Each image's L*, a*, b* channels are shifted and scaled so that their mean
     and standard deviation over the image's tissue match the reference's; the
-    same affine map is applied to every pixel. Tissue is every pixel with
+    same affine map is applied to every pixel. Until ``fit`` replaces it the
+    reference is ``REINHARD_MEAN_REF`` / ``REINHARD_STD_REF`` (a real H&E
+    region after Macenko normalization). Tissue is every pixel with
     L* < ``max_lightness`` (default 88: glass background in brightfield H&E
     sits at L* of about 94-98). Lab is CIE-LAB under D65 with skimage's
     constants (``skimage.color.rgb2lab``); the output is rounded to uint8.
@@ -424,12 +431,11 @@ class Reinhard(_BatchNormalizer):
     ) -> None:
         super().__init__(chunk_size, min_pixels, workers)
         self.max_lightness = float(max_lightness)
-        self.target_mean: torch.Tensor | None = None
-        self.target_std: torch.Tensor | None = None
+        self.target_mean = torch.tensor(REINHARD_MEAN_REF, dtype=torch.float32)
+        self.target_std = torch.tensor(REINHARD_STD_REF, dtype=torch.float32)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The fitted reference: ``target_mean`` and ``target_std`` (3,) in Lab."""
-        self._check_fitted()
+        """The reference: ``target_mean`` and ``target_std`` (3,) in Lab."""
         return {"target_mean": self.target_mean.clone(), "target_std": self.target_std.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -458,7 +464,6 @@ class Reinhard(_BatchNormalizer):
         self.target_mean, self.target_std = mean[0].cpu(), std[0].cpu()
 
     def _normalize_chunk(self, chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        self._check_fitted()
         b, c, h, w = chunk.shape
         target_mean, target_std = self.target_mean.to(chunk.device), self.target_std.to(chunk.device)
         valid = torch.empty(b, dtype=torch.bool, device=chunk.device)
@@ -469,10 +474,6 @@ class Reinhard(_BatchNormalizer):
             lab = (lab - mean.unsqueeze(-1)).mul_(gain).add_(target_mean[None, :, None])
             out[part].copy_(lab_to_rgb(lab).view(-1, c, h, w))
         return valid
-
-    def _check_fitted(self) -> None:
-        if self.target_mean is None or self.target_std is None:
-            raise RuntimeError("Reinhard has no reference: call fit() or load_state_dict() first")
 
 
 def build_normalizer(name: str, **kwargs) -> Macenko | Reinhard | None:
@@ -725,7 +726,9 @@ def _pixels_of(image: ImageLike) -> torch.Tensor:
     A torch tensor whose last dimension is 3 is read as HxWx3, else as 3xHxW.
     """
     is_numpy = isinstance(image, np.ndarray)
-    tensor = torch.from_numpy(np.ascontiguousarray(image)) if is_numpy else image
+    if is_numpy:  # a read-only array (e.g. from a decoder) is copied: torch wants writable memory
+        image = np.ascontiguousarray(image) if image.flags.writeable else np.array(image, order="C")
+    tensor = torch.from_numpy(image) if is_numpy else image
     if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 3:
         raise ValueError("expected a uint8 image, HxWx3 (numpy or torch) or 3xHxW (torch)")
     tensor = tensor.detach().cpu()

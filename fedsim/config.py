@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -33,9 +34,9 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 
 
 def _at_least(name: str, value: float, low: float, inclusive: bool = True) -> None:
-    ok = value >= low if inclusive else value > low
+    ok = math.isfinite(value) and (value >= low if inclusive else value > low)
     if not ok:
-        raise ConfigError(f"{name} = {value!r} must be {'>=' if inclusive else '>'} {low}")
+        raise ConfigError(f"{name} = {value!r} must be a finite number {'>=' if inclusive else '>'} {low}")
 
 
 @dataclass(kw_only=True)
@@ -89,7 +90,8 @@ class DataConfig:
     stain: str = "macenko"
     """Stain normalization: macenko, reinhard or none."""
     stain_reference: str = ""
-    """Image to fit the stain normalizer to; empty = the published reference constants."""
+    """Image to fit the stain normalizer to; empty = the built-in reference (Macenko: the published
+    constants; Reinhard: the Lab statistics of a real H&E region after Macenko, see data/stain.py)."""
     site_shift: float = 0.0
     """Simulated lab differences per hospital (stain vectors, dye strength, light, blur, JPEG); 0 = off, 1 = typical."""
     stain_on_device: bool = False
@@ -113,15 +115,20 @@ class DataConfig:
         if not 0 <= self.site_shift <= MAX_SITE_SHIFT:
             raise ConfigError(f"data.site_shift = {self.site_shift!r} must lie in [0, {MAX_SITE_SHIFT:g}] "
                               "(0 = off, 1 = typical)")
-        if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6:
+        if len(self.split) != 3 or not all(math.isfinite(f) and f >= 0 for f in self.split) \
+                or abs(sum(self.split) - 1) > 1e-6:
             raise ConfigError(f"data.split = {self.split} must be three non-negative fractions summing to 1")
         for name in ("context_size", "detail_size", "context_fov", "patches_per_image", "eval_patches_per_image"):
             _at_least(f"data.{name}", getattr(self, name), 1)
         if not 0 <= self.min_tissue <= 1:
             raise ConfigError(f"data.min_tissue = {self.min_tissue} must lie in [0, 1]")
         _at_least("data.num_workers", self.num_workers, 0)
-        if not self.classes:
-            raise ConfigError("data.classes must name at least two classes")
+        if len(self.classes) < 2:
+            raise ConfigError(f"data.classes = {self.classes} must name at least two classes")
+        try:
+            re.compile(self.patient_regex)
+        except re.error as err:
+            raise ConfigError(f"data.patient_regex = {self.patient_regex!r} is not a regular expression: {err}") from None
 
 
 @dataclass(kw_only=True)
@@ -212,6 +219,8 @@ class TrainConfig:
         for name in ("weight_decay", "mu", "mixup_alpha"):
             _at_least(f"train.{name}", getattr(self, name), 0.0)
         _at_least("train.timeout_s", self.timeout_s, 1.0)
+        if self.timeout_s > 1e7:  # timedelta and the stores cap it; 1e7 s is 115 days
+            raise ConfigError(f"train.timeout_s = {self.timeout_s!r} must be at most 1e7 seconds")
         for name in ("simulate_crash", "simulate_hang"):
             value = getattr(self, name)
             if value and not re.fullmatch(r"[^:]+:[1-9][0-9]*", value):

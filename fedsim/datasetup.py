@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.cache import CachedPairs, CacheSpec, build_hospital, default_cache_root, split_folder
+from data.cache import CachedPairs, CacheSpec, build_hospital, default_cache_root, split_folder, split_specs
 from data.datasets import SkipReport, load_records
 from data.patches import PatchSpec
 from data.records import ImageRecord
@@ -129,13 +129,17 @@ def _trained_on(cfg: RunConfig, hospitals: list[str]) -> list[str]:
     return [only]
 
 
-def cache_spec(cfg: RunConfig, split: str) -> CacheSpec:
+def cache_specs(cfg: RunConfig) -> dict[str, CacheSpec]:
+    """The cache spec of every split, from the data settings (the same as ``python -m data.prepare``'s flags)."""
     d = cfg.data
     patch = PatchSpec(d.context_size, d.detail_size, d.context_fov, d.min_tissue)
-    per_image = d.patches_per_image if split == "train" else d.eval_patches_per_image
     stain = "none" if d.stain_on_device else d.stain  # normalized per batch on the device instead
-    return CacheSpec(patch, per_image, stain, "" if d.stain_on_device else d.stain_reference, cfg.train.seed,
-                     d.site_shift)
+    return split_specs(patch, d.patches_per_image, d.eval_patches_per_image, stain,
+                       "" if d.stain_on_device else d.stain_reference, cfg.train.seed, d.site_shift)
+
+
+def cache_spec(cfg: RunConfig, split: str) -> CacheSpec:
+    return cache_specs(cfg)[split]
 
 
 def cache_root(cfg: RunConfig) -> Path:
@@ -148,11 +152,6 @@ def _of(records: list[ImageRecord], hospital: str, split: str) -> list[ImageReco
 
 def _folder(cfg: RunConfig, records: list[ImageRecord], hospital: str, split: str) -> Path:
     return split_folder(_of(records, hospital, split), cache_spec(cfg, split), cache_root(cfg), f"{hospital}-{split}")
-
-
-def cache_specs(cfg: RunConfig) -> dict[str, CacheSpec]:
-    """The cache spec of every split."""
-    return {split: cache_spec(cfg, split) for split in ("train", "val", "test")}
 
 
 def _cache_hospital(cfg: RunConfig, records: list[ImageRecord], hospital: str, index: int, info: DistInfo) -> HospitalData:

@@ -108,7 +108,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def load_pretrained(model: DualStreamNet, path: str | Path) -> None:
     """Load a whole DualStreamNet state dict, or one backbone's weights into every stream."""
     state = read_weights(path)
-    if any(k.startswith(("context.", "detail.", "head.")) for k in state):
+    # Stream prefixes mark a whole model; "head." alone does not (timm ConvNeXt / ViT classifiers are named head).
+    if any(k.startswith(("context.", "detail.")) for k in state):
         model.load_state_dict(state)
         log.info("loaded dual-stream weights from %s", path)
         return

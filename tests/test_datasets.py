@@ -64,6 +64,7 @@ def _save(path: Path, index: int = 0) -> Path:
     ("mixed", None), ("II", None), ("III", None), ("Batch_2", None), ("10x", None),
     ("Grade_1_Poorly", None), ("Grade 4", None), ("images", None), ("", None),
     ("Welldone", None), ("model", None),
+    ("GradeIII", 2), ("gradeii", 1), ("Grade II-III", None), ("Grade 1-2", None), ("Grade_3_2019", 2),
 ])
 def test_grade_from_folder(name: str, expected: int | None) -> None:
     assert grade_from_folder(name) == expected

@@ -172,8 +172,8 @@ def test_two_launches_form_one_group_of_four(cache, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mu", "-1"], "train.mu = -1.0 must be >= 0"),
-    (["--rounds", "0"], "train.rounds = 0 must be >= 1"),
+    (["--mu", "-1"], "train.mu = -1.0 must be a finite number >= 0"),
+    (["--rounds", "0"], "train.rounds = 0 must be a finite number >= 1"),
     (["--backbone", "resnet_nope"], "is not a timm model"),
     (["--data", "/nonexistent/crc-hgd"], "data path does not exist"),
     (["--num-hospitals", "4"], "federated mode runs one rank per hospital"),
@@ -181,6 +181,10 @@ def test_two_launches_form_one_group_of_four(cache, tmp_path):
     (["--set", "train.nope=1"], "unknown setting train.nope"),
     (["--set", 'train.simulate_crash="H2"'], "must look like HOSPITAL:ROUND"),
     (["--set", "data.site_shift=5"], "data.site_shift = 5.0 must lie in [0, 4]"),
+    (["--set", "train.timeout_s=inf"], "train.timeout_s = inf must be a finite number >= 1.0"),
+    (["--set", "data.split=[nan, 0.5, 0.5]"], "must be three non-negative fractions summing to 1"),
+    (["--set", 'data.patient_regex="(P"'], "data.patient_regex = '(P' is not a regular expression"),
+    (["--set", 'data.classes=["Grade I"]'], "must name at least two classes"),
 ])
 def test_bad_settings_give_one_line_and_exit_code(args, message, cache, tmp_path, capfd, monkeypatch):
     # In-process: the same main() a rank runs, without paying for a new interpreter per case.
@@ -197,7 +201,7 @@ def test_bad_settings_give_one_line_and_exit_code(args, message, cache, tmp_path
 def test_bad_setting_exit_code_through_the_interpreter(cache, tmp_path):
     proc = train_single([*SMALL, "--out", str(tmp_path / "run"), "--rounds", "-3"], cache)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "train.py: error: train.rounds = -3 must be >= 1"
+    assert proc.stderr.strip().splitlines()[-1] == "train.py: error: train.rounds = -3 must be a finite number >= 1"
 
 
 def test_world_size_must_match_natural_partition(uninterrupted, cache, tmp_path):

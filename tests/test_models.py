@@ -60,3 +60,20 @@ def test_pretrained_backbone_weights_load_into_both_streams(tmp_path):
     for stream in (model.context, model.detail):
         for key, value in backbone.state_dict().items():
             torch.testing.assert_close(stream.state_dict()[key], value)
+
+
+def test_backbone_weights_with_a_head_named_head_load_into_both_streams(tmp_path):
+    # ConvNeXt keeps its classifier under "head." (head.norm, head.fc): still one backbone's weights
+    import timm
+
+    torch.manual_seed(2)
+    backbone = timm.create_model("test_convnext", pretrained=False)
+    path = tmp_path / "convnext.pt"
+    torch.save(backbone.state_dict(), path)
+    model = build_model("test_convnext", num_classes=3, hidden=8)
+
+    load_pretrained(model, path)
+
+    for stream in (model.context, model.detail):
+        for key, value in stream.state_dict().items():
+            torch.testing.assert_close(value, backbone.state_dict()[key])

@@ -124,6 +124,9 @@ def test_split_rejects_bad_fractions() -> None:
         split_by_patient(_cohort(3), fractions=(0.8, 0.2))
     with pytest.raises(ValueError, match="positive train share"):
         split_by_patient(_cohort(3), fractions=(0.0, 0.5, 0.5))
+    for bad in ((float("nan"), 0.15, 0.15), (0.7, float("inf"), 0.15)):
+        with pytest.raises(ValueError, match="finite"):
+            split_by_patient(_cohort(3), fractions=bad)
 
 
 def test_apportion_sums_and_rounds() -> None:

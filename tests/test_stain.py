@@ -13,6 +13,8 @@ from conftest import HE_SAMPLE
 from data.stain import (
     MACENKO_HE_REF,
     MACENKO_MAX_C_REF,
+    REINHARD_MEAN_REF,
+    REINHARD_STD_REF,
     Macenko,
     Reinhard,
     _masked_percentiles,
@@ -342,8 +344,17 @@ def test_reinhard_batched_equals_one_by_one_and_state_round_trip(crops: list[np.
     restored = Reinhard()
     restored.load_state_dict(norm.state_dict())
     assert torch.equal(restored.normalize(_batch(crops[:2])), batched[:2])
-    with pytest.raises(RuntimeError):
-        Reinhard().normalize(_batch(crops[:1]))
+
+
+def test_reinhard_default_reference_is_the_sample_after_macenko(he_image: np.ndarray) -> None:
+    # The documented derivation of REINHARD_MEAN_REF / REINHARD_STD_REF, redone
+    macenko_look = Macenko(stride=1).normalize(_batch([he_image]))[0].permute(1, 2, 0).numpy()
+    fitted = Reinhard().fit(macenko_look)
+    np.testing.assert_allclose(fitted.target_mean.numpy(), REINHARD_MEAN_REF, atol=1e-3)
+    np.testing.assert_allclose(fitted.target_std.numpy(), REINHARD_STD_REF, atol=1e-3)
+    # and an unfitted normalizer uses it
+    tissue = he_image[1800:2024, 700:924]
+    assert torch.equal(Reinhard().normalize(_batch([tissue])), fitted.normalize(_batch([tissue])))
 
 
 # ---------------------------------------------------------------- factory and devices

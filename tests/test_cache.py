@@ -1,14 +1,17 @@
-"""Several processes filling the same cache at once (ranks without LOCAL_RANK, runs sharing a cache)."""
+"""The patch cache and the synthetic dataset: hospitals that yield nothing, and several processes filling one cache at once."""
 from __future__ import annotations
 
 import multiprocessing as mp
 from pathlib import Path
 
 import numpy as np
+import pytest
+from PIL import Image
 
-from data.cache import CachedPairs, CacheSpec, build_split
+from data.cache import CachedPairs, CacheSpec, build_hospital, build_split, split_specs
 from data.datasets import SkipReport, load_records
 from data.patches import PatchSpec
+from data.records import ImageRecord
 from data.synthetic import SyntheticSpec, generate
 
 WRITERS = 3
@@ -87,3 +90,32 @@ def test_exclusive_runs_unlocked_where_the_file_system_has_no_locks(tmp_path, mo
     assert ran == [True, True]
     assert [r.getMessage() for r in caplog.records] == [
         "cannot lock files here (No locks available); concurrent writers to one cache may collide"]
+
+
+def test_hospital_whose_training_images_give_no_patch_is_one_clear_error(tmp_path):
+    Image.fromarray(np.full((300, 300, 3), 245, np.uint8)).save(tmp_path / "glass.png")
+    records = [ImageRecord(str(tmp_path / "glass.png"), 0, "10x", "P1", "H1", "train")]
+    with pytest.raises(ValueError, match=r"hospital H1: none of its 1 training images gave a patch pair \(.*1"):
+        build_hospital(records, "H1", split_specs(PatchSpec(), 2, 2, "none"), tmp_path / "cache", SkipReport(),
+                       progress=False)
+
+
+def test_cache_key_follows_every_record_field_and_the_reference_file(tmp_path):
+    import dataclasses
+    import os
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    record = ImageRecord(str(image), 0, "10x", "P1", "H1", "test")
+    key = PATCHES.digest([record])
+    for change in ({"label": 1}, {"magnification": "40x"}, {"patient": "P2"}, {"hospital": "H2"}):
+        assert PATCHES.digest([dataclasses.replace(record, **change)]) != key, change
+    # a stain reference image edited in place gives another key
+    reference = tmp_path / "ref.png"
+    reference.write_bytes(b"one")
+    fitted = dataclasses.replace(PATCHES, stain_reference=str(reference))
+    before = fitted.digest([record])
+    reference.write_bytes(b"other")
+    os.utime(reference, ns=(1, 1))
+    assert fitted.digest([record]) != before
+    assert PATCHES.digest([record]) == key
