@@ -40,8 +40,11 @@ def fedavg(model: nn.Module, num_samples: int, group: dist.ProcessGroup | None =
     region = flat.reduced
     backup = region.clone() if num_samples == 0 else None  # only a dropped client pays for a copy
     with torch.no_grad():
-        flat.pack_scratch()
-        region.mul_(float(num_samples))
+        if num_samples:
+            flat.pack_scratch()
+            region.mul_(float(num_samples))
+        else:
+            region.zero_()  # not a multiplication by 0: NaN * 0 is NaN
         dist.all_reduce(region, op=dist.ReduceOp.SUM, group=group)
         total = float(flat.scratch[0].item())
         if total <= 0:

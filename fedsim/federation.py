@@ -128,8 +128,9 @@ class Federation:
         """One communication round."""
         started = time.perf_counter()
         torch.manual_seed(derive_seed(self.cfg.train.seed, r, self.info.rank, "torch"))  # dropout layers
-        anchor = self.flat.params.detach().clone()  # the global weights this round starts from
-        figures = self._local_work(r, anchor)
+        start = self.flat.data.detach().clone()  # the global model this round starts from, statistics included
+        anchor = start[: self.flat.num_params]  # its weights: the FedProx anchor
+        figures = self._local_work(r, start)
         tracker = DriftTracker(self.flat, anchor)
         if self.cfg.train.mode == "federated":
             figures["val_acc_local"] = self._validate(self.client.hospital)["accuracy"]
@@ -149,7 +150,7 @@ class Federation:
             who = f"hospital(s) {', '.join(names)} " if names else ""
             raise HungRanks(err.ranks, f"{who}{err} (raise train.timeout_s if local training is that slow)") from None
 
-    def _local_work(self, r: int, anchor: torch.Tensor) -> dict[str, Any]:
+    def _local_work(self, r: int, start: torch.Tensor) -> dict[str, Any]:
         """Local epochs, unless this client drops out; partial work for a straggler."""
         cfg, hospital = self.cfg.train, self.client.hospital
         figures: dict[str, Any] = {"rank": self.info.rank, "num_samples": self._num_train(), "status": "ok"}
@@ -165,16 +166,16 @@ class Federation:
             if straggles and cfg.local_epochs > 1:
                 epochs = int(chance.integers(1, cfg.local_epochs))
                 figures["status"] = "straggler"
-        figures.update(self._train_epochs(r, epochs, anchor))
+        figures.update(self._train_epochs(r, epochs, start))
         if not figures.pop("finite"):
             figures["status"] = "diverged"
         return figures
 
-    def _train_epochs(self, r: int, epochs: int, anchor: torch.Tensor) -> dict[str, Any]:
+    def _train_epochs(self, r: int, epochs: int, start: torch.Tensor) -> dict[str, Any]:
         cfg = self.cfg.train
         federated = cfg.mode == "federated"
         optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)  # clients keep no state across rounds
-        prox_anchor = anchor if federated and cfg.mu > 0 else None
+        prox_anchor = start[: self.flat.num_params] if federated and cfg.mu > 0 else None
         hook = None if federated or self.info.world_size == 1 else allreduce_mean_
         rng = generator(cfg.seed, r, self.info.rank, "augment")
         # Data order of every epoch of this round follows from (seed, round, client) alone.
@@ -188,11 +189,12 @@ class Federation:
             self._simulate_faults(r)
             if not result.finite:
                 break
-        finite = result.finite and bool(torch.isfinite(self.flat.params).all())
+        finite = result.finite and bool(torch.isfinite(self.flat.data).all())
         if not finite:
-            # A diverged client restarts from the global model and sits this round out.
+            # A diverged client restarts from the global model and sits this round out. Its BatchNorm
+            # statistics went non-finite with the weights (a forward pass in train mode), so all is restored.
             with torch.no_grad():
-                self.flat.params.copy_(anchor)
+                self.flat.data.copy_(start)
             log.warning("local update is not finite (loss %s): contributing weight 0 this round", result.loss)
         return {"epochs": epochs, "train_loss": result.loss if finite else None, "finite": finite,
                 "prox": local_proximal(self.flat, prox_anchor, cfg.mu)}

@@ -29,15 +29,20 @@ def _state_np(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().astype(np.float64) for k, v in model.state_dict().items()}
 
 
-def _aggregate_on_rank(rank: int, world: int, counts: list[int], bn: str):
+def _aggregate_on_rank(rank: int, world: int, counts: list[int], bn: str, poison_dropped: bool = False):
     model = _client_model(rank)
+    if poison_dropped and counts[rank] == 0:  # a diverged client: NaN weights and statistics, weight 0
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.fill_(float("nan"))
     total = fedavg(model, counts[rank], bn=bn)
     return total, _state_np(model)
 
 
 def _expected(counts: list[int]) -> dict[str, np.ndarray]:
-    states = [_state_np(_client_model(r)) for r in range(len(counts))]
-    weights = np.array(counts, dtype=np.float64)
+    states = [_state_np(_client_model(r)) for r, c in enumerate(counts) if c]
+    weights = np.array([c for c in counts if c], dtype=np.float64)
     return {k: sum(w * s[k] for w, s in zip(weights, states)) / weights.sum() for k in states[0]}
 
 
@@ -46,11 +51,11 @@ def _assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
 
 
 def test_fedavg_equals_weighted_mean_with_a_dropped_rank():
-    # Prepare: unequal sample counts, rank 2 dropped out (0 samples)
+    # Prepare: unequal sample counts, rank 2 dropped out (0 samples) with NaN everywhere
     counts = [120, 30, 0]
 
     # Execute
-    results = run_ranks(_aggregate_on_rank, 3, counts, "average")
+    results = run_ranks(_aggregate_on_rank, 3, counts, "average", True)
 
     # Assert: every rank holds the weighted mean of ranks 0 and 1, BatchNorm buffers included
     expected = _expected(counts)

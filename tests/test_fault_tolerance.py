@@ -139,7 +139,9 @@ def test_straggler_does_partial_work(cache, tmp_path):
 
 
 def test_nan_client_is_excluded_and_global_stays_finite(cache, tmp_path):
-    proc = torchrun([*SMALL, "--rounds", "2", "--set", 'train.simulate_nan=["H3"]', "--out", str(tmp_path / "run")], cache)
+    # Two local epochs: the second runs forward passes with the NaN weights, which poison BatchNorm statistics too
+    proc = torchrun([*SMALL, "--rounds", "2", "--local-epochs", "2", "--set", 'train.simulate_nan=["H3"]',
+                     "--out", str(tmp_path / "run")], cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for record in _rounds(tmp_path / "run"):
         _assert_sits_out(record, "H3", "diverged")
