@@ -32,12 +32,23 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 def save_round(state: dict[str, Any], out: str | Path, round_index: int, keep: int) -> Path:
     """Write ``checkpoints/round-NNNN.pt``, point ``checkpoint.pt`` at it, keep the last ``keep``."""
     out = Path(out)
-    path = out / "checkpoints" / f"round-{round_index + 1:04d}.pt"
-    save_atomic(state, path)
+    path = save_keeping_last(state, out / "checkpoints", round_index, keep)
     _link_latest(path, out / "checkpoint.pt")
-    for old in list_rounds(out)[:-keep]:
+    return path
+
+
+def save_keeping_last(state: dict[str, Any], folder: str | Path, round_index: int, keep: int) -> Path:
+    """Write ``folder/round-NNNN.pt`` atomically and delete all but the last ``keep`` round files there."""
+    path = round_path(folder, round_index)
+    save_atomic(state, path)
+    for old in rounds_in(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def round_path(folder: str | Path, round_index: int) -> Path:
+    """``folder/round-NNNN.pt`` of a 0-based round (files count rounds from 1)."""
+    return Path(folder) / f"round-{round_index + 1:04d}.pt"
 
 
 def _link_latest(source: Path, latest: Path) -> None:
@@ -52,8 +63,13 @@ def _link_latest(source: Path, latest: Path) -> None:
 
 
 def list_rounds(out: str | Path) -> list[Path]:
-    """Round checkpoints in round order."""
-    folder = Path(out) / "checkpoints"
+    """A run directory's round checkpoints in round order."""
+    return rounds_in(Path(out) / "checkpoints")
+
+
+def rounds_in(folder: str | Path) -> list[Path]:
+    """The ``round-NNNN.pt`` files of a folder in round order."""
+    folder = Path(folder)
     files = [p for p in folder.glob("round-*.pt") if _ROUND_FILE.search(p.name)] if folder.is_dir() else []
     return sorted(files, key=lambda p: int(_ROUND_FILE.search(p.name).group(1)))
 

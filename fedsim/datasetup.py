@@ -19,7 +19,7 @@ from data.records import ImageRecord
 from data.sites import write_site_profiles
 from data.splits import count_table, hospital_names, partition, split_by_patient, write_splits_csv
 from data.synthetic import SyntheticSpec, default_root, generate
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import ConfigError, RunConfig, save
 from fedsim.dist import DistInfo, barrier
 from fedsim.logger import write_json
 
@@ -104,11 +104,7 @@ def plan_data(cfg: RunConfig, info: DistInfo, out: Path) -> DataPlan:
     hospitals = hospital_names(records)
     trained = _trained_on(cfg, hospitals)
     if info.is_main:
-        write_splits_csv(records, out / "splits.csv", class_names)
         log.info("data: %d images, classes %s\n%s", len(records), ", ".join(class_names), count_table(records, class_names))
-        if cfg.data.site_shift > 0:
-            lines = write_site_profiles(out / "site_profiles.json", hospitals, cfg.train.seed, cfg.data.site_shift)
-            log.info("site profiles (data.site_shift = %g):\n%s", cfg.data.site_shift, "\n".join(lines))
     mine_idx = [info.rank] if cfg.train.mode == "federated" else list(range(info.rank, len(hospitals), info.world_size))
     mine = [_cache_hospital(cfg, records, hospitals[i], i, info) for i in mine_idx]
     if info.is_main and mine:
@@ -159,6 +155,16 @@ def _cache_hospital(cfg: RunConfig, records: list[ImageRecord], hospital: str, i
     data.folders = build_hospital(records, hospital, cache_specs(cfg), cache_root(cfg), data.report,
                                   progress=info.local_rank == 0)
     return data
+
+
+def write_run_files(cfg: RunConfig, plan: DataPlan, out: Path) -> None:
+    """``OUT/config.json``, ``splits.csv`` and (with ``data.site_shift``) ``site_profiles.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    save(cfg, out / "config.json")
+    write_splits_csv(plan.records, out / "splits.csv", plan.class_names)
+    if cfg.data.site_shift > 0:
+        lines = write_site_profiles(out / "site_profiles.json", plan.hospitals, cfg.train.seed, cfg.data.site_shift)
+        log.info("site profiles (data.site_shift = %g):\n%s", cfg.data.site_shift, "\n".join(lines))
 
 
 def write_data_report(out: Path, reports: list[dict]) -> None:

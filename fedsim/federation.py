@@ -23,7 +23,7 @@ from fedsim import checkpoint, metrics
 from fedsim.aggregate import allreduce_mean_, fedavg
 from fedsim.client import StepSettings, local_proximal, make_optimizer, predict, train_epoch
 from fedsim.config import ConfigError, RunConfig
-from fedsim.datasetup import DataPlan, HospitalData, plan_data, write_data_report
+from fedsim.datasetup import DataPlan, HospitalData, plan_data, write_data_report, write_run_files
 from fedsim.dist import DistInfo, HungRanks, broadcast_object, broadcast_weights, gather_figures, wait_for_all
 from fedsim.drift import DriftTracker
 from fedsim.evaluate import levels, summaries
@@ -65,6 +65,8 @@ class Federation:
         self._eval_loaders: dict[str, DataLoader] = {}
         self.logger = RunLogger(self.out, enabled=info.is_main)
         self.start_round = self._maybe_resume()
+        if info.is_main:  # only now: a refused resume leaves the old run's files as they were
+            write_run_files(cfg, self.plan, self.out)
         if self.start_round == 0:
             broadcast_weights(self.flat.data)  # the same seed builds the same model, unless nodes run other builds
         self._report_data()
@@ -100,6 +102,9 @@ class Federation:
         if state.get("config_digest") != self.cfg.digest():
             raise ConfigError(f"{chosen} was written by a run with another config; "
                               f"use a new --out, or the same settings to resume")
+        if state.get("hospitals") != list(self.plan.hospitals):  # e.g. another world size or data.num_hospitals
+            raise ConfigError(f"{chosen} was written by a federation of {', '.join(state.get('hospitals') or ['?'])}; "
+                              f"this run has {', '.join(self.plan.hospitals)}: use a new --out, or the same ranks")
         self.model.load_state_dict(state["model"])  # copies into the flat views, keeping them bound
         self._load_local_state(state["round"])
         start = state["round"] + 1
@@ -268,14 +273,15 @@ class Federation:
         record = {"round": r, "rounds": self.cfg.train.rounds, "mode": self.cfg.train.mode,
                   "clients": all_clients, "global": _global_figures(all_clients, total),
                   "seconds": time.perf_counter() - started}
+        self.logger.log_round(record)  # before the checkpoint: a crash between them repeats the line, never loses it
         self._checkpoint(r)
-        self.logger.log_round(record)
         self.logger.scalar("global/lr", self.cfg.train.lr, r)
         pooled = [np.asarray(m) for g in gathered for m in g["val_cm"] if m is not None]
         if pooled:
             self.logger.confusion_matrix("global/val_confusion_matrix", sum(pooled), self.plan.class_names, r)
-        for g, client in zip(gathered, (g["clients"][0] for g in gathered)):
-            self.logger.histogram(f"client/{client['hospital']}/layer_drift", np.asarray(g["layer_drift"]), r)
+        for rank, g in enumerate(gathered):  # centralized ranks beyond the hospital count hold none
+            name = g["clients"][0]["hospital"] if g["clients"] else f"rank{rank}"
+            self.logger.histogram(f"client/{name}/layer_drift", np.asarray(g["layer_drift"]), r)
         log.info(format_round(record))
 
     def _checkpoint(self, r: int) -> None:
@@ -284,23 +290,27 @@ class Federation:
                  "class_names": list(self.plan.class_names), "hospitals": list(self.plan.hospitals)}
         checkpoint.save_round(state, self.out, r, self.cfg.train.keep_checkpoints)
 
-    def _local_path(self) -> Path:
-        return self.out / "clients" / f"rank{self.info.rank}.pt"
+    def _local_folder(self) -> Path:
+        return self.out / "clients" / f"rank{self.info.rank}"
 
     def _save_local_state(self, r: int) -> None:
-        """Under FedBN each client's BatchNorm tensors are its own: saved by that rank."""
+        """Under FedBN each client's BatchNorm tensors are its own: saved by that rank, one file per round.
+
+        One more file is kept than global checkpoints: a rank writes round r
+        before rank 0 writes the global round r, and a resume may fall back
+        past a corrupt global checkpoint to any one that is kept.
+        """
         if self.cfg.train.bn != "local":
             return
         bn_modules = {name for name, m in self.model.named_modules() if is_batchnorm(m)}
         local = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k.rsplit(".", 1)[0] in bn_modules}
-        checkpoint.save_atomic({"round": r, "model": local}, self._local_path())
+        checkpoint.save_keeping_last({"round": r, "model": local}, self._local_folder(), r,
+                                     self.cfg.train.keep_checkpoints + 1)
 
     def _load_local_state(self, r: int) -> None:
         if self.cfg.train.bn != "local":
             return
-        state = checkpoint.load(self._local_path())
-        if state["round"] != r:
-            raise checkpoint.CheckpointError(f"{self._local_path()} is from round {state['round'] + 1}, not {r + 1}")
+        state = checkpoint.load(checkpoint.round_path(self._local_folder(), r))
         self.model.load_state_dict(state["model"], strict=False)
 
     def _explain(self, hospital: HospitalData, dataset: CachedPairs) -> None:

@@ -6,11 +6,10 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from fedsim.checkpoint import CheckpointError
-from fedsim.config import ConfigError, RunConfig, save
+from fedsim.config import ConfigError, RunConfig
 from fedsim.dist import HungRanks, init_distributed, teardown
 from fedsim.logger import setup_logging
 from models import check_backbone
@@ -57,8 +56,5 @@ def _rank(info) -> str:
 
 
 def _prepare_out(cfg: RunConfig, is_main: bool) -> None:
-    out = Path(cfg.out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save(cfg, out / "config.json")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if is_main:  # config.json and the other run files follow once a resume, if any, is accepted
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)

@@ -189,3 +189,14 @@ def test_centralized_mode_on_two_ranks(demo_run, tmp_path):
     assert sorted(c["hospital"] for c in record["clients"]) == ["H1", "H2", "H3"]
     assert len({tuple(c["weights_checksum"]) for c in record["clients"]}) == 1
     assert set(json.loads((out_dir / "final.json").read_text())["per_hospital_accuracy"]) == {"H1", "H2", "H3"}
+
+
+def test_centralized_mode_with_more_ranks_than_hospitals(demo_run, tmp_path):
+    # One hospital's data over two ranks: rank 1 caches no hospital of its own, it trains on its shard of the pool
+    out_dir = tmp_path / "run"
+    proc = torchrun([*SMALL, "--rounds", "1", "--mode", "centralized", "--num-hospitals", "1", "--out", str(out_dir)],
+                    demo_run[0].parent / "cache", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert [c["hospital"] for c in record["clients"]] == ["H1"]
+    assert set(json.loads((out_dir / "final.json").read_text())["per_hospital_accuracy"]) == {"H1"}

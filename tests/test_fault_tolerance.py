@@ -104,9 +104,42 @@ def test_resume_refuses_another_config(uninterrupted, cache, tmp_path):
 
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
+    before = {name: (out / name).read_bytes() for name in ("config.json", "splits.csv")}
     proc = torchrun([*SMALL, "--rounds", "4", "--mu", "0.5", "--out", str(out)], cache)
     assert proc.returncode != 0
     assert "another config" in proc.stderr
+    assert {name: (out / name).read_bytes() for name in before} == before  # the old run's files untouched
+
+
+def test_resume_refuses_another_federation(uninterrupted, cache, tmp_path):
+    # Same settings, but two ranks: hospitals H1, H2 cannot continue the federation of H1, H2, H3
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    proc = torchrun([*SMALL, "--rounds", "4", "--out", str(out)], cache, nproc=2)
+    assert proc.returncode != 0
+    assert "federation of H1, H2, H3; this run has H1, H2" in proc.stderr
+
+
+def test_fedbn_resume_falls_back_past_a_corrupt_checkpoint(cache, tmp_path):
+    # Prepare: a FedBN run of 2 rounds whose newest global checkpoint is corrupt
+    out = tmp_path / "run"
+    fedbn = [*SMALL, "--set", 'train.bn="local"', "--out", str(out)]
+    first = torchrun([*fedbn, "--rounds", "2"], cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    newest = checkpoint.list_rounds(out)[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+
+    # Execute
+    second = torchrun([*fedbn, "--rounds", "3"], cache)
+
+    # Assert: every hospital resumed from round 1 with its own BatchNorm tensors of round 1
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming after round 1" in second.stderr
+    assert [r["round"] for r in _rounds(out)] == [0, 1, 2]
+    assert sorted(p.name for p in (out / "clients" / "rank0").iterdir()) == [
+        "round-0001.pt", "round-0002.pt", "round-0003.pt"]
 
 
 def test_dropout_of_one_client_and_of_all(cache, tmp_path):
