@@ -12,7 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.cache import CachedPairs, CacheSpec, build_hospital, default_cache_root, split_folder, split_specs
+from data.cache import (CachedPairs, CacheSpec, build_hospital, default_cache_root, fitted_normalizer, split_folder,
+                        split_specs)
 from data.datasets import SkipReport, load_records
 from data.patches import PatchSpec
 from data.records import ImageRecord
@@ -136,6 +137,11 @@ def cache_specs(cfg: RunConfig) -> dict[str, CacheSpec]:
 
 def cache_spec(cfg: RunConfig, split: str) -> CacheSpec:
     return cache_specs(cfg)[split]
+
+
+def device_normalizer(cfg: RunConfig):
+    """The stain normalizer applied per batch on the device when data.stain_on_device is set, else None."""
+    return fitted_normalizer(cfg.data.stain, cfg.data.stain_reference) if cfg.data.stain_on_device else None
 
 
 def cache_root(cfg: RunConfig) -> Path:

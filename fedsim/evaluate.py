@@ -17,7 +17,7 @@ from data.synthetic import generate
 from fedsim import checkpoint, metrics
 from fedsim.client import StepSettings, predict
 from fedsim.config import from_dict
-from fedsim.datasetup import cache_root, cache_spec, synthetic_root, synthetic_spec
+from fedsim.datasetup import cache_root, cache_spec, device_normalizer, synthetic_root, synthetic_spec
 from fedsim.dist import choose_backend
 from fedsim.logger import setup_logging, write_json
 from models import build_model
@@ -43,10 +43,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     model.load_state_dict(state["model"])
     model.to(device)
     dataset = _dataset(cfg, args, class_names, len(state["hospitals"]))
-    settings = StepSettings(device, torch.bfloat16 if device.type == "cuda" else None, device.type == "cuda",
-                            0.0, 0.0, False, 1)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_batch)
-    probs, labels, idx = predict(model, loader, settings)
+    probs, labels, idx = predict(model, loader, eval_settings(cfg, device))
     result = summaries(dataset, probs, labels, idx, class_names, args.bootstrap, cfg.train.seed)
     result.update(checkpoint=str(args.checkpoint), split=args.split, round=int(state["round"]) + 1)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
@@ -58,6 +56,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     print(metrics.format_report(result["patch"], title=f"Patch level ({args.split} split)"))
     print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
     return result
+
+
+def eval_settings(cfg, device: torch.device) -> StepSettings:
+    """Inference as in training: bf16 and channels-last on CUDA, the run's on-device stain normalization if any."""
+    cuda = device.type == "cuda"
+    return StepSettings(device, torch.bfloat16 if cuda else None, cuda, 0.0, 0.0, False, 1,
+                        normalizer=device_normalizer(cfg))
 
 
 def _dataset(cfg, args: argparse.Namespace, class_names: list[str], hospitals: int) -> CachedPairs:

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler
 
-from data.cache import CachedPairs, collate_batch, fitted_normalizer
+from data.cache import CachedPairs, collate_batch
 from fedsim import checkpoint, metrics
 from fedsim.aggregate import allreduce_mean_, fedavg
 from fedsim.client import StepSettings, local_proximal, make_optimizer, predict, train_epoch
 from fedsim.config import ConfigError, RunConfig
-from fedsim.datasetup import DataPlan, HospitalData, plan_data, write_data_report, write_run_files
+from fedsim.datasetup import DataPlan, HospitalData, device_normalizer, plan_data, write_data_report, write_run_files
 from fedsim.dist import DistInfo, HungRanks, broadcast_object, broadcast_weights, gather_figures, wait_for_all
 from fedsim.drift import DriftTracker
 from fedsim.evaluate import levels, summaries
@@ -325,7 +325,8 @@ class Federation:
         # Each hospital writes its own events file: images stay where they were made.
         with SummaryWriter(str(self.out / "tb" / f"xai-{hospital.name}")) as writer:
             write_overlays(self.model, dataset, self.out / "xai" / hospital.name, self.plan.class_names,
-                           self.info.device, per_grade=per_grade, writer=writer, step=self.cfg.train.rounds)
+                           self.info.device, per_grade=per_grade, writer=writer, step=self.cfg.train.rounds,
+                           normalizer=self.settings.normalizer)
 
     def finish(self) -> None:
         """Test the final global model at every hospital; rank 0 writes final.json."""
@@ -364,12 +365,7 @@ def _step_settings(cfg: RunConfig, info: DistInfo) -> StepSettings:
         torch.backends.cudnn.benchmark = True  # fixed patch sizes: autotuned convolutions pay off at once
     return StepSettings(device=info.device, amp_dtype=torch.bfloat16 if precision == "bf16" else None,
                         channels_last=cuda, mu=cfg.train.mu, mixup_alpha=cfg.train.mixup_alpha,
-                        augment=cfg.data.augment, grad_accum=cfg.train.grad_accum, normalizer=_device_normalizer(cfg))
-
-
-def _device_normalizer(cfg: RunConfig):
-    """The stain normalizer used per batch when data.stain_on_device is set."""
-    return fitted_normalizer(cfg.data.stain, cfg.data.stain_reference) if cfg.data.stain_on_device else None
+                        augment=cfg.data.augment, grad_accum=cfg.train.grad_accum, normalizer=device_normalizer(cfg))
 
 
 def _checksum(values: torch.Tensor) -> list[float]:

@@ -59,18 +59,21 @@ def pick_examples(dataset, class_names: Sequence[str], per_grade: int) -> list[E
     return sorted(chosen, key=lambda e: (e.label, e.index))
 
 
-def _explain(model: nn.Module, dataset, indices: list[int], device: torch.device | str):
-    """uint8 HWC context/detail images, class probabilities and per-stream CAMs of a batch."""
+def _explain(model: nn.Module, dataset, indices: list[int], device: torch.device | str, normalizer=None):
+    """uint8 HWC context/detail images (as the model saw them), class probabilities and per-stream CAMs of a batch."""
     context, detail, _, _ = dataset.__getitems__(indices)
+    context, detail = context.to(device), detail.to(device)
+    if normalizer is not None:  # the cache holds raw pixels (data.stain_on_device)
+        context, detail = normalizer.normalize(context), normalizer.normalize(detail)
     streams = [s for s in ("context", "detail") if getattr(model, s, None) is not None]
-    c = to_float(context.to(device)) if "context" in streams else None
-    d = to_float(detail.to(device)) if "detail" in streams else None
+    c = to_float(context) if "context" in streams else None
+    d = to_float(detail) if "detail" in streams else None
     with eval_mode(model), torch.no_grad():
         probs = model(c, d).float().softmax(dim=1)
     with GradCAM(model) as gradcam:
         # The CAM explains the class shown in the caption, computed above.
         cams = gradcam.cams(c, d, target=probs.argmax(dim=1))
-    images = {"context": context, "detail": detail}
+    images = {"context": context.cpu(), "detail": detail.cpu()}
     hwc = {s: images[s].permute(0, 2, 3, 1).contiguous().numpy() for s in streams}
     return hwc, probs.cpu().numpy(), {s: m.cpu().numpy() for s, m in cams.items()}
 
@@ -123,7 +126,8 @@ def _caption(class_names: Sequence[str], label: int, probs: np.ndarray) -> str:
 
 
 def write_overlays(model: nn.Module, dataset, out_dir: Path, class_names: Sequence[str],
-                   device: torch.device | str, per_grade: int = 2, writer=None, step: int = 0) -> list[Path]:
+                   device: torch.device | str, per_grade: int = 2, writer=None, step: int = 0,
+                   normalizer=None) -> list[Path]:
     """Save Grad-CAM panels (context overlay | detail overlay, caption) for a few pairs per grade.
 
     Args:
@@ -135,6 +139,8 @@ def write_overlays(model: nn.Module, dataset, out_dir: Path, class_names: Sequen
         per_grade: Pairs per true grade (fewer if the dataset has fewer).
         writer: Optional TensorBoard ``SummaryWriter``; panels go to ``xai/<hospital>/<name>``.
         step: TensorBoard global step.
+        normalizer: Stain normalizer applied to the uint8 pairs on ``device`` first, as in training
+            with ``data.stain_on_device``; None when the cache is already normalized.
 
     Returns:
         The written PNG paths, in grade order.
@@ -145,7 +151,7 @@ def write_overlays(model: nn.Module, dataset, out_dir: Path, class_names: Sequen
     written = []
     for start in range(0, len(examples), _BATCH):
         chunk = examples[start : start + _BATCH]
-        images, probs, cams = _explain(model, dataset, [e.index for e in chunk], device)
+        images, probs, cams = _explain(model, dataset, [e.index for e in chunk], device, normalizer)
         for row, example in enumerate(chunk):
             tiles = [(s, overlay(images[s][row], cams[s][row])) for s in cams]
             panel = compose_panel(tiles, _caption(class_names, example.label, probs[row]))

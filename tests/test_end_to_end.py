@@ -154,9 +154,25 @@ def test_stain_normalization_on_the_device(tmp_path):
     proc = train_single([*SMALL, "--rounds", "1", "--num-hospitals", "1", "--set", "data.stain_on_device=true",
                          "--out", str(out), "--set", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path / "fedsim")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((out / "final.json").read_text())["n_images"] > 0
-    # The cache is the one of an un-normalized run: the same spec, so the same folders.
     from fedsim.config import from_dict
+
+    final = json.loads((out / "final.json").read_text())
+    assert final["n_images"] > 0
+    # eval.py normalizes on the device too: the same test images give the same predictions as in final.json
+    evaluated = subprocess.run([sys.executable, str(REPO / "eval.py"), "--checkpoint", str(out / "checkpoint.pt"),
+                                "--out", str(tmp_path / "eval"), "--bootstrap", "10", "--device", "cpu"], cwd=REPO,
+                               env={**os.environ, "FEDSIM_CACHE": str(tmp_path / "fedsim")},
+                               capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["patch"]["confusion_matrix"] == final["patch"]["confusion_matrix"]
+    from data.stain import Macenko
+    from fedsim.evaluate import eval_settings
+
+    saved = from_dict(json.loads((out / "config.json").read_text()))
+    assert isinstance(eval_settings(saved, torch.device("cpu")).normalizer, Macenko)
+    assert eval_settings(from_dict({}), torch.device("cpu")).normalizer is None
+    # The cache is the one of an un-normalized run: the same spec, so the same folders.
     from fedsim.datasetup import cache_spec
 
     on_device = from_dict({"data": {"stain_on_device": True}})

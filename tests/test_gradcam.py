@@ -259,3 +259,29 @@ def test_write_overlays_single_stream_and_slug(tmp_path):
     with Image.open(paths[0]) as img:
         assert img.height > 48
     assert slug("Grade II (moderately differentiated)") == "grade-ii-moderately-differentiated"
+
+
+class _Recorder:
+    """A stand-in stain normalizer: records what it saw, returns the negative image."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(batch.shape))
+        return 255 - batch
+
+
+def test_explain_shows_and_runs_what_the_normalizer_returns(tmp_path):
+    # data.stain_on_device: the cache holds raw pixels, the model sees them normalized, and so do the panels
+    from fedsim.xai import _explain
+
+    dataset = _write_cache(tmp_path / "cache", [0, 1])
+    model = _model()
+    recorder = _Recorder()
+    images, probs, _ = _explain(model, dataset, [0, 1], "cpu", normalizer=recorder)
+    raw_context, raw_detail, _, _ = dataset.__getitems__([0, 1])
+    assert recorder.shapes == [tuple(raw_context.shape), tuple(raw_detail.shape)]
+    assert np.array_equal(images["context"], (255 - raw_context).permute(0, 2, 3, 1).numpy())
+    _, plain, _ = _explain(model, dataset, [0, 1], "cpu")
+    assert not np.allclose(probs, plain)
