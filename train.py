@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     parser.add_argument("--config", help="TOML preset (configs/paper.toml, configs/demo.toml)")
     for flag, key, kind, text in FLAGS:
         parser.add_argument(flag, dest=key, type=kind, help=text)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true", help="expect to continue a run: warn if OUT has no checkpoint (a run on a directory with round checkpoints of the same config always continues after the last)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config field, e.g. --set data.context_fov=640 (repeatable)")

@@ -204,7 +204,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     """Round checkpoints kept in OUT/checkpoints (the latest is also OUT/checkpoint.pt)."""
     resume: bool = False
-    """Continue from OUT/checkpoint.pt."""
+    """Expect to continue a run: warn when OUT has no checkpoint. Continuing does not need it: a run on a
+    directory with round checkpoints of the same config always continues after the last one."""
     xai_per_grade: int = 2
     """Grad-CAM panels per grade written by each hospital at the end (OUT/xai/<hospital>/); 0 = none."""
 

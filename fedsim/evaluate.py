@@ -47,6 +47,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     probs, labels, idx = predict(model, loader, eval_settings(cfg, device))
     result = summaries(dataset, probs, labels, idx, class_names, args.bootstrap, cfg.train.seed)
     result.update(checkpoint=str(args.checkpoint), split=args.split, round=int(state["round"]) + 1)
+    if cfg.train.bn == "local":
+        result["batchnorm_of"] = _fedbn_caveat(state)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", result)
@@ -56,6 +58,14 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     print(metrics.format_report(result["patch"], title=f"Patch level ({args.split} split)"))
     print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
     return result
+
+
+def _fedbn_caveat(state: dict[str, Any]) -> str:
+    """Under FedBN the saved BatchNorm tensors are rank 0's hospital's own: say so, and whose."""
+    hospital = (state.get("hospitals") or ["?"])[0]
+    log.warning("FedBN checkpoint: its BatchNorm tensors are hospital %s's, applied here to every image "
+                "(final.json tested each hospital with its own)", hospital)
+    return hospital
 
 
 def eval_settings(cfg, device: torch.device) -> StepSettings:
