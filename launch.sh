@@ -10,6 +10,8 @@
 #   RDZV_PORT    rendezvous port on the head node       default 29500
 #   PYTHON       interpreter holding fedsim             default python3
 #   MAX_RESTARTS torchrun restarts after a rank fails   default 0
+#   FEDSIM_HOME  folder holding train.py                default: beside this script; under sbatch, which
+#                                                       runs a copy of it, the submit directory
 # Extra arguments go to train.py unchanged.
 set -euo pipefail
 
@@ -18,7 +20,14 @@ RDZV_PORT="${RDZV_PORT:-29500}"
 PYTHON="${PYTHON:-python3}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then MODE="${MODE:-slurm}"; else MODE="${MODE:-local}"; fi
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+HERE="${FEDSIM_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
+if [[ -z "${FEDSIM_HOME:-}" && ! -f "$HERE/train.py" && -f "${SLURM_SUBMIT_DIR:-/nonexistent}/train.py" ]]; then
+  HERE="$SLURM_SUBMIT_DIR"  # sbatch runs a copy of this script from its spool folder
+fi
+if [[ ! -f "$HERE/train.py" ]]; then
+  echo "launch.sh: no train.py in $HERE; set FEDSIM_HOME to the fedsim folder (or submit from it)" >&2
+  exit 2
+fi
 
 case "$MODE" in
   local)

@@ -264,3 +264,27 @@ def test_timeout_names_the_hung_hospital(cache, tmp_path):
                      "--out", str(tmp_path / "run")], cache, timeout=300)
     assert proc.returncode != 0
     assert "hospital(s) H3" in proc.stderr and "did not arrive within 15s" in proc.stderr
+
+
+def _launch(tmp_path, env: dict) -> subprocess.CompletedProcess:
+    """launch.sh copied away from the repository (as sbatch does), with an interpreter that prints its arguments."""
+    import shutil
+
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    shutil.copy(REPO / "launch.sh", spool / "slurm_script")
+    echo = tmp_path / "python"
+    echo.write_text('#!/bin/sh\necho "$@"\n')
+    echo.chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FEDSIM_HOME"))}
+    return subprocess.run(["bash", str(spool / "slurm_script"), "--rounds", "1"], capture_output=True, text=True,
+                          env={**clean, "MODE": "local", "PYTHON": str(echo), **env}, timeout=60)
+
+
+def test_launch_script_finds_train_py_when_run_as_a_copy(tmp_path):
+    found = _launch(tmp_path, {"SLURM_SUBMIT_DIR": str(REPO)})
+    assert found.returncode == 0, found.stderr
+    assert f"{REPO}/train.py --rounds 1" in found.stdout
+    assert f"{REPO}/train.py" in _launch(tmp_path, {"FEDSIM_HOME": str(REPO)}).stdout
+    lost = _launch(tmp_path, {})
+    assert lost.returncode == 2 and "set FEDSIM_HOME" in lost.stderr
