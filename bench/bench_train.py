@@ -86,7 +86,7 @@ def run(args) -> dict:
     if cuda:
         torch.backends.cudnn.benchmark = True
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    anchor = flat.params.detach().clone()
+    anchor = flat.global_params.detach().clone()
     optimizer = make_optimizer(model, 3e-4, 1e-4)
     rng = torch.Generator().manual_seed(0)
     batches = make_loader(dataset, args)

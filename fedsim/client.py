@@ -85,7 +85,8 @@ def train_epoch(model: nn.Module, flat: FlatModel, optimizer: torch.optim.Optimi
     """One pass over the loader; returns the mean (mixed) cross-entropy.
 
     Args:
-        anchor: Global weights of the round (flat) for the proximal term; None = no term.
+        anchor: Global weights of the round (aligned with ``flat.global_params``) for the proximal term;
+            None = no term.
         grad_hook: Called on the flat gradient before the step (centralized mode averages it across ranks).
     """
     model.train()
@@ -119,14 +120,14 @@ def _optimizer_step(flat: FlatModel, optimizer, anchor, settings: StepSettings, 
     if grad_hook is not None:
         grad_hook(flat.param_grads)
     if anchor is not None:
-        add_proximal_grad_(flat.param_grads, flat.params, anchor, settings.mu)
+        add_proximal_grad_(flat.global_param_grads, flat.global_params, anchor, settings.mu)
     optimizer.step()
     flat.zero_grad()
 
 
 def local_proximal(flat: FlatModel, anchor: torch.Tensor | None, mu: float) -> float:
-    """The proximal term at the current weights."""
-    return 0.0 if anchor is None else proximal_value(flat.params, anchor, mu)
+    """The proximal term at the current weights (over the global model's parameters)."""
+    return 0.0 if anchor is None else proximal_value(flat.global_params, anchor, mu)
 
 
 @torch.no_grad()

@@ -23,10 +23,13 @@ class DriftTracker:
     """Holds one client's update of a round (one flat vector) and derives the measures."""
 
     def __init__(self, flat: FlatModel, anchor: torch.Tensor):
+        """``anchor``: the round's global weights, aligned with ``flat.global_params`` (FedBN's local
+        BatchNorm parameters have no global value, so they take no part)."""
         self.anchor = anchor
         with torch.no_grad():
-            self.update = flat.params.detach() - anchor
-        self.lengths = torch.tensor([end - start for _, start, end in flat.layer_slices()], device=anchor.device)
+            self.update = flat.global_params.detach() - anchor
+        self.lengths = torch.tensor([end - start for _, start, end in flat.layer_slices(global_only=True)],
+                                    device=anchor.device)
 
     def before_aggregation(self) -> dict[str, float]:
         """drift and rel_drift (scalars)."""
@@ -36,7 +39,7 @@ class DriftTracker:
     def after_aggregation(self, flat: FlatModel) -> dict[str, float]:
         """Everything, once the global weights have been aggregated into ``flat``."""
         with torch.no_grad():
-            global_update = flat.params.detach() - self.anchor
+            global_update = flat.global_params.detach() - self.anchor
             g_norm = float(global_update.norm())
             u_norm = float(self.update.norm())
             cosine = float(torch.dot(self.update, global_update)) / (u_norm * g_norm) if u_norm and g_norm else 0.0

@@ -134,7 +134,7 @@ class Federation:
         started = time.perf_counter()
         torch.manual_seed(derive_seed(self.cfg.train.seed, r, self.info.rank, "torch"))  # dropout layers
         start = self.flat.data.detach().clone()  # the global model this round starts from, statistics included
-        anchor = start[: self.flat.num_params]  # its weights: the FedProx anchor
+        anchor = start[self.flat.global_slice]  # its global weights: the FedProx anchor
         figures = self._local_work(r, start)
         tracker = DriftTracker(self.flat, anchor)
         if self.cfg.train.mode == "federated":
@@ -180,7 +180,7 @@ class Federation:
         cfg = self.cfg.train
         federated = cfg.mode == "federated"
         optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)  # clients keep no state across rounds
-        prox_anchor = start[: self.flat.num_params] if federated and cfg.mu > 0 else None
+        prox_anchor = start[self.flat.global_slice] if federated and cfg.mu > 0 else None
         hook = None if federated or self.info.world_size == 1 else allreduce_mean_
         rng = generator(cfg.seed, r, self.info.rank, "augment")
         # Data order of every epoch of this round follows from (seed, round, client) alone.

@@ -62,6 +62,9 @@ class FlatModel:
         data: The flat buffer (float, on the model's device).
         grad: The flat gradient buffer, same layout as ``data``.
         params: View of ``data`` over all parameters.
+        global_slice: Where the parameters of the global model lie in ``data``: all of them, except the
+            BatchNorm ones under FedBN, which lie first and stay each client's own.
+        global_params: ``data[global_slice]``: what FedProx anchors and client drift measures.
         reduced: View of ``data`` over what one aggregation all-reduces.
         num_params: Number of parameter elements.
         local_bn: Whether BatchNorm tensors are kept local (FedBN).
@@ -81,6 +84,9 @@ class FlatModel:
         self.num_params = layout["params_end"]
         self.params = self.data[: self.num_params]
         self.param_grads = self.grad[: self.num_params]
+        self.global_slice = slice(layout["reduced_start"], self.num_params)
+        self.global_params = self.data[self.global_slice]
+        self.global_param_grads = self.grad[self.global_slice]
         self.reduced = self.data[layout["reduced_start"] : layout["scratch_end"]]
         self.scratch = self.data[layout["scratch_start"] : layout["scratch_end"]]
         self.device = device
@@ -130,12 +136,15 @@ class FlatModel:
         rounded = self.scratch[1:].round().to(self._int_buffers[0].dtype)
         torch._foreach_copy_([b.view(1) for b in self._int_buffers], list(rounded.split(1)))
 
-    def layer_slices(self) -> list[tuple[str, int, int]]:
-        """(qualified name, start, end) of every parameter inside ``params``."""
+    def layer_slices(self, global_only: bool = False) -> list[tuple[str, int, int]]:
+        """(qualified name, start, end) of every parameter inside ``params`` in order; with ``global_only``
+        those of ``global_params``, offsets counted from its start."""
+        first = self.global_slice.start if global_only else 0
         return [
-            (f"{self._module_names.get(id(s.module), '')}.{s.name}".lstrip("."), s.offset, s.offset + s.numel)
+            (f"{self._module_names.get(id(s.module), '')}.{s.name}".lstrip("."), s.offset - first,
+             s.offset - first + s.numel)
             for s in self._slots
-            if s.is_param
+            if s.is_param and s.offset >= first
         ]
 
 

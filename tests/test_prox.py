@@ -81,3 +81,31 @@ def test_mu_zero_leaves_the_loss_and_gradients_untouched():
     assert float(term) == 0.0 and not term.requires_grad
     assert proximal_value(flat.params, anchor, 0.0) == 0.0
     torch.testing.assert_close(flat.param_grads, before)
+
+
+def test_fedbn_local_batchnorm_parameters_take_no_proximal_pull():
+    # Under FedBN the BatchNorm weights are each client's own: ||w - w_global||² runs over the rest only
+    from fedsim.client import StepSettings, _optimizer_step, local_proximal
+    from fedsim.drift import DriftTracker
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    flat = flatten(model, local_bn=True)
+    anchor = flat.global_params.detach().clone()
+    with torch.no_grad():
+        flat.params.add_(torch.randn_like(flat.params))
+    moved = flat.params.detach().clone()
+    shared = [model[0].weight, model[0].bias, model[2].weight, model[2].bias]
+    global_before = [p.detach().clone() for p in shared]
+    settings = StepSettings(torch.device("cpu"), None, False, mu=0.5, mixup_alpha=0.0, augment=False, grad_accum=1)
+
+    # Execute: one SGD step (lr 1) with only the proximal gradient
+    _optimizer_step(flat, torch.optim.SGD(model.parameters(), lr=1.0), anchor, settings, None)
+
+    # Assert: BatchNorm affine parameters untouched, the others pulled by mu * (w - w_global)
+    torch.testing.assert_close(model[1].weight.detach(), moved[: 4])
+    torch.testing.assert_close(model[1].bias.detach(), moved[4:8])
+    global_after = flat.global_params.detach()
+    torch.testing.assert_close(global_after, torch.cat([p.flatten() for p in global_before]) * 0.5 + anchor * 0.5)
+    assert local_proximal(flat, anchor, 0.5) == proximal_value(flat.global_params, anchor, 0.5)
+    assert len(DriftTracker(flat, anchor).layer_drift()) == 4  # the two Linear layers' weights and biases
