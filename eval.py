@@ -26,11 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from fedsim.evaluate import EvalError, evaluate_checkpoint
+    from fedsim.logger import print_error
 
     try:
         evaluate_checkpoint(args)
     except (EvalError, ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"eval.py: error: {err}", file=sys.stderr)
+        print_error("eval.py: error", err)
         return 2
     return 0
 

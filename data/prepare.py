@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from data.cache import build_hospital, split_specs
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare(args)
     except (FileNotFoundError, ValueError) as err:
+        if os.environ.get("FEDSIM_DEBUG"):
+            traceback.print_exc()
         print(f"data.prepare: error: {err}", file=sys.stderr)
         return 2
     return 0

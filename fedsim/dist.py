@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +23,12 @@ _CONTROL: dist.ProcessGroup | None = None  # gloo group for small objects and ba
 
 
 class HungRanks(RuntimeError):
-    """Some ranks did not reach a synchronisation point within the timeout."""
+    """Some ranks did not reach a synchronisation point: hung past the timeout, or ``crashed`` before it."""
 
-    def __init__(self, ranks: list[int], message: str):
+    def __init__(self, ranks: list[int], message: str, crashed: bool = False):
         super().__init__(message)
         self.ranks = ranks
+        self.crashed = crashed
 
 
 @dataclass(frozen=True)
@@ -131,11 +133,16 @@ def wait_for_all(timeout_s: float, what: str) -> None:
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
+    started = time.monotonic()
     try:
         dist.monitored_barrier(group=_CONTROL, timeout=_dt.timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError as err:
         found = re.search(r"[Rr]anks?\s+([\d,\s]+?)\s+failed", str(err))
         ranks = [int(r) for r in re.findall(r"\d+", found.group(1))] if found else []
+        waited = time.monotonic() - started
+        if waited < 0.9 * timeout_s:  # the group broke before the timeout: a rank died, it did not hang
+            raise HungRanks(ranks, f"{what}: rank(s) {ranks or '?'} left the group after {waited:.0f}s "
+                                   f"(crashed? see their log lines)", crashed=True) from None
         raise HungRanks(ranks, f"{what}: rank(s) {ranks or '?'} did not arrive within {timeout_s:.0f}s") from None
 
 

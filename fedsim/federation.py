@@ -153,7 +153,8 @@ class Federation:
         except HungRanks as err:
             names = [self.plan.hospitals[k] for k in err.ranks if self.cfg.train.mode == "federated" and k < len(self.plan.hospitals)]
             who = f"hospital(s) {', '.join(names)} " if names else ""
-            raise HungRanks(err.ranks, f"{who}{err} (raise train.timeout_s if local training is that slow)") from None
+            hint = "" if err.crashed else " (raise train.timeout_s if local training is that slow)"
+            raise HungRanks(err.ranks, f"{who}{err}{hint}", err.crashed) from None
 
     def _local_work(self, r: int, start: torch.Tensor) -> dict[str, Any]:
         """Local epochs, unless this client drops out; partial work for a straggler."""

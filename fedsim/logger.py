@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,13 @@ def setup_logging(rank: int | str = "-", hospital: str = "-", level: int | None 
         handler._fedsim = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
+
+
+def print_error(prefix: str, err: BaseException) -> None:
+    """The one-line error of a command line tool; with ``FEDSIM_DEBUG=1`` the traceback first."""
+    if os.environ.get("FEDSIM_DEBUG"):
+        traceback.print_exception(err)
+    print(f"{prefix}: {err}", file=sys.stderr)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

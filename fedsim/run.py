@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -11,12 +10,12 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from fedsim.checkpoint import CheckpointError
 from fedsim.config import ConfigError, RunConfig
 from fedsim.dist import HungRanks, init_distributed, teardown
-from fedsim.logger import setup_logging
+from fedsim.logger import print_error, setup_logging
 from models import check_backbone
 
 log = logging.getLogger("fedsim")
 
-#: Errors that mean "the input or the settings are wrong": one line, exit code 2 (traceback at debug level).
+#: Errors that mean "the input or the settings are wrong": one line, exit code 2 (FEDSIM_DEBUG=1: the traceback too).
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, CheckpointError)
 
 
@@ -41,11 +40,10 @@ def run_training(cfg: RunConfig) -> int:
         federation.run()
         return 0
     except USER_ERRORS as err:
-        log.debug("details", exc_info=True)
-        print(f"train.py: error (rank {_rank(info)}): {err}", file=sys.stderr)
+        print_error(f"train.py: error (rank {_rank(info)})", err)
         return 2
     except HungRanks as err:
-        print(f"train.py: error (rank {_rank(info)}): {err}", file=sys.stderr)
+        print_error(f"train.py: error (rank {_rank(info)})", err)
         return 3
     finally:
         teardown()

@@ -288,3 +288,40 @@ def test_launch_script_finds_train_py_when_run_as_a_copy(tmp_path):
     assert f"{REPO}/train.py" in _launch(tmp_path, {"FEDSIM_HOME": str(REPO)}).stdout
     lost = _launch(tmp_path, {})
     assert lost.returncode == 2 and "set FEDSIM_HOME" in lost.stderr
+
+
+def _crash_or_wait(rank: int, port: int, path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import time
+
+    import torch.distributed as dist
+
+    from fedsim.dist import HungRanks, wait_for_all
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    if rank == 1:
+        time.sleep(1)
+        os._exit(1)  # dies without a word, as a segfault or the OOM killer would
+    try:
+        wait_for_all(600, "round 1 aggregation")
+        outcome = "no error"
+    except HungRanks as err:
+        outcome = json.dumps({"message": str(err), "crashed": err.crashed, "ranks": err.ranks})
+    with open(path, "w") as fh:
+        fh.write(outcome)
+    os._exit(0)
+
+
+def test_a_crashed_rank_is_reported_as_crashed_not_as_a_timeout(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port, path = free_port(), str(tmp_path / "outcome.json")
+    procs = [ctx.Process(target=_crash_or_wait, args=(rank, port, path)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    outcome = json.loads(open(path).read())
+    assert outcome["crashed"] and outcome["ranks"] == [1]
+    assert "rank(s) [1] left the group after" in outcome["message"]
