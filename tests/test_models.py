@@ -43,37 +43,22 @@ def test_unknown_backbone_is_a_clear_error():
         check_backbone("resnet_does_not_exist")
 
 
-def test_pretrained_backbone_weights_load_into_both_streams(tmp_path):
-    # Prepare: a backbone state dict saved locally (nothing is downloaded)
+@pytest.mark.parametrize("backbone_name", ["test_resnet", "test_convnext"])
+def test_pretrained_backbone_weights_load_into_both_streams(tmp_path, backbone_name):
+    # Prepare: a backbone state dict saved locally (nothing is downloaded), classifier included; ConvNeXt keeps
+    # it under "head." (head.norm, head.fc), which must not pass for a whole dual-stream model
     import timm
 
     torch.manual_seed(1)
-    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    backbone = timm.create_model(backbone_name, pretrained=False)
     path = tmp_path / "backbone.pt"
     torch.save(backbone.state_dict(), path)
-    model = build_model("test_resnet", num_classes=3, hidden=8)
+    model = build_model(backbone_name, num_classes=3, hidden=8)
 
     # Execute
     load_pretrained(model, path)
 
-    # Assert
-    for stream in (model.context, model.detail):
-        for key, value in backbone.state_dict().items():
-            torch.testing.assert_close(stream.state_dict()[key], value)
-
-
-def test_backbone_weights_with_a_head_named_head_load_into_both_streams(tmp_path):
-    # ConvNeXt keeps its classifier under "head." (head.norm, head.fc): still one backbone's weights
-    import timm
-
-    torch.manual_seed(2)
-    backbone = timm.create_model("test_convnext", pretrained=False)
-    path = tmp_path / "convnext.pt"
-    torch.save(backbone.state_dict(), path)
-    model = build_model("test_convnext", num_classes=3, hidden=8)
-
-    load_pretrained(model, path)
-
+    # Assert: every tensor of both streams comes from the file
     for stream in (model.context, model.detail):
         for key, value in stream.state_dict().items():
             torch.testing.assert_close(value, backbone.state_dict()[key])

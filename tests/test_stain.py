@@ -352,9 +352,11 @@ def test_reinhard_default_reference_is_the_sample_after_macenko(he_image: np.nda
     fitted = Reinhard().fit(macenko_look)
     np.testing.assert_allclose(fitted.target_mean.numpy(), REINHARD_MEAN_REF, atol=1e-3)
     np.testing.assert_allclose(fitted.target_std.numpy(), REINHARD_STD_REF, atol=1e-3)
-    # and an unfitted normalizer uses it
+    # and an unfitted normalizer uses it (the constants are rounded to 4 decimals: one grey level at most)
     tissue = he_image[1800:2024, 700:924]
-    assert torch.equal(Reinhard().normalize(_batch([tissue])), fitted.normalize(_batch([tissue])))
+    by_default, by_fit = Reinhard().normalize(_batch([tissue])), fitted.normalize(_batch([tissue]))
+    assert (by_default.int() - by_fit.int()).abs().max() <= 1
+    assert (by_default.int() - _batch([tissue]).int()).abs().float().mean() > 5  # it did normalize
 
 
 # ---------------------------------------------------------------- factory and devices
