@@ -33,7 +33,7 @@ from data.stain import build_normalizer
 from data.tissue import tissue_mask
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # 2: Macenko with two search passes and the OD table; 3: ties in that search
+CACHE_VERSION = 4  # 2: Macenko with two search passes and the OD table; 3: ties in that search; 4: centres by name
 
 
 def default_cache_root() -> Path:
@@ -184,7 +184,7 @@ def _image_pairs(rec: ImageRecord, spec: CacheSpec, normalizer, report: SkipRepo
     if normalizer is not None:
         batch = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
         rgb = normalizer.normalize(batch)[0].permute(1, 2, 0).contiguous().numpy()
-    rng = np.random.default_rng([spec.seed, zlib.crc32(rec.path.encode())])
+    rng = np.random.default_rng([spec.seed, zlib.crc32(rec.identity.encode())])  # not the path: the data may move
     try:
         centres = sample_centres(rgb, spec.patches_per_image, spec.patch, rng, mask=mask)
     except NoTissue as err:

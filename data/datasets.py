@@ -352,7 +352,7 @@ def scan_tree(
         else:
             mag = _magnification_of(parts[:pos] + parts[pos + 1:])
             patient = patient_from_name(path, patient_regex, "/".join(parts))
-            records.append(ImageRecord(str(path), label_of[index], mag, patient))
+            records.append(ImageRecord(str(path), label_of[index], mag, patient, name="/".join(parts)))
     for (reason, folder), count in sorted(folder_skips.items()):
         report.add(f"{folder} ({count} images)", reason)
     records.sort(key=lambda r: r.path)
@@ -428,7 +428,7 @@ def _manifest_record(row: dict[str, str], folder: Path, label_of: dict[int, int]
         return None, problem, was_int
     mag = _parse_magnification(row.get("magnification", ""), written)
     record = ImageRecord(str(path), label_of[index], mag, row.get("patient", ""),
-                         row.get("hospital", ""), split)
+                         row.get("hospital", ""), split, name=written)
     return record, "", was_int
 
 

@@ -1,6 +1,8 @@
 """The record of one image, shared by every loader, split and partition function."""
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, replace
 
 #: Grade classes in label order. Labels index into this tuple.
@@ -24,6 +26,9 @@ class ImageRecord:
         patient: Patient identifier; images of one patient never straddle splits.
         hospital: Hospital (client) name, ``""`` until a partition assigns one.
         split: ``"train"``, ``"val"``, ``"test"`` or ``""`` until a split assigns one.
+        name: The image's name within its dataset, wherever the dataset lies: the path below the
+            tree's root, or as written in the manifest; ``""`` = the file name. It seeds the
+            image's patch centres, so a dataset moved or copied elsewhere gives the same patches.
     """
 
     path: str
@@ -32,6 +37,12 @@ class ImageRecord:
     patient: str = ""
     hospital: str = ""
     split: str = ""
+    name: str = ""
+
+    @property
+    def identity(self) -> str:
+        """``name``, or the file name when there is none."""
+        return self.name or os.path.basename(self.path)
 
     def with_(self, **changes) -> "ImageRecord":
         """A copy with some fields changed."""

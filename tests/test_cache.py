@@ -119,3 +119,22 @@ def test_cache_key_follows_every_record_field_and_the_reference_file(tmp_path):
     os.utime(reference, ns=(1, 1))
     assert fitted.digest([record]) != before
     assert PATCHES.digest([record]) == key
+
+
+def test_patches_do_not_depend_on_where_the_dataset_lies(tmp_path):
+    # The same dataset in two places, read through its manifest and as a bare folder tree: the same patches
+    import shutil
+
+    first = generate(tmp_path / "here", SPEC, progress=False).parent
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(first, moved)
+    tree = tmp_path / "tree"
+    shutil.copytree(first, tree, ignore=shutil.ignore_patterns("manifest.csv", "spec.json"))
+    arrays = []
+    for root in (first, moved, tree):
+        records, _, _ = load_records(root)
+        assert [r.name for r in records] == sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+        folder = build_split(records, PATCHES, tmp_path / "cache", SkipReport(), name="h", progress=False)
+        arrays.append(CachedPairs([folder]).arrays()[0])
+    for context, detail in arrays[1:]:
+        assert np.array_equal(context, arrays[0][0]) and np.array_equal(detail, arrays[0][1])
