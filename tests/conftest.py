@@ -53,8 +53,17 @@ def torchrun(args: list[str], cache, nproc: int = 3, timeout: float = 600, extra
 
 def train_single(args: list[str], cache, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` without torchrun (a group of one)."""
+    return _script("train.py", args, cache, timeout)
+
+
+def evaluate(run, out, cache, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python eval.py --checkpoint RUN/checkpoint.pt --out OUT ARGS`` with the data cache in ``cache``."""
+    return _script("eval.py", ["--checkpoint", str(run / "checkpoint.pt"), "--out", str(out), *args], cache, timeout)
+
+
+def _script(name: str, args: list[str], cache, timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "FEDSIM_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, str(REPO / name), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

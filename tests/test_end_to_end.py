@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SMALL, torchrun
+from conftest import REPO, SMALL, evaluate, torchrun, train_single
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
@@ -79,10 +79,7 @@ def test_gradcam_panels_are_written_per_hospital(demo_run):
 
 def test_eval_reads_the_checkpoint(demo_run, tmp_path):
     out, _ = demo_run
-    env = {**os.environ, "FEDSIM_CACHE": str(out.parent / "cache")}
-    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--checkpoint", str(out / "checkpoint.pt"),
-                           "--out", str(tmp_path), "--bootstrap", "50"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = evaluate(out, tmp_path, out.parent / "cache", "--bootstrap", "50")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     for level in ("image", "patch"):
@@ -146,23 +143,24 @@ def test_crc_hgd_tree_prepared_then_trained(demo_run, tmp_path):
     assert (tmp_path / "run" / "data_report.json").is_file()
 
 
+def _one_hospital(tmp_path, setting: str):
+    """One round of one hospital without torchrun, with one extra setting; (run folder, process)."""
+    out = tmp_path / "run"
+    proc = train_single([*SMALL, "--rounds", "1", "--num-hospitals", "1", "--set", setting, "--out", str(out),
+                         "--set", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path / "fedsim")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
 def test_stain_normalization_on_the_device(tmp_path):
     # The cache keeps raw pixels and every batch is normalized where the model runs.
-    from conftest import train_single
-
-    out = tmp_path / "run"
-    proc = train_single([*SMALL, "--rounds", "1", "--num-hospitals", "1", "--set", "data.stain_on_device=true",
-                         "--out", str(out), "--set", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path / "fedsim")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out, _ = _one_hospital(tmp_path, "data.stain_on_device=true")
     from fedsim.config import from_dict
 
     final = json.loads((out / "final.json").read_text())
     assert final["n_images"] > 0
     # eval.py normalizes on the device too: the same test images give the same predictions as in final.json
-    evaluated = subprocess.run([sys.executable, str(REPO / "eval.py"), "--checkpoint", str(out / "checkpoint.pt"),
-                                "--out", str(tmp_path / "eval"), "--bootstrap", "10", "--device", "cpu"], cwd=REPO,
-                               env={**os.environ, "FEDSIM_CACHE": str(tmp_path / "fedsim")},
-                               capture_output=True, text=True, timeout=300)
+    evaluated = evaluate(out, tmp_path / "eval", tmp_path / "fedsim", "--bootstrap", "10", "--device", "cpu")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["patch"]["confusion_matrix"] == final["patch"]["confusion_matrix"]
@@ -183,12 +181,7 @@ def test_stain_normalization_on_the_device(tmp_path):
 
 def test_simulated_labs_reach_the_run(tmp_path):
     # data.site_shift gives the hospital its lab before caching; the profiles are logged and saved.
-    from conftest import train_single
-
-    out = tmp_path / "run"
-    proc = train_single([*SMALL, "--rounds", "1", "--num-hospitals", "1", "--set", "data.site_shift=1",
-                         "--out", str(out), "--set", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path / "fedsim")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out, proc = _one_hospital(tmp_path, "data.site_shift=1")
     profiles = json.loads((out / "site_profiles.json").read_text())
     assert list(profiles["hospitals"]) == ["H1"] and profiles["site_shift"] == 1
     assert "site profiles (data.site_shift = 1)" in proc.stderr

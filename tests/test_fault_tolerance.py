@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 
 import pytest
 import torch
 
-from conftest import REPO, SMALL, free_port, torchrun, train_single
+from conftest import REPO, SMALL, evaluate, free_port, torchrun, train_single
 from fedsim import checkpoint
 
 
@@ -144,10 +143,7 @@ def test_fedbn_resume_falls_back_past_a_corrupt_checkpoint(cache, tmp_path):
     assert sorted(p.name for p in (out / "clients" / "rank0").iterdir()) == [
         "round-0001.pt", "round-0002.pt", "round-0003.pt"]
     # eval.py says whose BatchNorm a FedBN checkpoint carries
-    evaluated = subprocess.run([sys.executable, str(REPO / "eval.py"), "--checkpoint", str(out / "checkpoint.pt"),
-                                "--out", str(tmp_path / "eval"), "--bootstrap", "10"], cwd=REPO,
-                               env={**os.environ, "FEDSIM_CACHE": str(cache)}, capture_output=True, text=True,
-                               timeout=300)
+    evaluated = evaluate(out, tmp_path / "eval", cache, "--bootstrap", "10")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "BatchNorm tensors are hospital H1's" in evaluated.stderr
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["batchnorm_of"] == "H1"
