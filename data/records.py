@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, replace
 
 #: Grade classes in label order. Labels index into this tuple.
