@@ -18,7 +18,7 @@ from pathlib import Path
 
 from data.cache import build_hospital, split_specs
 from data.datasets import SkipReport, load_records
-from data.files import write_atomic
+from data.files import WriteError, storage_error, write_atomic
 from data.patches import PatchSpec
 from data.sites import MAX_SITE_SHIFT, write_site_profiles
 from data.splits import count_table, hospital_names, partition, split_by_patient, write_splits_csv
@@ -61,7 +61,10 @@ def prepare(args: argparse.Namespace) -> dict:
     records = split_by_patient(records, args.split, args.seed, regex)
     records = partition(records, args.hospitals, args.partition, args.alpha, args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise storage_error(err, out) from None
     write_splits_csv(records, out / "splits.csv", class_names)
     print(count_table(records, class_names))
     if args.site_shift > 0:
@@ -83,12 +86,17 @@ def prepare(args: argparse.Namespace) -> dict:
     return result
 
 
+#: Bad input (missing files, bad values, a corrupt cache entry that cannot be rebuilt) and storage failures
+#: (a full disk, a read-only cache): one line, exit code 2 (FEDSIM_DEBUG=1: the traceback too).
+USER_ERRORS = (FileNotFoundError, ValueError, WriteError)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     try:
         prepare(args)
-    except (FileNotFoundError, ValueError) as err:
+    except USER_ERRORS as err:
         if os.environ.get("FEDSIM_DEBUG"):
             traceback.print_exc()
         print(f"data.prepare: error: {err}", file=sys.stderr)
