@@ -7,7 +7,9 @@ was left out and why.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import itertools
 import json
 import logging
@@ -16,6 +18,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from data.files import write_atomic
 from data.images import BadImage, is_image_name, probe
 from data.records import (
     EXTRA_CLASS_NAMES,
@@ -42,10 +45,19 @@ _DIFF_WORDS = {
 # Folders that archive tools and operating systems leave behind.
 _IGNORED_DIRS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN"})
 _MAG_TOKEN = re.compile(r"^(?:(\d+)x|x(\d+))$")
+# What a reason must not hold to leave its hospital: a path separator or a file suffix.
+_PATHLIKE = re.compile(r"[/\\]|\.[A-Za-z][A-Za-z0-9]{1,4}\b")
+#: The reason under which :meth:`SkipReport.counts_only` counts reasons that look like paths.
+WITHHELD_REASON = "other (reason withheld: it named a file)"
 
 
 class SkipReport:
     """Counts of skipped files by reason, with a few example paths per reason.
+
+    Reasons are short fixed phrases (``"empty file"``, ``"truncated"``) and never
+    name a file; the example paths may carry patient identifiers, so they belong in
+    the report a hospital keeps on its own disk (:meth:`to_dict`,
+    :meth:`write_json`), while :meth:`counts_only` is what may cross ranks.
 
     Args:
         max_examples: How many example paths to keep per reason.
@@ -85,9 +97,23 @@ class SkipReport:
         }
         return {"total": self.total, "reasons": reasons}
 
+    def counts_only(self) -> dict:
+        """What may leave the hospital: ``{"total": n, "reasons": {reason: count}}``.
+
+        No example paths and no file names. A reason that looks like it holds a
+        path or a file name (a ``/`` or ``\\``, or a suffix such as ``.jpg``) is
+        counted under :data:`WITHHELD_REASON` instead, so that a future caller who
+        builds a reason from an error message cannot leak one.
+        """
+        reasons: dict[str, int] = {}
+        for reason, count in self.counts.items():
+            key = WITHHELD_REASON if _PATHLIKE.search(reason) else reason
+            reasons[key] = reasons.get(key, 0) + count
+        return {"total": self.total, "reasons": dict(sorted(reasons.items()))}
+
     def write_json(self, path: str | os.PathLike) -> None:
-        """Write :meth:`to_dict` as indented JSON (e.g. ``OUT/data_report.json``)."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        """Write :meth:`to_dict` as indented JSON (e.g. ``OUT/data_report.json``), atomically."""
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def summary_lines(self) -> list[str]:
         """Readable lines for the log, one per reason plus a header."""
@@ -188,17 +214,26 @@ def resolve_classes(classes: Sequence[str]) -> tuple[str, ...]:
         The requested names from :data:`ALL_CLASS_NAMES`, in that tuple's order.
 
     Raises:
-        ValueError: For an unrecognised or empty list of names.
+        ValueError: For an unrecognised or empty list of names, and for a class
+            named twice, whether in the same spelling or two (``"Grade I"`` and
+            ``"grade 1"``): the message names both spellings.
     """
-    wanted = set()
+    given: dict[int, str] = {}
     for name in classes:
-        index = _class_index(str(name))
+        name = str(name)
+        index = _class_index(name)
         if index is None:
             raise ValueError(f"unknown class name {name!r}; known: {', '.join(ALL_CLASS_NAMES)}")
-        wanted.add(index)
-    if not wanted:
+        if index in given:
+            first = given[index]
+            if first == name:
+                raise ValueError(f"class name {name!r} is given twice; name each class once")
+            raise ValueError(f"class names {first!r} and {name!r} both mean "
+                             f"{ALL_CLASS_NAMES[index]!r}; name each class once")
+        given[index] = name
+    if not given:
         raise ValueError("no classes requested")
-    return tuple(ALL_CLASS_NAMES[i] for i in sorted(wanted))
+    return tuple(ALL_CLASS_NAMES[i] for i in sorted(given))
 
 
 def _class_index(name: str) -> int | None:
@@ -365,24 +400,94 @@ _SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "tes
 _REQUIRED_COLUMNS = ("path", "label")
 
 
+def _line_at(data: bytes, pos: int) -> int:
+    """1-based line of byte ``pos`` (``\\n``, ``\\r\\n`` and a lone ``\\r`` each end a line)."""
+    head = data[:pos]
+    return head.count(b"\n") + head.count(b"\r") - head.count(b"\r\n") + 1
+
+
+def _manifest_text(csv_path: Path) -> str:
+    """The manifest decoded as UTF-8 (a leading byte-order mark is dropped).
+
+    Raises:
+        ValueError: One line naming the file and the line, for a UTF-16 file, a NUL
+            byte (UTF-16 without a byte-order mark, or not text at all) or bytes that
+            are not UTF-8 (Latin-1, Windows-1252, ...).
+    """
+    data = csv_path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ValueError(f"manifest {csv_path} is not UTF-8 (line 1): it is UTF-16; save it as UTF-8")
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"manifest {csv_path} holds a NUL byte (line {_line_at(data, nul)}): "
+                         "it is not UTF-8 text (UTF-16? a binary file?); save it as UTF-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"manifest {csv_path} is not UTF-8 (line {_line_at(data, err.start)}): "
+                         f"byte 0x{data[err.start]:02x} ({err.reason}); save it as UTF-8") from None
+
+
+def _header(csv_path: Path, row: list[str], line: int) -> list[str]:
+    """Lower-cased column names of a manifest's header row, checked.
+
+    Raises:
+        ValueError: For a column named twice (in any case) or a missing required column.
+    """
+    columns = [c.strip().lower() for c in row]
+    first: dict[str, str] = {}
+    for written, column in zip(row, columns):
+        if column in first:
+            spellings = (f"as {first[column].strip()!r} and {written.strip()!r}, "
+                         if first[column].strip() != written.strip() else "")
+            raise ValueError(f"manifest {csv_path} names the column {column!r} twice "
+                             f"({spellings}line {line}); keep one of them")
+        if column:
+            first[column] = written
+    for required in _REQUIRED_COLUMNS:
+        if required not in columns:
+            raise ValueError(f"manifest {csv_path} lacks the required column {required!r} "
+                             f"(found: {', '.join(columns)})")
+    return columns
+
+
 def _read_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
     """Rows of a manifest with lower-cased column names and their line numbers.
 
+    The first non-blank row is the header; blank rows are skipped; missing trailing
+    fields read as ``""`` and fields beyond the header (or under an empty column
+    name) are ignored.
+
     Raises:
-        ValueError: If the file is empty, lacks a required column or has no rows.
+        ValueError: One line naming the file (and the line where it can): the file is
+            empty, not UTF-8, names a column twice, lacks a required column, has no
+            rows, or cannot be parsed as CSV (e.g. a field over the csv module's
+            limit of 128 KiB, which is what an unclosed quote gives).
     """
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            raise ValueError(f"manifest {csv_path} is empty")
-        columns = [(c or "").strip().lower() for c in reader.fieldnames]
-        for required in _REQUIRED_COLUMNS:
-            if required not in columns:
-                raise ValueError(f"manifest {csv_path} lacks the required column {required!r} "
-                                 f"(found: {', '.join(columns)})")
-        reader.fieldnames = columns
-        rows = [(reader.line_num, {k: (v or "").strip() for k, v in row.items() if k})
-                for row in reader]
+    reader = csv.reader(io.StringIO(_manifest_text(csv_path), newline=""))
+    columns: list[str] | None = None
+    rows: list[tuple[int, dict[str, str]]] = []
+    start = 1  # line on which the row being read begins
+    try:
+        for row in reader:
+            if not row:
+                pass
+            elif columns is None:
+                columns = _header(csv_path, row, start)
+            else:
+                rows.append((reader.line_num, {k: (row[i].strip() if i < len(row) else "")
+                                               for i, k in enumerate(columns) if k}))
+            start = reader.line_num + 1
+    except csv.Error as err:
+        text = str(err)
+        if "field larger than field limit" in text:
+            text = (f"a field is longer than {csv.field_size_limit()} characters "
+                    "(an unclosed quote?)")
+        raise ValueError(f"manifest {csv_path} is not valid CSV (line {start}): {text}") from None
+    if columns is None:
+        raise ValueError(f"manifest {csv_path} is empty")
     if not rows:
         raise ValueError(f"manifest {csv_path} has no rows")
     return rows
@@ -454,7 +559,9 @@ def read_manifest(
         ``(records sorted by path, skip report, class names in label order)``.
 
     Raises:
-        ValueError: If the manifest is empty or lacks a required column.
+        ValueError: One line naming the manifest (and the line, where it can) if it
+            is empty, not UTF-8 (a UTF-8 byte-order mark is fine), names a column
+            twice, lacks a required column, has no rows or is not valid CSV.
     """
     csv_path = Path(csv_path)
     names, label_of = _labels_for(classes)

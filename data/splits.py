@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import math
 import os
 import random
 import re
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from data.datasets import patient_from_name
+from data.files import atomic_writer
 from data.records import MAGNIFICATIONS, SPLITS, UNKNOWN, ImageRecord
 
 logger = logging.getLogger(__name__)
 
-PARTITION_METHODS: tuple[str, ...] = ("natural", "iid", "dirichlet")
+#: ``auto`` resolves to ``natural`` or ``iid`` (see :func:`resolve_partition`).
+PARTITION_METHODS: tuple[str, ...] = ("auto", "natural", "iid", "dirichlet")
 SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "class_name", "magnification", "patient",
                                   "hospital", "split")
 # Dirichlet draws tried before moving patients by hand to fill empty hospitals.
@@ -194,6 +196,17 @@ def split_by_patient(
     return out
 
 
+def missing_splits(records: Iterable[ImageRecord]) -> list[str]:
+    """The splits among train/val/test that hold no record at all, in that order.
+
+    A split setting (``fractions`` with a zero, or too few patients) or a manifest
+    ``split`` column can leave no validation or no test images; the caller refuses
+    such a run before any work instead of failing at the first evaluation.
+    """
+    present = {r.split for r in records}
+    return [split for split in SPLITS if split not in present]
+
+
 def _split_rank(split: str) -> int:
     """Order of split groups when dealing patients: training first."""
     if split in _TRAINING:
@@ -201,7 +214,8 @@ def _split_rank(split: str) -> int:
     return 1 + (SPLITS.index(split) if split in SPLITS else len(SPLITS))
 
 
-def _natural_partition(records: list[ImageRecord], num_hospitals: int) -> list[ImageRecord]:
+def _natural_partition(records: list[ImageRecord], num_hospitals: int,
+                       method: str = "natural") -> list[ImageRecord]:
     """Keep the hospitals given with the data, checking that they fit."""
     missing = sum(1 for r in records if not r.hospital)
     if missing:
@@ -209,8 +223,10 @@ def _natural_partition(records: list[ImageRecord], num_hospitals: int) -> list[I
                          f"{missing} of {len(records)} have none")
     names = hospital_names(records)
     if len(names) != num_hospitals:
+        hint = (f"; partition = auto keeps the hospitals of the data: ask for {len(names)} "
+                "hospitals, or choose iid or dirichlet" if method == "auto" else "")
         raise ValueError(f"natural partition found {len(names)} hospitals ({', '.join(names)}) "
-                         f"but num_hospitals is {num_hospitals}")
+                         f"but num_hospitals is {num_hospitals}{hint}")
     shared = [p for p, rs in _by_patient(records).items() if len({r.hospital for r in rs}) > 1]
     if shared:
         logger.warning("%d patients appear in more than one hospital (e.g. %s)",
@@ -303,6 +319,33 @@ def _deal_dirichlet(grades: dict[str, int], splits: dict[str, str], num_hospital
     return _fill_empty(owner, splits, num_hospitals)
 
 
+def resolve_partition(records: Sequence[ImageRecord], method: str) -> str:
+    """The partition method that ``method`` stands for with these records.
+
+    ``auto`` is ``natural`` when every record has a hospital (a manifest with a
+    ``hospital`` column) and ``iid`` (stratified by split and grade) when none has
+    one (a CRC-HGD-style folder); any other method is returned as it is. The caller
+    logs and records the result.
+
+    Raises:
+        ValueError: For an unknown method, and for ``auto`` when only some records
+            have a hospital: a half-filled hospital column is more likely a mistake
+            than a wish to throw the column away.
+    """
+    if method not in PARTITION_METHODS:
+        raise ValueError(f"unknown partition method {method!r}; use one of {PARTITION_METHODS}")
+    if method != "auto":
+        return method
+    named = sum(1 for r in records if r.hospital)
+    if named == len(records) and records:
+        return "natural"
+    if named == 0:
+        return "iid"
+    raise ValueError(f"partition = auto: {len(records) - named} of {len(records)} records have no "
+                     "hospital; give a hospital for all of them (natural) or for none, "
+                     "or choose iid or dirichlet")
+
+
 def partition(
     records: Sequence[ImageRecord],
     num_hospitals: int,
@@ -316,12 +359,14 @@ def partition(
     name order ranks them); ``iid`` deals shuffled patients round-robin within each
     split and grade; ``dirichlet`` draws, per grade, hospital shares from
     ``Dir(alpha)`` (smaller alpha, stronger label skew). The last two name the
-    hospitals ``H1..Hn`` and give each at least one training patient.
+    hospitals ``H1..Hn`` and give each at least one training patient. ``auto`` is
+    ``natural`` when every record has a hospital, else ``iid`` (see
+    :func:`resolve_partition`).
 
     Args:
         records: Images, usually already split.
         num_hospitals: Number of hospitals.
-        method: ``natural``, ``iid`` or ``dirichlet``.
+        method: ``auto``, ``natural``, ``iid`` or ``dirichlet``.
         alpha: Dirichlet concentration (``dirichlet`` only).
         seed: Seed; the result depends only on the arguments, not the record order.
 
@@ -330,16 +375,15 @@ def partition(
 
     Raises:
         ValueError: For a bad method or argument, for ``natural`` when hospitals
-            are missing or their number differs, and when there are fewer training
-            patients than hospitals.
+            are missing or their number differs, for ``auto`` when only some records
+            have a hospital, and when there are fewer training patients than hospitals.
     """
     if num_hospitals < 1:
         raise ValueError(f"num_hospitals must be >= 1, got {num_hospitals}")
-    if method not in PARTITION_METHODS:
-        raise ValueError(f"unknown partition method {method!r}; use one of {PARTITION_METHODS}")
     records = _sorted(records)
+    asked, method = method, resolve_partition(records, method)
     if method == "natural":
-        return _natural_partition(records, num_hospitals)
+        return _natural_partition(records, num_hospitals, asked)
     if method == "dirichlet" and not alpha > 0:
         raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
     records = with_patients(records)
@@ -399,14 +443,15 @@ def write_splits_csv(records: Sequence[ImageRecord], path: str | os.PathLike,
                      class_names: Sequence[str]) -> None:
     """Write records to CSV (columns :data:`SPLIT_COLUMNS`) atomically.
 
-    The file is written next to its destination and moved into place, so a crash
-    never leaves a half-written split file that a later evaluation would trust.
+    The file is written next to its destination and moved into place
+    (:func:`data.files.atomic_writer`), so a crash never leaves a half-written
+    split file that a later evaluation would trust.
 
     Raises:
         ValueError: If a label has no class name.
+        WriteError: If the storage refuses the file (full, read-only).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for r in _sorted(records):
         if not 0 <= r.label < len(class_names):
@@ -414,19 +459,13 @@ def write_splits_csv(records: Sequence[ImageRecord], path: str | os.PathLike,
                              f"in {tuple(class_names)}")
         rows.append([r.path, r.label, class_names[r.label], r.magnification, r.patient,
                      r.hospital, r.split])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(SPLIT_COLUMNS)
-            writer.writerows(rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as handle:
+        text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+        writer = csv.writer(text)
+        writer.writerow(SPLIT_COLUMNS)
+        writer.writerows(rows)
+        text.flush()
+        text.detach()  # leave the binary handle open for atomic_writer to fsync and close
 
 
 def read_splits_csv(path: str | os.PathLike) -> tuple[list[ImageRecord], tuple[str, ...]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,19 @@ def test_resolve_classes_orders_and_rejects() -> None:
         "Grade I", "Grade II", "Grade III", "Mixed")
     with pytest.raises(ValueError, match="unknown class name 'Tumour'"):
         resolve_classes(("Tumour",))
+
+
+@pytest.mark.parametrize("classes, message", [
+    (["Grade I", "grade 1", "Grade II"], "'Grade I' and 'grade 1' both mean 'Grade I'"),
+    (["G1", "Grade I", "Grade II"], "'G1' and 'Grade I' both mean 'Grade I'"),
+    (["Grade II", "Grade III", "poorly"], "'Grade III' and 'poorly' both mean 'Grade III'"),
+    (["Grade I", "Grade II", "Grade I"], "'Grade I' is given twice"),
+])
+def test_resolve_classes_refuses_a_class_named_twice(classes: list[str], message: str) -> None:
+    # Execute / Assert: one line naming both spellings, not a silently shorter class list
+    with pytest.raises(ValueError, match=message) as info:
+        resolve_classes(classes)
+    assert "\n" not in str(info.value)
 
 
 def test_is_image_name_case_insensitive() -> None:
@@ -308,7 +322,44 @@ def test_skip_report_counts_and_merges(tmp_path: Path) -> None:
     assert lines[0] == "skipped: 5" and any("unreadable: 1" in line for line in lines)
     first.write_json(tmp_path / "data_report.json")
     assert json.loads((tmp_path / "data_report.json").read_text()) == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data_report.json"]  # no temporary left
     assert SkipReport().summary_lines() == ["skipped: nothing"]
+
+
+def _strings(obj: object) -> list[str]:
+    """Every string of a JSON-like object, keys included."""
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for k, v in obj.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
+def test_skip_report_counts_only_has_no_paths(tmp_path: Path) -> None:
+    # Prepare: a tree with every kind of skip, a manifest with bad rows, and a reason that names a file
+    _crc_tree(tmp_path / "tree")
+    (tmp_path / "tree" / "CRC_Grade__1__Well_Diff" / "10x" / "text.jpg").write_text("plain text")
+    _, report, _ = load_records(tmp_path / "tree")
+    _, from_csv, _ = read_manifest(_manifest(tmp_path, MANIFEST))
+    report.merge(from_csv)
+    report.add(tmp_path / "x.jpg", f"cannot open {tmp_path / 'P0042_slide.jpg'}")
+    report.add(tmp_path / "y.jpg", "no tissue in P0042_slide.tif")
+
+    # Execute
+    shared = report.counts_only()
+
+    # Assert: counts and reasons kept, no path or file name anywhere
+    assert json.loads(json.dumps(shared)) == shared
+    assert shared["total"] == report.total == sum(shared["reasons"].values())
+    assert shared["reasons"]["unreadable"] == 1 and shared["reasons"]["missing file"] == 1
+    assert shared["reasons"]["empty file"] == report.counts["empty file"]
+    strings = _strings(shared)
+    assert strings and not [s for s in strings if "/" in s or "\\" in s]
+    assert not [s for s in strings if re.search(r"\.(jpe?g|png|tiff?|bmp|csv)\b", s, re.IGNORECASE)]
+    assert not [s for s in strings if "P0042" in s or "manifest" in s or "Unsorted" in s]
+    assert report.to_dict()["reasons"]["unreadable"]["examples"]  # the local report keeps them
 
 
 # --- manifests --------------------------------------------------------------------
@@ -371,6 +422,60 @@ def test_read_manifest_errors(tmp_path: Path, text: str, message: str) -> None:
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         read_manifest(path)
+
+
+def test_read_manifest_refuses_a_column_named_twice(tmp_path: Path) -> None:
+    # Prepare: csv.DictReader would keep the last 'path' silently
+    path = _manifest(tmp_path, "path,label,Path\nimgs/a.jpg,0,imgs/b.jpg\n")
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"manifest .*manifest\.csv names the column 'path' twice "
+                                         r"\(as 'path' and 'Path', line 1\)"):
+        read_manifest(path)
+
+
+def test_read_manifest_field_over_the_csv_limit(tmp_path: Path) -> None:
+    # Prepare: a 200 KiB field on line 3, past the csv module's 128 KiB limit
+    path = _manifest(tmp_path, "path,label\nimgs/a.jpg,0\n" + "x" * 200 * 1024 + ",1\n")
+
+    # Execute / Assert: one line naming the file and the line, not a csv traceback
+    with pytest.raises(ValueError) as info:
+        read_manifest(path)
+    assert str(path) in str(info.value) and "(line 3)" in str(info.value)
+    assert "longer than" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_read_manifest_not_utf8_names_the_line(tmp_path: Path) -> None:
+    # Prepare: a manifest saved as Latin-1 with an é on line 3
+    path = _manifest(tmp_path, "")
+    path.write_bytes("path,label\nimgs/a.jpg,0\nimgs/caf\u00e9.jpg,1\n".encode("latin-1"))
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=rf"manifest {re.escape(str(path))} is not UTF-8 \(line 3\): "):
+        read_manifest(path)
+
+
+def test_read_manifest_nul_byte_names_the_line(tmp_path: Path) -> None:
+    # Prepare: a NUL on line 3 (the csv module of Python 3.11+ lets it through to the path)
+    path = _manifest(tmp_path, "path,label\nimgs/a.jpg,0\nimgs/b\0.jpg,1\n")
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=rf"manifest {re.escape(str(path))} holds a NUL byte \(line 3\)"):
+        read_manifest(path)
+
+
+def test_read_manifest_with_byte_order_mark(tmp_path: Path) -> None:
+    # Prepare: UTF-8 with a byte-order mark (as Excel saves it) and a non-ASCII path
+    _save(tmp_path / "imgs" / "caf\u00e9.jpg")
+    path = _manifest(tmp_path, "")
+    path.write_bytes(b"\xef\xbb\xbf" + "Path,Label\nimgs/caf\u00e9.jpg,1\nimgs/a.jpg,0\n".encode("utf-8"))
+
+    # Execute
+    records, report, _ = read_manifest(path)
+
+    # Assert: the first column is 'path', not '\ufeffpath'
+    assert [(Path(r.path).name, r.label) for r in records] == [("a.jpg", 0), ("caf\u00e9.jpg", 1)]
+    assert report.total == 0
 
 
 def test_load_records_dispatch(tmp_path: Path) -> None:

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from data.datasets import load_records
 from data.records import GRADE_NAMES, MAGNIFICATIONS, SPLITS, ImageRecord
 from data.splits import (
     apportion,
     count_table,
     hospital_names,
+    missing_splits,
     partition,
     patient_grades,
     read_splits_csv,
+    resolve_partition,
     split_by_patient,
     write_splits_csv,
 )
@@ -129,6 +132,24 @@ def test_split_rejects_bad_fractions() -> None:
             split_by_patient(_cohort(3), fractions=bad)
 
 
+def test_missing_splits_names_the_empty_splits() -> None:
+    # Prepare
+    records = _cohort(4)
+    given = [r.with_(split="train" if r.patient < "G1" else "test") for r in records]
+
+    # Execute / Assert: a split setting or a given column that leaves splits empty, found before any work
+    assert missing_splits(split_by_patient(records, seed=1)) == []
+    assert missing_splits(split_by_patient(records, fractions=(0.8, 0.2, 0.0))) == ["test"]
+    assert missing_splits(split_by_patient(records, fractions=(1.0, 0.0, 0.0))) == ["val", "test"]
+    assert missing_splits(split_by_patient(given)) == ["val"]
+    assert missing_splits(_cohort(1)) == list(SPLITS)  # not split yet
+    assert missing_splits(split_by_patient(_cohort(1))) == ["val", "test"]  # one patient per grade
+    assert missing_splits([]) == list(SPLITS)
+    # and a split without validation images still partitions
+    no_val = partition(split_by_patient(_cohort(), fractions=(0.8, 0.0, 0.2)), 3, "iid")
+    assert missing_splits(no_val) == ["val"] and hospital_names(no_val) == ["H1", "H2", "H3"]
+
+
 def test_apportion_sums_and_rounds() -> None:
     assert apportion(10, [0.7, 0.15, 0.15]) == [7, 2, 1]
     assert apportion(7, [1, 1, 1]) == [3, 2, 2]
@@ -158,6 +179,85 @@ def test_partition_natural_errors() -> None:
         partition(named, 3, "natural")
     with pytest.raises(ValueError, match="unknown partition method"):
         partition(named, 2, "by-grade")
+
+
+def _image_tree(root: Path, patients_per_grade: int = 8) -> None:
+    """A CRC-HGD-style folder without hospitals: two images per patient, ids in the file names."""
+    folders = ("CRC_Grade__1__Well_Diff", "CRC_Grade__2__Mod_Diff", "CRC_Grade__3__Poorly_Diff")
+    for grade, folder in enumerate(folders):
+        for k in range(patients_per_grade):
+            for i in range(2):
+                path = root / folder / "20x" / f"p{grade}{k:02d}_{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"not decoded here")
+
+
+def test_partition_auto_without_hospitals_is_stratified_iid(tmp_path: Path) -> None:
+    # Prepare: a folder tree, which has no hospital column
+    _image_tree(tmp_path)
+    records, _, _ = load_records(tmp_path, patient_regex=r"^(p\d+)_", verify=False)
+    records = split_by_patient(records, seed=0)
+
+    # Execute
+    out = partition(records, 4, "auto", seed=2)
+
+    # Assert: iid hospitals H1..H4, balanced in every split and grade, fixed by the seed
+    assert resolve_partition(records, "auto") == "iid"
+    assert out == partition(records, 4, "iid", seed=2)
+    assert hospital_names(out) == ["H1", "H2", "H3", "H4"]
+    _assert_patients_whole(out, "hospital")
+    grades = patient_grades(out)
+    for split in SPLITS:
+        for grade in range(3):
+            patients = {r.patient for r in out if r.split == split and grades[r.patient] == grade}
+            per_hospital = Counter(h for p, h in {(r.patient, r.hospital) for r in out}
+                                   if p in patients)
+            counts = [per_hospital[h] for h in hospital_names(out)]
+            assert max(counts) - min(counts) <= 1, (split, grade)
+    totals = [len(p) for p in _patients_by(out, "hospital").values()]
+    assert max(totals) - min(totals) <= 1
+    assert partition(list(reversed(records)), 4, "auto", seed=2) == out
+    assert partition(records, 4, "auto", seed=3) != out
+
+
+def test_partition_auto_with_hospital_column_is_natural(tmp_path: Path) -> None:
+    # Prepare: a manifest with a hospital column
+    lines = ["path,label,patient,hospital"]
+    for k in range(12):
+        (tmp_path / f"img{k}.jpg").write_bytes(b"not decoded here")
+        lines.append(f"img{k}.jpg,{k % 3},P{k // 2},Site {'ABC'[k // 4]}")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    records, _, _ = load_records(tmp_path, verify=False)
+    records = split_by_patient(records, fractions=(0.5, 0.25, 0.25))
+
+    # Execute
+    out = partition(records, 3, "auto", seed=2)
+
+    # Assert: the hospitals of the data, untouched
+    assert resolve_partition(records, "auto") == "natural"
+    assert out == partition(records, 3, "natural") == sorted(records, key=lambda r: r.path)
+    assert hospital_names(out) == ["Site A", "Site B", "Site C"]
+    with pytest.raises(ValueError, match="found 3 hospitals .*num_hospitals is 2; partition = auto"):
+        partition(records, 2, "auto")
+
+
+def test_resolve_partition() -> None:
+    # Prepare
+    records = _split_cohort(4)
+    named = [r.with_(hospital="A" if r.label else "B") for r in records]
+    partly = named[:5] + records[5:]
+
+    # Execute / Assert
+    assert [resolve_partition(records, m) for m in ("auto", "natural", "iid", "dirichlet")] == [
+        "iid", "natural", "iid", "dirichlet"]
+    assert resolve_partition(named, "auto") == "natural"
+    with pytest.raises(ValueError, match=f"partition = auto: {len(records) - 5} of {len(records)} "
+                                         "records have no hospital"):
+        resolve_partition(partly, "auto")
+    with pytest.raises(ValueError, match="unknown partition method 'by-grade'"):
+        resolve_partition(records, "by-grade")
+    with pytest.raises(ValueError, match="natural partition needs a hospital on every record"):
+        partition(records, 2, "natural")  # explicit natural keeps its message
 
 
 def test_partition_iid_is_balanced() -> None:
