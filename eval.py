@@ -1,6 +1,9 @@
 """Evaluate a checkpoint on a split of the data (default: the run's own test split).
 
     python eval.py --checkpoint runs/demo/checkpoint.pt [--data PATH] [--split test] [--out DIR]
+
+A checkpoint that is missing, corrupt, lacks its config or class names, or whose weights do not fit
+the model its config describes is refused with one line (exit code 2) before any data is read.
 """
 from __future__ import annotations
 
@@ -24,13 +27,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, check every input, evaluate; returns the exit code (2: a bad input, one line on stderr)."""
     args = parse_args(argv)
+    from data.files import WriteError
     from fedsim.evaluate import EvalError, evaluate_checkpoint
     from fedsim.logger import print_error
 
     try:
         evaluate_checkpoint(args)
-    except (EvalError, ConfigError, FileNotFoundError, ValueError) as err:
+    except (EvalError, ConfigError, FileNotFoundError, ValueError, WriteError) as err:
         print_error("eval.py: error", err)
         return 2
     return 0

@@ -3,6 +3,12 @@
 Precedence: dataclass defaults < ``--config`` TOML preset < ``--set key=value``
 < the named flags (``--rounds`` ...). The resolved tree is written to the run
 directory as ``config.json``; its hash guards resume.
+
+Every value is checked when the tree is built, each problem one :class:`ConfigError`
+line naming the field: TOML types strictly (no boolean for a count, no list for a
+path), every float finite, every number within its documented range (bounds far above
+real use, that stop what the code cannot use). :func:`check_inputs` then checks the
+files the config names, before any work.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from data.files import write_atomic
 from data.sites import MAX_SITE_SHIFT
 
 
@@ -33,10 +40,58 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{name} = {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
 
 
+def _show(value: Any) -> str:
+    """``repr`` of a value in an error, cut short when it is a huge number or a long text."""
+    text = repr(value)
+    if len(text) <= 40:
+        return text
+    if isinstance(value, int):
+        return f"{text[:6]}...({len(str(abs(value)))} digits)"
+    return text[:37] + "..."
+
+
 def _at_least(name: str, value: float, low: float, inclusive: bool = True) -> None:
-    ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float is still finite
+        finite = True
+    ok = finite and (value >= low if inclusive else value > low)
     if not ok:
-        raise ConfigError(f"{name} = {value!r} must be a finite number {'>=' if inclusive else '>'} {low}")
+        raise ConfigError(f"{name} = {_show(value)} must be a finite number {'>=' if inclusive else '>'} {low}")
+
+
+def _num(value: float) -> str:
+    """A bound as people write it: 65536, 1e+04 -> 10000, 4294967295."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _within(name: str, value: float, low: float, high: float, inclusive: bool = True) -> None:
+    """``low <= value <= high`` (``low < value`` unless inclusive), finite; one line naming the field and the range."""
+    _at_least(name, value, low, inclusive)
+    if value > high:
+        raise ConfigError(f"{name} = {_show(value)} is too large: it must lie in "
+                          f"{'[' if inclusive else '('}{_num(low)}, {_num(high)}]")
+
+
+#: Upper bounds. They stop values the code cannot use (overflow, absurd allocations), far above real use.
+MAX_SIDE = 8192  # patch sides and fields of view, pixels
+MAX_PATCHES = 4096  # patch pairs per image
+MAX_COUNT = 100_000  # rounds
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536
+MAX_HIDDEN = 65_536
+MAX_HOSPITALS = 4096
+MAX_WORKERS = 256
+MAX_CHECKPOINTS = 10_000
+MAX_XAI = 1000
+MAX_SYNTHETIC = 1000  # synthetic patients per grade, images per patient
+MAX_LR = 10.0
+MAX_WEIGHT_DECAY = 10.0
+MAX_MU = 1e4
+MAX_MIXUP = 1000.0
+MAX_DIRICHLET = 1e6
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding range; torch.manual_seed and SeedSequence take it too
+PARTITIONS = ("auto", "natural", "iid", "dirichlet")
 
 
 @dataclass(kw_only=True)
@@ -44,16 +99,16 @@ class SyntheticConfig:
     """The embedded synthetic dataset, used when ``data.path`` is empty."""
 
     patients_per_grade: int = 4
-    """Patients per grade and hospital."""
+    """Patients per grade and hospital, 3..1000."""
     images_per_patient: int = 4
-    """Images per patient, spread over the magnifications."""
+    """Images per patient, spread over the magnifications, 1..1000."""
     image_size: int = 800
-    """Side of each square image in pixels (CRC-HGD images are 800x800)."""
+    """Side of each square image in pixels, 64..8192 (CRC-HGD images are 800x800)."""
 
     def __post_init__(self) -> None:
-        _at_least("data.synthetic.patients_per_grade", self.patients_per_grade, 3)
-        _at_least("data.synthetic.images_per_patient", self.images_per_patient, 1)
-        _at_least("data.synthetic.image_size", self.image_size, 64)
+        _within("data.synthetic.patients_per_grade", self.patients_per_grade, 3, MAX_SYNTHETIC)
+        _within("data.synthetic.images_per_patient", self.images_per_patient, 1, MAX_SYNTHETIC)
+        _within("data.synthetic.image_size", self.image_size, 64, MAX_SIDE)
 
 
 @dataclass(kw_only=True)
@@ -61,37 +116,42 @@ class DataConfig:
     """Where images come from and how they become patch pairs."""
 
     path: str = ""
-    """CRC-HGD-style folder, a folder with manifest.csv, or a manifest CSV; empty = embedded synthetic data."""
+    """CRC-HGD-style folder, a folder with manifest.csv, or a manifest CSV (it must exist); empty = embedded
+    synthetic data."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     classes: list[str] = field(default_factory=lambda: ["Grade I", "Grade II", "Grade III"])
-    """Classes to use, in label order; add "Normal" / "Mixed" for CRC-HGD's extra folders."""
+    """Classes to use, in label order (at least two, no two alike ignoring case); add "Normal" / "Mixed"
+    for CRC-HGD's extra folders."""
     num_hospitals: int = 0
-    """Hospitals in the federation; 0 = the world size (federated) or 3 (centralized)."""
-    partition: str = "natural"
-    """natural (manifest hospital column), iid or dirichlet (label skew)."""
+    """Hospitals in the federation, 0..4096; 0 = the world size (federated) or 3 (centralized)."""
+    partition: str = "auto"
+    """How images are assigned to hospitals: auto (natural when every image has a hospital, else
+    stratified iid), natural (the manifest's hospital column), iid (patients dealt out per split and
+    grade) or dirichlet (label skew)."""
     dirichlet_alpha: float = 0.5
-    """Concentration of the Dirichlet label skew; small = more skewed."""
+    """Concentration of the Dirichlet label skew, in (0, 1e6]; small = more skewed."""
     split: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     """Train/val/test fractions of patients."""
     patient_regex: str = ""
     """Regex on the file stem giving the patient id when the data has none."""
     context_size: int = 320
-    """Side of the context patch fed to the network."""
+    """Side of the context patch fed to the network, 1..8192 pixels."""
     detail_size: int = 224
-    """Side of the detail patch fed to the network (native resolution)."""
+    """Side of the detail patch fed to the network (native resolution), 1..8192 pixels."""
     context_fov: int = 320
-    """Native pixels covered by the context patch, resized to context_size (wider = more context)."""
+    """Native pixels covered by the context patch, resized to context_size (wider = more context), 1..8192."""
     patches_per_image: int = 4
-    """Patch pairs drawn per training image."""
+    """Patch pairs drawn per training image, 1..4096."""
     eval_patches_per_image: int = 4
-    """Patch pairs drawn per validation/test image (their probabilities are averaged)."""
+    """Patch pairs drawn per validation/test image (their probabilities are averaged), 1..4096."""
     min_tissue: float = 0.5
     """Minimum tissue fraction of a detail window for its centre to be sampled."""
     stain: str = "macenko"
     """Stain normalization: macenko, reinhard or none."""
     stain_reference: str = ""
-    """Image to fit the stain normalizer to; empty = the built-in reference (Macenko: the published
-    constants; Reinhard: the Lab statistics of a real H&E region after Macenko, see data/stain.py)."""
+    """Image file to fit the stain normalizer to (it must exist and be readable); empty = the built-in
+    reference (Macenko: the published constants; Reinhard: the Lab statistics of a real H&E region after
+    Macenko, see data/stain.py)."""
     site_shift: float = 0.0
     """Simulated lab differences per hospital (stain vectors, dye strength, light, blur, JPEG); 0 = off, 1 = typical."""
     stain_on_device: bool = False
@@ -99,7 +159,7 @@ class DataConfig:
     cache_dir: str = ""
     """Where decoded, normalized patch pairs are cached; empty = $FEDSIM_CACHE or ~/.cache/fedsim."""
     num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank, 0..256."""
     augment: bool = True
     """Random flips, 90-degree rotations and light colour jitter in training."""
     only_hospital: str = ""
@@ -108,23 +168,34 @@ class DataConfig:
     def __post_init__(self) -> None:
         if isinstance(self.synthetic, dict):
             self.synthetic = SyntheticConfig(**self.synthetic)
-        _choice("data.partition", self.partition, ("natural", "iid", "dirichlet"))
+        _choice("data.partition", self.partition, PARTITIONS)
         _choice("data.stain", self.stain, ("macenko", "reinhard", "none"))
-        _at_least("data.num_hospitals", self.num_hospitals, 0)
-        _at_least("data.dirichlet_alpha", self.dirichlet_alpha, 0.0, inclusive=False)
+        _within("data.num_hospitals", self.num_hospitals, 0, MAX_HOSPITALS)
+        _within("data.dirichlet_alpha", self.dirichlet_alpha, 0.0, MAX_DIRICHLET, inclusive=False)
         if not 0 <= self.site_shift <= MAX_SITE_SHIFT:
             raise ConfigError(f"data.site_shift = {self.site_shift!r} must lie in [0, {MAX_SITE_SHIFT:g}] "
                               "(0 = off, 1 = typical)")
         if len(self.split) != 3 or not all(math.isfinite(f) and f >= 0 for f in self.split) \
                 or abs(sum(self.split) - 1) > 1e-6:
             raise ConfigError(f"data.split = {self.split} must be three non-negative fractions summing to 1")
-        for name in ("context_size", "detail_size", "context_fov", "patches_per_image", "eval_patches_per_image"):
-            _at_least(f"data.{name}", getattr(self, name), 1)
+        for name in ("context_size", "detail_size", "context_fov"):
+            _within(f"data.{name}", getattr(self, name), 1, MAX_SIDE)
+        for name in ("patches_per_image", "eval_patches_per_image"):
+            _within(f"data.{name}", getattr(self, name), 1, MAX_PATCHES)
         if not 0 <= self.min_tissue <= 1:
             raise ConfigError(f"data.min_tissue = {self.min_tissue} must lie in [0, 1]")
-        _at_least("data.num_workers", self.num_workers, 0)
+        _within("data.num_workers", self.num_workers, 0, MAX_WORKERS)
         if len(self.classes) < 2:
             raise ConfigError(f"data.classes = {self.classes} must name at least two classes")
+        seen: dict[str, str] = {}
+        for name in self.classes:
+            if not name.strip():
+                raise ConfigError(f"data.classes = {self.classes} holds an empty class name")
+            key = name.strip().casefold()
+            if key in seen:
+                how = "" if seen[key] == name else f" ({seen[key]!r} and {name!r} differ only in case or spaces)"
+                raise ConfigError(f"data.classes = {self.classes} names {seen[key]!r} twice{how}")
+            seen[key] = name
         try:
             re.compile(self.patient_regex)
         except re.error as err:
@@ -140,15 +211,16 @@ class ModelConfig:
     scales: str = "dual"
     """dual (context + detail), detail or context (single-stream ablation)."""
     hidden: int = 512
-    """Width of the Dense layer of the head."""
+    """Width of the Dense layer of the head, 1..65536."""
     dropout: float = 0.5
     """Dropout before the last layer."""
     pretrained: str = ""
-    """Local weights (safetensors or a state dict) for the backbones; nothing is downloaded."""
+    """Local weights (safetensors or a state dict) for the backbones (the file must exist and fit the
+    backbone); nothing is downloaded."""
 
     def __post_init__(self) -> None:
         _choice("model.scales", self.scales, ("dual", "detail", "context"))
-        _at_least("model.hidden", self.hidden, 1)
+        _within("model.hidden", self.hidden, 1, MAX_HIDDEN)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout = {self.dropout} must lie in [0, 1)")
         if not self.backbone:
@@ -162,21 +234,21 @@ class TrainConfig:
     mode: str = "federated"
     """federated (one hospital per rank) or centralized (all hospitals' data pooled)."""
     rounds: int = 10
-    """Communication rounds."""
+    """Communication rounds, 1..100000."""
     local_epochs: int = 3
-    """Local epochs per round (centralized: epochs between evaluations)."""
+    """Local epochs per round (centralized: epochs between evaluations), 1..10000."""
     batch_size: int = 16
-    """Patch pairs per optimizer step on each rank."""
+    """Patch pairs per optimizer step on each rank, 1..65536."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum)."""
+    """Micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum), 1..65536."""
     lr: float = 3e-4
-    """Adam learning rate."""
+    """Adam learning rate, in (0, 10]."""
     weight_decay: float = 1e-4
-    """Adam weight decay (L2)."""
+    """Adam weight decay (L2), in [0, 10]."""
     mu: float = 0.01
-    """FedProx proximal weight; 0 = plain FedAvg."""
+    """FedProx proximal weight, in [0, 1e4]; 0 = plain FedAvg."""
     mixup_alpha: float = 0.2
-    """MixUp Beta(alpha, alpha); 0 disables MixUp."""
+    """MixUp Beta(alpha, alpha), alpha in [0, 1000]; 0 disables MixUp."""
     bn: str = "average"
     """average (FedAvg of BatchNorm too) or local (FedBN)."""
     dropout: float = 0.0
@@ -188,11 +260,13 @@ class TrainConfig:
     simulate_nan: list[str] = field(default_factory=list)
     """Fault simulation: these hospitals' local updates turn NaN every round (the update guard must catch it)."""
     simulate_crash: str = ""
-    """Fault simulation: "H2:3" kills hospital H2's process (SIGKILL) in the middle of round 3, once per run directory."""
+    """Fault simulation: "H2:3" kills hospital H2's process (SIGKILL) in the middle of round 3, once per run directory;
+    "H1:3:POINT" kills it at POINT of round 3's commit sequence instead: before-checkpoint, checkpoint (during its
+    write) or after-checkpoint (rank 0, the writer, is the one that matters there)."""
     simulate_hang: str = ""
     """Fault simulation: "H2:3" makes hospital H2 stop responding in round 3 (the timeout must name it)."""
     seed: int = 0
-    """Every random draw derives from (seed, round, client)."""
+    """Every random draw derives from (seed, round, client); 0..2**32-1 (4294967295)."""
     device: str = "auto"
     """auto (CUDA when present), cuda or cpu."""
     precision: str = "auto"
@@ -200,36 +274,41 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model (GPU runs)."""
     timeout_s: float = 1800.0
-    """Collective timeout: a hung rank ends the run with an error instead of hanging it."""
+    """Collective timeout, 1..1e7 seconds: a hung rank ends the run with an error instead of hanging it."""
     keep_checkpoints: int = 3
-    """Round checkpoints kept in OUT/checkpoints (the latest is also OUT/checkpoint.pt)."""
+    """Round checkpoints kept in OUT/checkpoints (the latest is also OUT/checkpoint.pt), 1..10000."""
     resume: bool = False
     """Expect to continue a run: warn when OUT has no checkpoint. Continuing does not need it: a run on a
     directory with round checkpoints of the same config always continues after the last one."""
     xai_per_grade: int = 2
-    """Grad-CAM panels per grade written by each hospital at the end (OUT/xai/<hospital>/); 0 = none."""
+    """Grad-CAM panels per grade written by each hospital at the end (OUT/xai/<hospital>/), 0..1000; 0 = none."""
 
     def __post_init__(self) -> None:
         _choice("train.mode", self.mode, ("federated", "centralized"))
         _choice("train.bn", self.bn, ("average", "local"))
         _choice("train.device", self.device, ("auto", "cuda", "cpu"))
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
-        for name in ("rounds", "local_epochs", "batch_size", "grad_accum", "keep_checkpoints"):
-            _at_least(f"train.{name}", getattr(self, name), 1)
-        _at_least("train.lr", self.lr, 0.0, inclusive=False)
-        for name in ("weight_decay", "mu", "mixup_alpha"):
-            _at_least(f"train.{name}", getattr(self, name), 0.0)
+        for name, high in (("rounds", MAX_COUNT), ("local_epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH),
+                           ("grad_accum", MAX_BATCH), ("keep_checkpoints", MAX_CHECKPOINTS)):
+            _within(f"train.{name}", getattr(self, name), 1, high)
+        _within("train.lr", self.lr, 0.0, MAX_LR, inclusive=False)
+        for name, high in (("weight_decay", MAX_WEIGHT_DECAY), ("mu", MAX_MU), ("mixup_alpha", MAX_MIXUP)):
+            _within(f"train.{name}", getattr(self, name), 0.0, high)
         _at_least("train.timeout_s", self.timeout_s, 1.0)
         if self.timeout_s > 1e7:  # timedelta and the stores cap it; 1e7 s is 115 days
             raise ConfigError(f"train.timeout_s = {self.timeout_s!r} must be at most 1e7 seconds")
         for name in ("simulate_crash", "simulate_hang"):
             value = getattr(self, name)
-            if value and not re.fullmatch(r"[^:]+:[1-9][0-9]*", value):
-                raise ConfigError(f"train.{name} = {value!r} must look like HOSPITAL:ROUND, e.g. H2:3")
+            points = "training|before-checkpoint|checkpoint|after-checkpoint" if name == "simulate_crash" else "training"
+            if value and not re.fullmatch(rf"[^:]+:[1-9][0-9]*(:({points}))?", value):
+                raise ConfigError(f"train.{name} = {value!r} must look like HOSPITAL:ROUND, e.g. H2:3"
+                                  + (" (or HOSPITAL:ROUND:POINT, POINT one of " + points.replace("|", ", ") + ")"
+                                     if name == "simulate_crash" else ""))
         for name in ("dropout", "straggler"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"train.{name} = {getattr(self, name)} must be a probability in [0, 1]")
-        _at_least("train.seed", self.seed, 0)
+        _within("train.seed", self.seed, 0, MAX_SEED)
+        _within("train.xai_per_grade", self.xai_per_grade, 0, MAX_XAI)
 
 
 @dataclass(kw_only=True)
@@ -237,10 +316,14 @@ class RunConfig:
     """The whole run."""
 
     out: str = "runs/latest"
-    """Run directory: config.json, metrics.jsonl, checkpoint.pt, tb/, final.json."""
+    """Run directory: config.json, metrics.jsonl, checkpoint.pt, tb/, final.json; must not be empty."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not str(self.out).strip():
+            raise ConfigError(f"out = {self.out!r} must name a run directory")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-ready dict."""
@@ -282,30 +365,76 @@ def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _describe(value: Any) -> str:
+    """How a wrong value is shown in an error: its TOML kind, and the value when short."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        text = repr(list(value))
+        return f"the list {text}" if len(text) <= 60 else f"a list of {len(value)} values"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check/convert one value to its annotated type, with a one-line error."""
+    """Check one value against its annotated type, strictly, with a one-line error.
+
+    A string field takes strings only, a count integers only (no booleans: ``true``
+    is not 1), a float field numbers (integers included), a boolean ``true``/``false``
+    (or yes/no/on/off/1/0 written as a string); a numeric field also takes a string
+    that spells a number. Lists take lists, or a comma-separated string.
+    """
     origin = get_origin(hint)
     if origin is list:
         (inner,) = get_args(hint)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        return [_coerce(name, v, inner) for v in value]
-    try:
-        if hint is bool:
+            raise ConfigError(f"{name} must be a list, got {_describe(value)}")
+        return [_coerce(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
+    wrong = ConfigError(f"{name} must be {_KINDS.get(hint, hint.__name__)}, got {_describe(value)}")
+    if hint is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    if hint is bool:
+        try:
             return _to_bool(value)
-        if hint is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return hint(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be of type {hint.__name__}, got {value!r}") from None
+        except ValueError:
+            raise wrong from None
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise wrong
+        if isinstance(value, str):
+            try:
+                value = int(value.strip(), 10) if hint is int else float(value)
+            except ValueError:
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise wrong from None
+        if hint is int and isinstance(value, float):
+            if not value.is_integer():
+                raise wrong
+            value = int(value)
+        try:
+            return hint(value)
+        except OverflowError:
+            raise ConfigError(f"{name} = {_show(value)} is too large for a number") from None
+    raise ConfigError(f"{name}: unsupported setting type {hint!r}")  # pragma: no cover - a config field of a new type
 
 
 def _to_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
+    if not isinstance(value, str):
+        raise ValueError(value)
+    text = value.strip().lower()
     if text in ("1", "true", "yes", "on"):
         return True
     if text in ("0", "false", "no", "off"):
@@ -314,12 +443,23 @@ def _to_bool(value: Any) -> bool:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML preset with a one-line error for a missing or malformed file."""
+    """Read a TOML preset; a missing, unreadable, non-UTF-8 or malformed file is one line naming it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        return tomllib.loads(path.read_text())
+        blob = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        text = blob.decode("utf-8-sig")  # a byte-order mark, as some editors write, is no error
+    except UnicodeDecodeError as err:
+        decoded = bytes(err.object)  # the bytes after a byte-order mark, which err.start counts in
+        line = decoded[: err.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} is not UTF-8 (line {line}: byte 0x{decoded[err.start]:02x}); "
+                          "save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
 
@@ -335,16 +475,44 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def field_type(key: str) -> Any:
+    """The annotated type of a dotted config key (``"data.path"`` -> str), or None if there is no such field."""
+    cls: Any = RunConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hint = get_type_hints(cls).get(part)
+        if hint is None:
+            return None
+        if i == len(parts) - 1:
+            return hint
+        cls = hint
+    return None
+
+
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """``"train.mu=0.1"`` -> ("train.mu", 0.1); the value is read as TOML, else kept as a string."""
+    """``"train.mu=0.1"`` -> ("train.mu", 0.1): the value is read as TOML, else kept as a string.
+
+    For a text field (``data.path=/x``, ``data.only_hospital=2``) and a list of texts an unquoted
+    value stays the text as written; a quoted one is read as TOML (``train.simulate_crash='"H2:3"'``).
+    A boolean field also takes 1/0, yes/no, on/off.
+    """
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
+    key = key.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip(), value
+        return key, raw
+    hint = field_type(key)
+    textual = hint is str or (get_origin(hint) is list and get_args(hint) == (str,))
+    if textual and not isinstance(value, (str, list)):
+        return key, raw  # a number, boolean or date written where text is expected: the text itself
+    if hint is bool and not isinstance(value, bool):
+        return key, raw  # --set train.compile=1 / yes: the word decides
+    return key, value
 
 
 def resolve(preset: str | None, assignments: list[tuple[str, Any]]) -> RunConfig:
@@ -355,9 +523,46 @@ def resolve(preset: str | None, assignments: list[tuple[str, Any]]) -> RunConfig
     return from_dict(tree)
 
 
+def check_inputs(cfg: RunConfig) -> None:
+    """Refuse, before any work, files named in the config that are missing or unreadable.
+
+    Checks ``data.path`` (exists), ``data.stain_reference`` (a readable file) and
+    ``model.pretrained`` (a readable file whose tensors fit ``model.backbone``).
+
+    Raises:
+        ConfigError: one line naming the field and the file.
+        ValueError: ``model.backbone`` is not a timm model (checked when weights are to be loaded into it).
+    """
+    data = cfg.data
+    if data.path and not Path(data.path).exists():
+        raise ConfigError(f"data.path = {data.path!r}: data path does not exist")
+    for name, value in (("data.stain_reference", data.stain_reference), ("model.pretrained", cfg.model.pretrained)):
+        if value:
+            _readable_file(name, value)
+    if cfg.model.pretrained:
+        from models import check_backbone, check_pretrained
+
+        check_backbone(cfg.model.backbone)  # ValueError naming model.backbone
+        try:
+            check_pretrained(cfg.model.backbone, cfg.model.scales, cfg.model.pretrained,
+                             len(cfg.data.classes), cfg.model.hidden)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"model.pretrained: {err}") from None
+
+
+def _readable_file(name: str, value: str) -> None:
+    path = Path(value)
+    if not path.exists():
+        raise ConfigError(f"{name} = {value!r} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{name} = {value!r} is not a file")
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as err:
+        raise ConfigError(f"{name} = {value!r} cannot be read: {err.strerror or err}") from None
+
+
 def save(cfg: RunConfig, path: str | Path) -> None:
-    """Write the resolved config as JSON (atomically)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    """Write the resolved config as JSON (atomically: temporary file, fsync, rename)."""
+    write_atomic(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")

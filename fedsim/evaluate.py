@@ -16,11 +16,11 @@ from data.splits import split_by_patient
 from data.synthetic import generate
 from fedsim import checkpoint, metrics
 from fedsim.client import StepSettings, predict
-from fedsim.config import from_dict
+from fedsim.config import ConfigError, from_dict
 from fedsim.datasetup import cache_root, cache_spec, device_normalizer, synthetic_root, synthetic_spec
 from fedsim.dist import choose_backend
 from fedsim.logger import setup_logging, write_json
-from models import build_model
+from models import build_model, check_backbone, state_mismatch
 
 log = logging.getLogger("fedsim.eval")
 
@@ -29,23 +29,131 @@ class EvalError(RuntimeError):
     """The evaluation cannot run (bad checkpoint, empty split)."""
 
 
-def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the evaluation described by eval.py's arguments; returns the eval.json content."""
-    setup_logging("eval")
+#: Top-level keys of every test report: eval.json and final.json alike.
+REPORT_KEYS: tuple[str, ...] = ("image", "patch", "accuracy", "n_images", "n_patches", "per_hospital_accuracy")
+#: Keys of each level's summary (``report["image"]``, ``report["patch"]``), as metrics.summarize gives them.
+LEVEL_KEYS: tuple[str, ...] = ("n", "accuracy", "balanced_accuracy", "macro_f1", "qwk", "per_class_recall",
+                               "per_class_precision", "per_magnification_accuracy", "per_hospital_accuracy",
+                               "confusion_matrix", "ci95")
+#: The count each level carries under its own name too.
+LEVEL_COUNTS: dict[str, str] = {"image": "n_images", "patch": "n_patches"}
+#: The metrics with a 95% interval in ``ci95``.
+CI_KEYS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "qwk")
+
+
+def check_report_schema(report: dict[str, Any]) -> list[str]:
+    """The keys an eval.json / final.json lacks, dotted (``image.qwk``, ``patch.ci95.accuracy``); [] when complete."""
+    if not isinstance(report, dict):
+        return list(REPORT_KEYS)
+    missing = [key for key in REPORT_KEYS if key not in report]
+    for level, count in LEVEL_COUNTS.items():
+        summary = report.get(level)
+        if not isinstance(summary, dict):
+            continue
+        missing += [f"{level}.{key}" for key in (*LEVEL_KEYS, count) if key not in summary]
+        ci = summary.get("ci95")
+        if isinstance(ci, dict):
+            missing += [f"{level}.ci95.{key}" for key in CI_KEYS if key not in ci]
+    return missing
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """Add the top-level figures final.json has (image level): accuracy, n_images, n_patches, per_hospital_accuracy."""
+    result["accuracy"] = result["image"]["accuracy"]
+    result["n_images"] = result["image"]["n"]
+    result["n_patches"] = result["patch"]["n"]
+    result["per_hospital_accuracy"] = result["image"]["per_hospital_accuracy"]
+    return result
+
+
+def _one_line(text: str, limit: int = 240) -> str:
+    """The first line of an error text, cut to ``limit`` characters (torch's load errors run to paragraphs)."""
+    line = text.strip().splitlines()[0].rstrip() if text.strip() else text
+    if len(line) > limit:
+        line = line[:limit].rstrip() + "..."
+    if line.count("(") > line.count(")"):
+        line += ")"
+    return line
+
+
+def load_checked(path: str | Path) -> tuple[dict[str, Any], Any, list[str]]:
+    """A checkpoint, its config and class names, checked before any work.
+
+    Raises:
+        EvalError: one line: missing or corrupt file, no ``config`` or ``class_names``, a config that
+            does not resolve, weights that do not fit the model its config describes.
+    """
     try:
-        state = checkpoint.load(args.checkpoint)
+        state = checkpoint.load(path)
     except checkpoint.CheckpointError as err:
-        raise EvalError(str(err)) from None
-    cfg = from_dict(state["config"])
-    class_names = list(state["class_names"])
-    _, device, _ = choose_backend(args.device, 1)
+        raise EvalError(_one_line(str(err))) from None
+    lacking = [key for key in ("config", "class_names") if key not in state]
+    if lacking:
+        raise EvalError(f"checkpoint {path} lacks {' and '.join(lacking)}: not a checkpoint written by train.py")
+    if not isinstance(state["config"], dict):
+        raise EvalError(f"checkpoint {path}: its config is not a table of settings")
+    names = state["class_names"]
+    if not isinstance(names, (list, tuple)) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        raise EvalError(f"checkpoint {path}: class_names must be a list of at least two names, got {names!r}")
+    if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise EvalError(f"checkpoint {path}: its model entry is not a state dict of tensors")
+    try:
+        cfg = from_dict(state["config"])
+    except ConfigError as err:
+        raise EvalError(f"checkpoint {path}: its config is not valid here: {err}") from None
+    try:
+        check_backbone(cfg.model.backbone)
+    except ValueError as err:
+        raise EvalError(f"checkpoint {path}: {err}") from None
+    return state, cfg, list(names)
+
+
+def fitted_model(state: dict[str, Any], cfg, class_names: list[str], path: str | Path) -> torch.nn.Module:
+    """The network the checkpoint's config describes, with the checkpoint's weights.
+
+    Raises:
+        EvalError: the weights do not fit (another backbone, scales, head width or class count), one line
+            with the first missing and unexpected keys and shape mismatches.
+    """
+    with torch.device("meta"):  # shapes only: a mismatch is found without allocating the model
+        probe = build_model(cfg.model.backbone, cfg.model.scales, len(class_names), cfg.model.hidden)
+    problem = state_mismatch(probe.state_dict(), state["model"])
+    if problem:
+        raise EvalError(f"checkpoint {path} does not fit the {cfg.model.scales}-stream {cfg.model.backbone} model "
+                        f"of its config ({len(class_names)} classes, hidden {cfg.model.hidden}): {problem}")
     model = build_model(cfg.model.backbone, cfg.model.scales, len(class_names), cfg.model.hidden, cfg.model.dropout)
     model.load_state_dict(state["model"])
+    return model
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the evaluation described by eval.py's arguments; returns the eval.json content.
+
+    Every input is checked before any work: the checkpoint (exists, loads, has a config and class
+    names, its weights fit the model of its config), ``--data`` (exists), ``--batch-size`` and
+    ``--bootstrap``; each problem is an :class:`EvalError` of one line.
+    """
+    setup_logging("eval")
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.bootstrap < 0:
+        raise EvalError(f"--bootstrap {args.bootstrap} must be 0 (no intervals) or more")
+    if args.data and not Path(args.data).exists():
+        raise EvalError(f"--data {args.data}: data path does not exist")
+    state, cfg, class_names = load_checked(args.checkpoint)
+    if not args.data and cfg.data.path and not Path(cfg.data.path).exists():
+        raise EvalError(f"the run's data path {cfg.data.path} (data.path of the checkpoint's config) does not exist; "
+                        "give --data")
+    if not args.data and not cfg.data.path and not isinstance(state.get("hospitals"), (list, tuple)):
+        raise EvalError(f"checkpoint {args.checkpoint} lacks hospitals, needed to regenerate its synthetic data; "
+                        "give --data")
+    _, device, _ = choose_backend(args.device, 1)
+    model = fitted_model(state, cfg, class_names, args.checkpoint)
     model.to(device)
-    dataset = _dataset(cfg, args, class_names, len(state["hospitals"]))
+    dataset = _dataset(cfg, args, class_names, len(state.get("hospitals") or ()))
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_batch)
     probs, labels, idx = predict(model, loader, eval_settings(cfg, device))
-    result = summaries(dataset, probs, labels, idx, class_names, args.bootstrap, cfg.train.seed)
+    result = headline(summaries(dataset, probs, labels, idx, class_names, args.bootstrap, cfg.train.seed))
     result.update(checkpoint=str(args.checkpoint), split=args.split, round=int(state["round"]) + 1)
     if cfg.train.bn == "local":
         result["batchnorm_of"] = _fedbn_caveat(state)

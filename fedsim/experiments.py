@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import math
-import os
 import shlex
 import statistics
 import subprocess
@@ -39,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fedsim.config import ConfigError, DataConfig, RunConfig
+from data.files import write_atomic, write_with
+from fedsim.config import ConfigError, DataConfig, RunConfig, load_toml
 
 log = logging.getLogger("fedsim.experiments")
 
@@ -567,14 +567,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
-    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary file and rename it, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, buffer.getvalue())
 
 
 def write_results(plan: Plan, failed: dict[str, int]) -> list[dict[str, Any]]:
@@ -583,7 +576,7 @@ def write_results(plan: Plan, failed: dict[str, int]) -> list[dict[str, Any]]:
     rows = result_rows(plan, failed)
     write_csv(plan.out / "results.csv", rows)
     text = render_markdown(rows, plan)
-    atomic_write(plan.out / "results.md", lambda tmp: tmp.write_text(text))
+    write_atomic(plan.out / "results.md", text)
     render_png(plan.out / "results.png", summarize(rows, plan))
     return rows
 
@@ -631,7 +624,7 @@ def render_png(path: Path, table: dict[str, dict[str, dict[str, tuple[int, float
     for i, (group, stats) in enumerate(table.items()):
         origin = (width * (i % cols), LEGEND_HEIGHT + PANEL_HEIGHT * (i // cols))
         _panel(draw, font, origin, width, group, stats, low)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    write_with(path, lambda fh: image.save(fh, format="PNG"))
 
 
 def _legend(draw: Any, font: Any) -> int:
@@ -723,11 +716,16 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
     """Check the options and build the plan.
 
     Raises:
-        StudyError: On a missing preset or data path, or counts below one.
+        StudyError: On a missing, unreadable, non-UTF-8 or malformed preset, a missing data path,
+            or counts below one.
     """
     preset = Path(PRESETS.get(args.preset, args.preset)).resolve()
     if not preset.is_file():
         raise StudyError(f"--preset {args.preset}: no such preset or file (presets: {', '.join(PRESETS)})")
+    try:  # every run reads it: a preset that is not UTF-8 or not TOML stops the study before any plan
+        load_toml(preset)
+    except ConfigError as err:
+        raise StudyError(f"--preset {args.preset}: {err}") from None
     if args.seeds < 1 or args.nproc < 1:
         raise StudyError("--seeds and --nproc must be at least 1")
     if args.data and not Path(args.data).exists():

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from data.files import write_with
 
 __all__ = [
     "confusion_matrix",
@@ -579,9 +580,9 @@ def save_confusion_matrix_png(
     """Draw a confusion matrix as a PNG with Pillow.
 
     Cells are shaded by their row-normalised value (the fraction of that true
-    class) and show the count and that percentage. The file is written to a
-    temporary file in the same directory and moved into place, so a reader
-    never sees a half-written image.
+    class) and show the count and that percentage. The file is written
+    atomically (:func:`data.files.write_with`: temporary file, fsync, rename),
+    so a reader never sees a half-written image.
 
     Args:
         cm: ``(k, k)`` confusion matrix, rows = true class.
@@ -592,21 +593,13 @@ def save_confusion_matrix_png(
     Raises:
         ValueError: If ``cm`` is not a square count matrix or the number of
             names differs from its size.
+        data.files.WriteError: The disk is full or the folder cannot be written (one line).
     """
     m = _as_cm(cm)
     if len(class_names) != m.shape[0]:
         raise ValueError(f"{len(class_names)} class names for a {m.shape[0]}x{m.shape[0]} confusion matrix")
     image = _render_confusion_matrix(m, [str(n) for n in class_names], title)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cm-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_with(path, lambda fh: image.save(fh, format="PNG"))
 
 
 # --------------------------------------------------------------------------- #

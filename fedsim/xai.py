@@ -6,7 +6,6 @@ keeps the federation's privacy boundary intact.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from data.augment import to_float
+from data.files import write_with
 from models.gradcam import GradCAM, eval_mode, overlay
 
 #: Patch pairs explained per forward/backward pass: bounds memory with large backbones.
@@ -111,13 +111,9 @@ def compose_panel(tiles: Sequence[tuple[str, np.ndarray]], caption: str) -> np.n
 
 
 def save_png_atomic(rgb: np.ndarray, path: Path) -> None:
-    """Write a PNG through a temporary file and ``os.replace``: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(rgb).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write a PNG atomically (temporary file, fsync, rename): readers never see half a file."""
+    image = Image.fromarray(rgb)
+    write_with(path, lambda fh: image.save(fh, format="PNG"))
 
 
 def _caption(class_names: Sequence[str], label: int, probs: np.ndarray) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -55,6 +56,7 @@ class DualStreamNet(nn.Module):
         if scales not in STREAMS:
             raise ValueError(f"scales must be one of {', '.join(STREAMS)}; got {scales!r}")
         self.scales = scales
+        self.backbone_name = backbone
         self.streams = STREAMS[scales]
         self.context = make_backbone(backbone) if "context" in self.streams else None
         self.detail = make_backbone(backbone) if "detail" in self.streams else None
@@ -88,36 +90,135 @@ def build_model(backbone: str = "resnetrs50", scales: str = "dual", num_classes:
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors`` file or a torch file (``weights_only``)."""
+    """A state dict from a ``.safetensors`` file or a torch file (``weights_only``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: it cannot be read as weights, or holds no state dict of tensors (one line).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to unpickle or parse means unusable weights
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{path} cannot be read as weights ({type(err).__name__}: {first})") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds no state dict")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict of tensors")
     return state
 
 
-def load_pretrained(model: DualStreamNet, path: str | Path) -> None:
-    """Load a whole DualStreamNet state dict, or one backbone's weights into every stream."""
-    state = read_weights(path)
+#: Names listed per kind of difference in :func:`state_mismatch`.
+_SHOWN = 3
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(int(n)) for n in shape) + ")"
+
+
+def state_mismatch(wanted: dict[str, torch.Tensor], saved: dict[str, Any],
+                   ignore_unexpected: tuple[str, ...] = (), ignore_missing: tuple[str, ...] = ()) -> str:
+    """How ``saved`` fails to fit a module whose state dict is ``wanted``; "" when it fits exactly.
+
+    One line: ``N missing keys (a, b, ...), M unexpected (c, ...), K shape mismatches (name: saved (..)
+    vs model (..), ...)``, the first few names of each, and only the kinds that occur.
+
+    Args:
+        wanted: The module's ``state_dict()`` (tensors, or anything with a ``shape``).
+        saved: The state dict that would be loaded.
+        ignore_unexpected: Key prefixes of ``saved`` that may be left unused (a classifier the module lacks).
+        ignore_missing: Key suffixes that may be absent from ``saved`` (BatchNorm's ``num_batches_tracked``).
+    """
+    missing = [k for k in wanted if k not in saved and not (ignore_missing and k.endswith(ignore_missing))]
+    unexpected = [k for k in saved if k not in wanted and not (ignore_unexpected and k.startswith(ignore_unexpected))]
+    shapes = [(k, tuple(getattr(saved[k], "shape", ())), tuple(wanted[k].shape)) for k in wanted
+              if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(wanted[k].shape)]
+
+    def names(keys: list[str]) -> str:
+        more = ", ..." if len(keys) > _SHOWN else ""
+        return f" ({', '.join(keys[:_SHOWN])}{more})"
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key{'s' * (len(missing) != 1)}{names(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected{names(unexpected)}")
+    if shapes:
+        shown = ", ".join(f"{k}: saved {_shape(a)} vs model {_shape(b)}" for k, a, b in shapes[:_SHOWN])
+        more = ", ..." if len(shapes) > _SHOWN else ""
+        parts.append(f"{len(shapes)} shape mismatch{'es' * (len(shapes) != 1)} ({shown}{more})")
+    return ", ".join(parts)
+
+
+def _classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
+    """Key prefixes of the classifier that ``num_classes=0`` removed (``fc.``, ``head.fc.``): a backbone file
+    saved with its classifier still fits."""
+    names = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(f"{name}." for name in names)
+
+
+def _is_dual_state(state: dict[str, Any]) -> bool:
     # Stream prefixes mark a whole model; "head." alone does not (timm ConvNeXt / ViT classifiers are named head).
-    if any(k.startswith(("context.", "detail.")) for k in state):
-        model.load_state_dict(state)
+    return any(k.startswith(("context.", "detail.")) for k in state)
+
+
+def pretrained_mismatch(model: DualStreamNet, state: dict[str, Any]) -> str:
+    """"" when ``state`` (a whole DualStreamNet, or one backbone for every stream) fits ``model``, else why not."""
+    if _is_dual_state(state):
+        problem = state_mismatch(model.state_dict(), state, ignore_missing=("num_batches_tracked",))
+        return problem and f"does not fit a {model.scales}-stream {model.backbone_name} model: {problem}"
+    stream = getattr(model, model.streams[0])
+    problem = state_mismatch(stream.state_dict(), state, ignore_unexpected=_classifier_prefixes(stream),
+                             ignore_missing=("num_batches_tracked",))
+    return problem and f"does not fit the {model.backbone_name} backbone: {problem}"
+
+
+def load_pretrained(model: DualStreamNet, path: str | Path) -> None:
+    """Load a whole DualStreamNet state dict, or one backbone's weights into every stream.
+
+    The tensors must fit: every parameter and buffer present with its shape (a backbone's
+    classifier, which the streams lack, and BatchNorm batch counters excepted).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable weights, or weights of another model: one line with the first
+            missing and unexpected keys and shape mismatches, and their counts.
+    """
+    state = read_weights(path)
+    problem = pretrained_mismatch(model, state)
+    if problem:
+        raise ValueError(f"pretrained weights {path} {problem}")
+    if _is_dual_state(state):
+        model.load_state_dict(state, strict=False)  # checked above: only batch counters may be absent
         log.info("loaded dual-stream weights from %s", path)
         return
     for name in model.streams:
         stream = getattr(model, name)
         wanted = stream.state_dict()
-        usable = {k: v for k, v in state.items() if k in wanted and wanted[k].shape == v.shape}
-        if not usable:
-            raise ValueError(f"{path}: no tensor matches the {name} backbone's parameters")
-        stream.load_state_dict(usable, strict=False)
-        log.info("%s stream: %d/%d tensors loaded from %s", name, len(usable), len(wanted), path)
+        stream.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=False)
+        log.info("%s stream: %d/%d tensors loaded from %s", name, sum(k in state for k in wanted), len(wanted), path)
+
+
+def check_pretrained(backbone: str, scales: str, path: str | Path, num_classes: int = 3, hidden: int = 512) -> None:
+    """Check, before any work, that the weights in ``path`` fit the network (built on the meta device: cheap).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_pretrained`.
+    """
+    check_backbone(backbone)
+    state = read_weights(path)
+    with torch.device("meta"):
+        model = DualStreamNet(backbone, scales, num_classes=num_classes, hidden=hidden)
+    problem = pretrained_mismatch(model, state)
+    if problem:
+        raise ValueError(f"pretrained weights {path} {problem}")
