@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from fedsim.config import ConfigError, RunConfig, parse_assignment, resolve
@@ -31,7 +32,7 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--device", "train.device", str, "auto | cuda | cpu"),
     ("--precision", "train.precision", str, "auto | bf16 | fp32"),
     ("--stain", "data.stain", str, "macenko | reinhard | none"),
-    ("--partition", "data.partition", str, "natural | iid | dirichlet"),
+    ("--partition", "data.partition", str, "auto (natural when every image names its hospital, else iid) | natural | iid | dirichlet"),
     ("--num-hospitals", "data.num_hospitals", int, "hospitals (federated: must equal the number of ranks)"),
     ("--pretrained", "model.pretrained", str, "local backbone weights (.safetensors or torch state dict)"),
     ("--dropout", "train.dropout", float, "probability a client drops out of a round"),
@@ -65,9 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
     except ConfigError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
+        # Every rank parses the same command line: the line is printed once, by rank 0.
+        from fedsim.logger import report_error
+
+        report_error("train.py: error", err, os.environ.get("RANK", "0"))
         return 2
-    from fedsim.run import run_training  # heavy imports after the cheap checks
+    from fedsim.run import run_training
 
     return run_training(cfg)
 

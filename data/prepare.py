@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="CRC-HGD-style folder, folder with manifest.csv, or manifest CSV")
     p.add_argument("--out", required=True, help="cache folder (pass it to train.py as --set data.cache_dir=...)")
     p.add_argument("--hospitals", type=int, required=True, help="number of hospitals (ranks of the federated run)")
-    p.add_argument("--partition", default="natural", choices=["natural", "iid", "dirichlet"])
+    p.add_argument("--partition", default="auto", choices=["auto", "natural", "iid", "dirichlet"],
+                   help="auto (the default, as in training): natural when every image names its hospital, else iid")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (partition dirichlet)")
     p.add_argument("--seed", type=int, default=0, help="the run's train.seed: it fixes the split and the patch centres")
     p.add_argument("--split", type=float, nargs=3, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"))

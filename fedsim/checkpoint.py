@@ -4,13 +4,17 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from data.files import atomic_writer, storage_error
+
 log = logging.getLogger(__name__)
 _ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
+_TEMPORARY = re.compile(r"^\..+\.tmp\d+$")
 
 
 class CheckpointError(RuntimeError):
@@ -18,15 +22,48 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file, flush, fsync, rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """torch.save to a temporary file, flush, fsync, rename: a crash never leaves half a file.
+
+    Raises:
+        WriteError: the disk is full or the folder cannot be written (the temporary file is removed).
+    """
+    with atomic_writer(path, size_hint=state_bytes(obj)) as handle:
+        torch.save(obj, handle)
+        _simulated_crash(path)
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint state: what its file needs at least."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+#: Fault simulation (train.simulate_crash at "checkpoint"): the path whose write dies before its rename.
+CRASH_DURING: set[str] = set()
+
+
+def _simulated_crash(path: Path) -> None:
+    if str(path) in CRASH_DURING:
+        log.warning("simulated crash: killing this process (SIGKILL) while writing %s", path)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temporaries(out: str | Path) -> list[Path]:
+    """Delete the temporary files of writes that died (``.NAME.tmpPID``) in a run directory's checkpoint folders.
+
+    Called by the owner of the run directory only (it holds the lock, so no live writer owns them).
+    """
+    out = Path(out)
+    folders = [out, out / "checkpoints", *sorted((out / "clients").glob("*"))] if out.is_dir() else []
+    stale = [p for folder in folders if folder.is_dir() for p in folder.glob(".*.tmp*") if _TEMPORARY.match(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def save_round(state: dict[str, Any], out: str | Path, round_index: int, keep: int) -> Path:
@@ -57,9 +94,14 @@ def _link_latest(source: Path, latest: Path) -> None:
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
-    except OSError:
-        save_atomic(torch.load(source, map_location="cpu", weights_only=True), tmp)
-    os.replace(tmp, latest)
+    except OSError:  # no hard links here: a copy, written atomically itself
+        save_atomic(torch.load(source, map_location="cpu", weights_only=True), latest)
+        return
+    try:
+        os.replace(tmp, latest)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(err, latest) from None
 
 
 def list_rounds(out: str | Path) -> list[Path]:

@@ -18,7 +18,8 @@ from data.datasets import SkipReport, load_records
 from data.patches import PatchSpec
 from data.records import ImageRecord
 from data.sites import write_site_profiles
-from data.splits import count_table, hospital_names, partition, split_by_patient, write_splits_csv
+from data.splits import (count_table, hospital_names, missing_splits, partition, resolve_partition, split_by_patient,
+                         write_splits_csv)
 from data.synthetic import SyntheticSpec, default_root, generate
 from fedsim.config import ConfigError, RunConfig, save
 from fedsim.dist import DistInfo, barrier
@@ -55,6 +56,8 @@ class DataPlan:
     records: list[ImageRecord]
     mine: list[HospitalData]
     all_train_folders: list[Path]
+    scan_report: SkipReport = field(default_factory=SkipReport)
+    """Files skipped while reading the data (before any hospital's cache), as this rank saw them."""
 
 
 def num_hospitals(cfg: RunConfig, world_size: int) -> int:
@@ -101,17 +104,48 @@ def plan_data(cfg: RunConfig, info: DistInfo, out: Path) -> DataPlan:
     root = data_root(cfg, info, hospitals_wanted)
     records, report, class_names = load_records(root, cfg.data.classes, cfg.data.patient_regex or None)
     records = split_by_patient(records, cfg.data.split, cfg.train.seed, cfg.data.patient_regex or None)
-    records = partition(records, hospitals_wanted, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.train.seed)
+    method = resolve_partition(records, cfg.data.partition)
+    if method != cfg.data.partition:
+        if info.is_main:
+            log.info("data.partition = %s: %s (%s)", cfg.data.partition, method,
+                     "every image names its hospital" if method == "natural"
+                     else f"no hospital column: a stratified split into {hospitals_wanted} hospitals")
+        cfg.data.partition = method  # config.json and the checkpoints record what was done
+    records = partition(records, hospitals_wanted, method, cfg.data.dirichlet_alpha, cfg.train.seed)
     hospitals = hospital_names(records)
+    check_against_data(cfg, records, hospitals)
     trained = _trained_on(cfg, hospitals)
     if info.is_main:
         log.info("data: %d images, classes %s\n%s", len(records), ", ".join(class_names), count_table(records, class_names))
     mine_idx = [info.rank] if cfg.train.mode == "federated" else list(range(info.rank, len(hospitals), info.world_size))
     mine = [_cache_hospital(cfg, records, hospitals[i], i, info) for i in mine_idx]
-    if info.is_main and mine:
-        mine[0].report.merge(report)  # file-level skips are counted once, on rank 0
     barrier()  # centralized ranks read the caches others built
-    return DataPlan(class_names, hospitals, records, mine, [_folder(cfg, records, h, "train") for h in trained])
+    return DataPlan(class_names, hospitals, records, mine, [_folder(cfg, records, h, "train") for h in trained],
+                    scan_report=report)
+
+
+def check_against_data(cfg: RunConfig, records: list[ImageRecord], hospitals: list[str]) -> None:
+    """Settings that name hospitals or need splits, checked against the data before any image is cached.
+
+    Raises:
+        ConfigError: no validation or test images at all; a hospital name in the
+            fault settings that is not a hospital of this federation.
+    """
+    missing = [split for split in missing_splits(records) if split in ("val", "test")]
+    if missing:
+        names = {"val": "validation", "test": "test"}
+        raise ConfigError(f"the data has no {' and no '.join(names[m] for m in missing)} images among its "
+                          f"{len(records)} usable ones (data.split = {cfg.data.split}, or the manifest's split "
+                          "column): give each split some patients")
+    t = cfg.train
+    named = [("train.faulty_hospitals", name) for name in t.faulty_hospitals]
+    named += [("train.simulate_nan", name) for name in t.simulate_nan]
+    named += [(f"train.{key}", getattr(t, key).split(":")[0]) for key in ("simulate_crash", "simulate_hang")
+              if getattr(t, key)]
+    for key, name in named:
+        if name not in hospitals:
+            raise ConfigError(f"{key} names {name!r}, which is not a hospital of this federation; "
+                              f"choose from: {', '.join(hospitals)}")
 
 
 def _trained_on(cfg: RunConfig, hospitals: list[str]) -> list[str]:
@@ -173,11 +207,26 @@ def write_run_files(cfg: RunConfig, plan: DataPlan, out: Path) -> None:
         log.info("site profiles (data.site_shift = %g):\n%s", cfg.data.site_shift, "\n".join(lines))
 
 
-def write_data_report(out: Path, reports: list[dict]) -> None:
-    """``OUT/data_report.json``: skipped files by reason, per hospital and in total."""
+def hospital_folder(out: Path, hospital: str) -> Path:
+    """``OUT/hospitals/<name>``: what a hospital keeps on its own disk (file paths included)."""
+    return out / "hospitals" / hospital
+
+
+def write_hospital_report(out: Path, hospital: HospitalData) -> None:
+    """``OUT/hospitals/<name>/data_report.json``: the hospital's skipped files, by reason, with example paths."""
+    write_json(hospital_folder(out, hospital.name) / "data_report.json", hospital.report.to_dict())
+
+
+def write_data_report(out: Path, reports: list[dict], scan: SkipReport) -> None:
+    """``OUT/data_report.json``: skipped files counted by reason, per hospital and in total.
+
+    ``reports`` carry counts only (they crossed ranks); the paths stay in each
+    hospital's own report. ``scan`` is what this rank skipped while reading
+    the data, before any hospital's cache.
+    """
     total: dict[str, int] = {}
-    for entry in reports:
-        for reason, item in entry["report"]["reasons"].items():
-            total[reason] = total.get(reason, 0) + item["count"]
+    for counts in [scan.counts_only(), *(entry["report"] for entry in reports)]:
+        for reason, count in counts["reasons"].items():
+            total[reason] = total.get(reason, 0) + count
     write_json(out / "data_report.json", {"total_skipped": sum(total.values()), "by_reason": total,
-                                          "hospitals": reports})
+                                          "scan": scan.to_dict(), "hospitals": reports})

@@ -23,7 +23,8 @@ from fedsim import checkpoint, metrics
 from fedsim.aggregate import allreduce_mean_, fedavg
 from fedsim.client import StepSettings, local_proximal, make_optimizer, predict, train_epoch
 from fedsim.config import ConfigError, RunConfig
-from fedsim.datasetup import DataPlan, HospitalData, device_normalizer, plan_data, write_data_report, write_run_files
+from fedsim.datasetup import (DataPlan, HospitalData, device_normalizer, plan_data, write_data_report,
+                              write_hospital_report, write_run_files)
 from fedsim.dist import DistInfo, HungRanks, broadcast_object, broadcast_weights, gather_figures, wait_for_all
 from fedsim.drift import DriftTracker
 from fedsim.evaluate import levels, summaries
@@ -66,6 +67,8 @@ class Federation:
         self.logger = RunLogger(self.out, enabled=info.is_main)
         self.start_round = self._maybe_resume()
         if info.is_main:  # only now: a refused resume leaves the old run's files as they were
+            checkpoint.remove_stale_temporaries(self.out)  # writes that died with an earlier attempt
+            self.logger.start(self.start_round)  # what that attempt logged past its last checkpoint goes
             write_run_files(cfg, self.plan, self.out)
         if self.start_round == 0:
             broadcast_weights(self.flat.data)  # the same seed builds the same model, unless nodes run other builds
@@ -109,17 +112,19 @@ class Federation:
         self._load_local_state(state["round"])
         start = state["round"] + 1
         if self.info.is_main:
-            self.logger.truncate(start)  # rounds after the checkpoint will be logged again
             log.info("resuming after round %d from %s", start, chosen)
         return start
 
     def _report_data(self) -> None:
+        """Each hospital keeps its detailed skip report (with file paths) on its own disk; only counts cross ranks."""
+        for hospital in self.plan.mine:
+            write_hospital_report(self.out, hospital)
         reports = gather_figures({"hospitals": [h.name for h in self.plan.mine],
-                                  "report": [h.report.to_dict() for h in self.plan.mine]})
+                                  "report": [h.report.counts_only() for h in self.plan.mine]})
         if self.info.is_main:
             flat_reports = [{"hospital": name, "report": rep} for r in reports
                             for name, rep in zip(r["hospitals"], r["report"])]
-            write_data_report(self.out, flat_reports)
+            write_data_report(self.out, flat_reports, self.plan.scan_report)
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -216,12 +221,31 @@ class Federation:
         if cfg.simulate_hang == f"{hospital.name}:{r + 1}":
             log.warning("simulated hang: this hospital stops responding in round %d", r + 1)
             time.sleep(10**7)
-        if cfg.simulate_crash == f"{hospital.name}:{r + 1}":
-            marker = self.out / f".crashed-{hospital.name}-round{r + 1}"
-            if not marker.exists():
-                marker.touch()
-                log.warning("simulated crash: killing this process (SIGKILL) in round %d", r + 1)
-                os.kill(os.getpid(), signal.SIGKILL)
+        self._simulate_crash(r, "training")
+
+    def _simulate_crash(self, r: int, point: str) -> None:
+        """train.simulate_crash = "HOSPITAL:ROUND[:POINT]": SIGKILL this process there, once per run directory.
+
+        POINT is ``training`` (the default: in the middle of local training),
+        ``before-checkpoint`` (the round's metrics and events written, its
+        checkpoint not), ``checkpoint`` (the checkpoint written but not yet
+        renamed into place) or ``after-checkpoint``; the last three concern
+        rank 0, the writer of the run files.
+        """
+        hospital = self.client.hospital
+        parts = self.cfg.train.simulate_crash.split(":")
+        if hospital is None or parts[:2] != [hospital.name, str(r + 1)]:
+            return
+        where = parts[2] if len(parts) > 2 else "training"
+        marker = self.out / (f".crashed-{hospital.name}-round{r + 1}" + ("" if where == "training" else f"-{where}"))
+        if where != point or marker.exists():
+            return
+        marker.touch()
+        if point == "checkpoint":  # checkpoint.save_atomic kills the process once the file is written
+            checkpoint.CRASH_DURING.add(str(checkpoint.round_path(self.out / "checkpoints", r)))
+            return
+        log.warning("simulated crash: killing this process (SIGKILL) in round %d (%s)", r + 1, point)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _build_train_loader(self) -> DataLoader:
         """One loader for the whole run (persistent workers); its sampler is re-seeded every round."""
@@ -274,8 +298,10 @@ class Federation:
         record = {"round": r, "rounds": self.cfg.train.rounds, "mode": self.cfg.train.mode,
                   "clients": all_clients, "global": _global_figures(all_clients, total),
                   "seconds": time.perf_counter() - started}
-        self.logger.log_round(record)  # before the checkpoint: a crash between them repeats the line, never loses it
-        self._checkpoint(r)
+        # The round's checkpoint is its commit point: its metrics line and events are written first, and a
+        # rerun drops whatever was logged past the last checkpoint (RunLogger.start), so a crash anywhere
+        # in this sequence leaves exactly one line and one event step per committed round.
+        self.logger.log_round(record)
         self.logger.scalar("global/lr", self.cfg.train.lr, r)
         pooled = [np.asarray(m) for g in gathered for m in g["val_cm"] if m is not None]
         if pooled:
@@ -283,6 +309,11 @@ class Federation:
         for rank, g in enumerate(gathered):  # centralized ranks beyond the hospital count hold none
             name = g["clients"][0]["hospital"] if g["clients"] else f"rank{rank}"
             self.logger.histogram(f"client/{name}/layer_drift", np.asarray(g["layer_drift"]), r)
+        self.logger.flush()
+        self._simulate_crash(r, "before-checkpoint")
+        self._simulate_crash(r, "checkpoint")
+        self._checkpoint(r)
+        self._simulate_crash(r, "after-checkpoint")
         log.info(format_round(record))
 
     def _checkpoint(self, r: int) -> None:

@@ -17,11 +17,13 @@ import logging
 import math
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from data.files import write_atomic
+from data.files import clean_json as clean
+from data.files import storage_error, write_atomic, write_json
 
 FORMAT = "%(asctime)s %(levelname).1s [rank %(rank)s %(hospital)s] %(message)s"
 
@@ -79,25 +81,37 @@ def print_error(prefix: str, err: BaseException) -> None:
     print(f"{prefix}: {err}", file=sys.stderr)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never half of it."""
-    write_atomic(path, text)
+def report_error(prefix: str, err: BaseException, rank: str = "0", every_rank: bool = False) -> None:
+    """The one-line error of a run, printed once, and recorded for torchrun's failure summary.
+
+    Settings errors are the same on every rank, so only rank 0 prints them; an
+    error of one hospital's data (or a hung peer) is printed by the rank that
+    met it. Under torchrun the line also goes into torch elastic's error file,
+    so the summary torchrun prints after it ends with the reason instead of a
+    link to its documentation.
+    """
+    shared = _is_settings_error(err) and not every_rank
+    if rank in ("0", "-") or not shared:
+        label = prefix if rank in ("0", "-") or shared else f"{prefix} (rank {rank})"
+        print_error(label, err)
+    _record_for_torchrun(f"{prefix}: {err}")
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Atomic, strict JSON (NaN becomes null)."""
-    atomic_write_text(path, json.dumps(clean(obj), indent=2, allow_nan=False) + "\n")
+def _record_for_torchrun(line: str) -> None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump({"message": line, "timestamp": int(time.time())}, handle)
+    except OSError:
+        pass
 
 
-def clean(obj: Any) -> Any:
-    """Replace NaN/Inf floats by None, recursively, so the JSON stays standard."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    return obj
+def _is_settings_error(err: BaseException) -> bool:
+    from fedsim.config import ConfigError
+
+    return isinstance(err, ConfigError)
 
 
 class RunLogger:
@@ -109,30 +123,46 @@ class RunLogger:
         self.tensorboard = enabled and tensorboard
         self.writer = None
 
-    def _open_writer(self, first_step: int) -> None:
-        """Open the events file at the first logged round; purge_step drops events a resumed run redoes."""
+    def start(self, first_round: int) -> None:
+        """Begin logging at ``first_round``: every round before it is committed (its checkpoint exists).
+
+        Whatever a previous attempt logged for ``first_round`` and later (a crash
+        between its metrics line and its checkpoint, or before any checkpoint)
+        is dropped: lines from ``metrics.jsonl`` now, TensorBoard events through
+        the writer's ``purge_step`` (readers discard earlier events at or after it).
+        """
+        if not self.enabled:
+            return
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if _committed(line, first_round)]
+            write_atomic(path, "".join(line + "\n" for line in kept))
         if self.tensorboard and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=first_step or None)
-
-    def truncate(self, first_round: int) -> None:
-        """Drop metrics of rounds >= first_round (they are about to be recomputed after a resume)."""
-        path = self.out / "metrics.jsonl"
-        if not self.enabled or not path.exists():
-            return
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["round"] < first_round]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=first_round)
 
     def log_round(self, record: dict[str, Any]) -> None:
-        """Append one round to metrics.jsonl and write its scalars."""
+        """Append one round to metrics.jsonl (fsync'd) and write its scalars."""
         if not self.enabled:
             return
-        self._open_writer(record["round"])
-        with open(self.out / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(clean(record), allow_nan=False) + "\n")
+        path = self.out / "metrics.jsonl"
+        line = (json.dumps(clean(record), allow_nan=False) + "\n").encode("utf-8")
+        try:
+            with open(path, "ab") as handle:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:
+            raise storage_error(err, path, len(line)) from None
         if self.writer is not None:
             self._scalars(record)
+
+    def flush(self) -> None:
+        """Everything logged so far is on disk (before the round's checkpoint commits it)."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def _scalars(self, record: dict[str, Any]) -> None:
         step = record["round"]
@@ -177,6 +207,14 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _committed(line: str, first_round: int) -> bool:
+    """A metrics line of a round before ``first_round`` (a torn last line of a crash is dropped too)."""
+    try:
+        return json.loads(line)["round"] < first_round
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _is_number(value: Any) -> bool:

@@ -36,6 +36,9 @@ def test_run_writes_every_output(demo_run):
         low, high = final[level]["ci95"]["accuracy"]
         assert low <= final[level]["accuracy"] <= high
     assert final["n_images"] > 0 and final["n_patches"] >= final["n_images"]
+    from fedsim.evaluate import check_report_schema
+
+    assert check_report_schema(final) == []  # the keys eval.json has too (tests/test_eval_inputs.py)
 
 
 def test_metrics_have_per_client_entries_and_ranks_agree(demo_run):
@@ -82,6 +85,11 @@ def test_eval_reads_the_checkpoint(demo_run, tmp_path):
     proc = evaluate(out, tmp_path, out.parent / "cache", "--bootstrap", "50")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
+    from fedsim.evaluate import check_report_schema
+
+    assert check_report_schema(report) == []
+    final = json.loads((out / "final.json").read_text())
+    assert set(final) - {"hospitals"} <= set(report)  # eval.json has every top-level key final.json has
     for level in ("image", "patch"):
         for key in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "per_class_recall", "confusion_matrix", "ci95"):
             assert key in report[level], (level, key)
@@ -141,6 +149,24 @@ def test_crc_hgd_tree_prepared_then_trained(demo_run, tmp_path):
     splits = (tmp_path / "run" / "splits.csv").read_text().splitlines()
     assert len(splits) == 1 + len(list(tree.rglob("*.jpg")))
     assert (tmp_path / "run" / "data_report.json").is_file()
+
+
+def test_paper_preset_trains_on_a_tree_without_hospitals_by_default(demo_run, tmp_path):
+    # The README's paper command on a CRC-HGD-style tree (no hospital column), with a tiny backbone and small patches
+    import shutil
+
+    out, _ = demo_run
+    tree = tmp_path / "CRC-HGD"
+    for folder in next((out.parent / "cache").glob("synthetic-*")).glob("CRC_Grade__*"):
+        shutil.copytree(folder, tree / folder.name)
+
+    run = torchrun(["--config", str(REPO / "configs" / "paper.toml"), "--data", str(tree), *SMALL, "--rounds", "1",
+                    "--out", str(tmp_path / "run")], tmp_path / "fedsim")
+
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "data.partition = auto: iid (no hospital column: a stratified split into 3 hospitals)" in run.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["partition"] == "iid"
+    assert sorted(json.loads((tmp_path / "run" / "final.json").read_text())["per_hospital_accuracy"]) == ["H1", "H2", "H3"]
 
 
 def _one_hospital(tmp_path, setting: str):
