@@ -66,12 +66,16 @@ def test_restaining_follows_beer_lambert():
     source = _render(amounts, STANDARD_HAEMATOXYLIN, STANDARD_EOSIN)
     expected = _render(amounts, lab.haematoxylin, lab.eosin, (lab.h_gain, lab.e_gain))
     diff = np.abs(lab.apply(source).astype(int) - expected.astype(int))
-    assert diff.mean() < 0.3 and diff.max() <= 2  # only the source's rounding to uint8 separates them
+    # only the source's rounding to uint8 separates them (in exact arithmetic: mean 0.22, max 1); the float32 matmul and
+    # exp of the lab, CPU-dependent by a few ulps (~3e-5 of a level), move a value only within that of a rounding
+    # boundary, by one level: the max may reach 2, the mean moves by ~1e-4
+    assert diff.mean() < 0.3 and diff.max() <= 2
 
 
 def test_stain_transform_keeps_the_residual():
     lab = SiteProfile(h_gain=2.0)
     residual = stain_basis(STANDARD_HAEMATOXYLIN, STANDARD_EOSIN)[2]
+    # float64 3x3 inverse and products of unit vectors: ~1e-16 times a condition number of a few
     np.testing.assert_allclose(residual @ lab.stain_transform(), residual, atol=1e-12)
 
 
