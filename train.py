@@ -1,4 +1,4 @@
-"""Federated training entry point: one torchrun rank per hospital.
+"""Federated training entry point: each torchrun rank hosts one or more hospitals.
 
     torchrun --nproc_per_node=3 train.py --config configs/demo.toml --out runs/demo
 
@@ -33,7 +33,11 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--precision", "train.precision", str, "auto | bf16 | fp32"),
     ("--stain", "data.stain", str, "macenko | reinhard | none"),
     ("--partition", "data.partition", str, "auto (natural when every image names its hospital, else iid) | natural | iid | dirichlet"),
-    ("--num-hospitals", "data.num_hospitals", int, "hospitals (federated: must equal the number of ranks)"),
+    ("--num-hospitals", "data.num_hospitals", int, "hospitals, at least the number of ranks (default: one per rank)"),
+    ("--clients-per-round", "train.clients_per_round", int, "hospitals trained per round, drawn from (seed, round); 0 = all"),
+    ("--server-optimizer", "train.server_optimizer", str, "sgd (FedAvg with --server-lr 1) | avgm | adam | yogi | adagrad"),
+    ("--server-lr", "train.server_lr", float, "server learning rate (default 1.0: with sgd, plain FedAvg)"),
+    ("--algorithm", "train.algorithm", str, "fedavg (FedProx with --mu > 0) | scaffold"),
     ("--pretrained", "model.pretrained", str, "local backbone weights (.safetensors or torch state dict)"),
     ("--dropout", "train.dropout", float, "probability a client drops out of a round"),
     ("--straggler", "train.straggler", float, "probability a client stops early in a round"),

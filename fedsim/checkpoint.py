@@ -5,6 +5,8 @@ import logging
 import os
 import re
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +143,62 @@ def load_latest_usable(out: str | Path, map_location: str | torch.device = "cpu"
         except CheckpointError as err:
             log.warning("%s; trying an older checkpoint", err)
     return None
+
+
+def client_folder(out: str | Path, hospital: str) -> Path:
+    """``OUT/clients/<hospital>``: the state a hospital keeps between rounds, one file per round it trained."""
+    return Path(out) / "clients" / hospital
+
+
+def save_client_state(out: str | Path, hospital: str, round_index: int, state: dict[str, Any], keep: int) -> Path:
+    """Write a hospital's state of a round (FedBN tensors, optimizer state, control variate), keeping ``keep``."""
+    return save_keeping_last({"round": round_index, "model": {}, "state": state}, client_folder(out, hospital),
+                             round_index, keep)
+
+
+def load_client_state(out: str | Path, hospital: str, round_index: int) -> dict[str, Any]:
+    """A hospital's state as it was after round ``round_index``: its newest file of that round or before
+    (it did not train in the rounds between); empty if it never kept any.
+
+    Raises:
+        CheckpointError: a hospital that kept state has no usable file of that round or before.
+    """
+    files = [p for p in rounds_in(client_folder(out, hospital)) if int(_ROUND_FILE.search(p.name).group(1)) - 1
+             <= round_index]
+    if not files:
+        return {}
+    return load(files[-1])["state"]
+
+
+class BackgroundWriter:
+    """Runs one write at a time in a thread, so a checkpoint is written while the next round trains.
+
+    ``submit`` first waits for the write before it (checkpoints stay in order); ``wait`` returns the seconds it
+    waited and raises, in the caller's thread, an error the write met. The thread is not a daemon: the process
+    does not exit before the write it holds is on disk.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(write,), name="fedsim-checkpoint")
+        self._thread.start()
+
+    def _run(self, write) -> None:
+        try:
+            write()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread by wait()
+            self._error = err
+
+    def wait(self) -> float:
+        began = time.perf_counter()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return time.perf_counter() - began

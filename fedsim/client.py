@@ -46,8 +46,10 @@ class EpochResult:
     finite: bool
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam (L2 weight decay) with foreach kernels: no per-tensor Python loop."""
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, name: str = "adam") -> torch.optim.Optimizer:
+    """Adam (L2 weight decay; the paper's), or plain SGD, with foreach kernels: no per-tensor Python loop."""
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
 
 
@@ -79,30 +81,45 @@ def prepare_inputs(context: torch.Tensor, detail: torch.Tensor, settings: StepSe
     return to_float(context, gain, offset), to_float(detail, gain, offset)
 
 
+#: ``loss_fn(model, batch, settings, rng) -> (mean loss of the batch, samples in it)``: one batch's loss.
+LossFn = Callable[[nn.Module, Any, StepSettings, torch.Generator], tuple[torch.Tensor, int]]
+
+
 def train_epoch(model: nn.Module, flat: FlatModel, optimizer: torch.optim.Optimizer, loader: Iterable,
                 anchor: torch.Tensor | None, settings: StepSettings, rng: torch.Generator,
-                grad_hook: Callable[[torch.Tensor], None] | None = None, desc: str = "", show: bool = False) -> EpochResult:
+                grad_hook: Callable[[torch.Tensor], None] | None = None, desc: str = "", show: bool = False,
+                loss_fn: LossFn | None = None, correction: torch.Tensor | None = None) -> EpochResult:
     """One pass over the loader; returns the mean (mixed) cross-entropy.
 
     Args:
         anchor: Global weights of the round (aligned with ``flat.global_params``) for the proximal term;
             None = no term.
         grad_hook: Called on the flat gradient before the step (centralized mode averages it across ranks).
+        loss_fn: The loss of one batch; default: the dual-stream network's (context, detail, labels, index)
+            batches with augmentation and MixUp.
+        correction: Added to the global parameters' gradient at every step (SCAFFOLD's ``c - c_k``).
     """
     model.train()
+    loss_fn = loss_fn or dual_stream_loss
     total_loss = torch.zeros((), device=settings.device)
     samples = steps = 0
     batches = tqdm(loader, desc=desc, leave=False, disable=None if show else True, dynamic_ncols=True)
-    for micro, (context, detail, labels, _) in enumerate(batches, start=1):
-        loss = _forward_loss(model, context, detail, labels, settings, rng)
+    for micro, batch in enumerate(batches, start=1):
+        loss, count = loss_fn(model, batch, settings, rng)
         (loss / settings.grad_accum).backward()
-        total_loss += loss.detach() * labels.shape[0]
-        samples += labels.shape[0]
+        total_loss += loss.detach() * count
+        samples += count
         if micro % settings.grad_accum == 0 or micro == len(loader):
-            _optimizer_step(flat, optimizer, anchor, settings, grad_hook)
+            _optimizer_step(flat, optimizer, anchor, settings, grad_hook, correction)
             steps += 1
     mean_loss = float(total_loss) / max(samples, 1)  # one device sync per epoch, not per step
     return EpochResult(mean_loss, samples, steps, math.isfinite(mean_loss))
+
+
+def dual_stream_loss(model: nn.Module, batch, settings: StepSettings, rng: torch.Generator) -> tuple[torch.Tensor, int]:
+    """The dual-stream network's loss on a (context, detail, labels, index) batch of cached pairs."""
+    context, detail, labels, _ = batch
+    return _forward_loss(model, context, detail, labels, settings, rng), labels.shape[0]
 
 
 def _forward_loss(model: nn.Module, context, detail, labels, settings: StepSettings, rng: torch.Generator) -> torch.Tensor:
@@ -116,11 +133,13 @@ def _forward_loss(model: nn.Module, context, detail, labels, settings: StepSetti
     return lam * F.cross_entropy(logits, y_a) + (1 - lam) * F.cross_entropy(logits, y_b)
 
 
-def _optimizer_step(flat: FlatModel, optimizer, anchor, settings: StepSettings, grad_hook) -> None:
+def _optimizer_step(flat: FlatModel, optimizer, anchor, settings: StepSettings, grad_hook, correction=None) -> None:
     if grad_hook is not None:
         grad_hook(flat.param_grads)
     if anchor is not None:
         add_proximal_grad_(flat.global_param_grads, flat.global_params, anchor, settings.mu)
+    if correction is not None:
+        flat.global_param_grads.add_(correction)
     optimizer.step()
     flat.zero_grad()
 

@@ -232,7 +232,7 @@ class TrainConfig:
     """Local training and the federation around it (defaults: the paper's settings)."""
 
     mode: str = "federated"
-    """federated (one hospital per rank) or centralized (all hospitals' data pooled)."""
+    """federated (each rank hosts one or more hospitals) or centralized (all hospitals' data pooled)."""
     rounds: int = 10
     """Communication rounds, 1..100000."""
     local_epochs: int = 3
@@ -251,6 +251,28 @@ class TrainConfig:
     """MixUp Beta(alpha, alpha), alpha in [0, 1000]; 0 disables MixUp."""
     bn: str = "average"
     """average (FedAvg of BatchNorm too) or local (FedBN)."""
+    clients_per_round: int = 0
+    """Hospitals that train in each round, drawn from (seed, round) alone; 0 = all of them."""
+    algorithm: str = "fedavg"
+    """fedavg (with train.mu > 0: FedProx) or scaffold (control variates, option II of Karimireddy et al. 2020)."""
+    server_optimizer: str = "sgd"
+    """What every rank does with the aggregated mean: sgd (with server_lr 1: plain FedAvg), avgm, adam, yogi,
+    adagrad (Reddi et al. 2021)."""
+    server_lr: float = 1.0
+    """Server learning rate, in (0, 100]; 1 with sgd = FedAvg."""
+    server_momentum: float = 0.9
+    """avgm's momentum, in [0, 1)."""
+    server_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    """adam/yogi/adagrad's (beta1, beta2), each in [0, 1)."""
+    server_tau: float = 1e-3
+    """adam/yogi/adagrad's adaptivity tau, in (0, 1]."""
+    local_optimizer: str = "adam"
+    """The hospitals' optimizer: adam (the paper's) or sgd."""
+    client_optimizer: str = "fresh"
+    """fresh (a new optimizer every round, as in the paper) or persistent (each hospital keeps its optimizer's
+    state between rounds, in its state store)."""
+    client_state_device: str = "cpu"
+    """Where hospitals' persistent state lives between rounds: cpu (pinned host memory) or device."""
     dropout: float = 0.0
     """Probability that a client drops out of a round (seeded); it then contributes weight 0."""
     straggler: float = 0.0
@@ -286,6 +308,20 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.mode", self.mode, ("federated", "centralized"))
         _choice("train.bn", self.bn, ("average", "local"))
+        _choice("train.algorithm", self.algorithm, ("fedavg", "scaffold"))
+        _choice("train.server_optimizer", self.server_optimizer, ("sgd", "avgm", "adam", "yogi", "adagrad"))
+        _choice("train.local_optimizer", self.local_optimizer, ("adam", "sgd"))
+        _choice("train.client_optimizer", self.client_optimizer, ("fresh", "persistent"))
+        _choice("train.client_state_device", self.client_state_device, ("cpu", "device"))
+        _within("train.clients_per_round", self.clients_per_round, 0, MAX_HOSPITALS)
+        _within("train.server_lr", self.server_lr, 0.0, 100.0, inclusive=False)
+        _within("train.server_tau", self.server_tau, 0.0, 1.0, inclusive=False)
+        for name, value in (("train.server_momentum", self.server_momentum), *(
+                (f"train.server_betas[{i}]", b) for i, b in enumerate(self.server_betas))):
+            if not (math.isfinite(value) and 0 <= value < 1):
+                raise ConfigError(f"{name} = {value!r} must lie in [0, 1)")
+        if len(self.server_betas) != 2:
+            raise ConfigError(f"train.server_betas = {self.server_betas} must be two numbers (beta1, beta2)")
         _choice("train.device", self.device, ("auto", "cuda", "cpu"))
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         for name, high in (("rounds", MAX_COUNT), ("local_epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH),
@@ -334,7 +370,8 @@ class RunConfig:
         tree = self.to_dict()
         tree.pop("out")
         # Settings that do not change the weights: a run may be extended, retimed or restarted with them changed.
-        for key in ("resume", "rounds", "xai_per_grade", "keep_checkpoints", "timeout_s", "simulate_crash", "simulate_hang"):
+        for key in ("resume", "rounds", "xai_per_grade", "keep_checkpoints", "timeout_s", "simulate_crash",
+                    "simulate_hang", "client_state_device"):
             tree["train"].pop(key)
         tree["data"].pop("num_workers")
         blob = json.dumps(tree, sort_keys=True).encode()

@@ -23,6 +23,7 @@ from data.splits import (count_table, hospital_names, missing_splits, partition,
 from data.synthetic import SyntheticSpec, default_root, generate
 from fedsim.config import ConfigError, RunConfig, save
 from fedsim.dist import DistInfo, barrier
+from fedsim.engine import hosted_by
 from fedsim.logger import write_json
 
 log = logging.getLogger(__name__)
@@ -61,15 +62,15 @@ class DataPlan:
 
 
 def num_hospitals(cfg: RunConfig, world_size: int) -> int:
-    """Hospitals in the federation: one per rank when federated."""
+    """Hospitals in the federation: data.num_hospitals, else one per rank when federated (3 centralized)."""
     wanted = cfg.data.num_hospitals
     if cfg.train.mode == "federated":
-        if wanted and wanted != world_size:
+        if wanted and wanted < world_size:
             raise ConfigError(
-                f"data.num_hospitals = {wanted} but {world_size} rank(s) were started: "
-                f"federated mode runs one rank per hospital (use --nproc_per_node={wanted})"
+                f"data.num_hospitals = {wanted} but {world_size} rank(s) were started: every rank hosts at least "
+                f"one hospital (use --nproc_per_node={wanted} or fewer)"
             )
-        return world_size
+        return wanted or world_size
     return wanted or SYNTHETIC_HOSPITALS
 
 
@@ -117,7 +118,8 @@ def plan_data(cfg: RunConfig, info: DistInfo, out: Path) -> DataPlan:
     trained = _trained_on(cfg, hospitals)
     if info.is_main:
         log.info("data: %d images, classes %s\n%s", len(records), ", ".join(class_names), count_table(records, class_names))
-    mine_idx = [info.rank] if cfg.train.mode == "federated" else list(range(info.rank, len(hospitals), info.world_size))
+    mine_idx = hosted_by(info.rank, info.world_size, len(hospitals)) if cfg.train.mode == "federated" else \
+        list(range(info.rank, len(hospitals), info.world_size))
     mine = [_cache_hospital(cfg, records, hospitals[i], i, info) for i in mine_idx]
     barrier()  # centralized ranks read the caches others built
     return DataPlan(class_names, hospitals, records, mine, [_folder(cfg, records, h, "train") for h in trained],
@@ -138,6 +140,9 @@ def check_against_data(cfg: RunConfig, records: list[ImageRecord], hospitals: li
                           f"{len(records)} usable ones (data.split = {cfg.data.split}, or the manifest's split "
                           "column): give each split some patients")
     t = cfg.train
+    if t.clients_per_round > len(hospitals):
+        raise ConfigError(f"train.clients_per_round = {t.clients_per_round} but the federation has "
+                          f"{len(hospitals)} hospitals; choose at most {len(hospitals)} (0 = all)")
     named = [("train.faulty_hospitals", name) for name in t.faulty_hospitals]
     named += [("train.simulate_nan", name) for name in t.simulate_nan]
     named += [(f"train.{key}", getattr(t, key).split(":")[0]) for key in ("simulate_crash", "simulate_hang")

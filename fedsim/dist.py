@@ -167,6 +167,17 @@ def gather_figures(figures: dict[str, Any]) -> list[dict[str, Any]] | None:
     return out
 
 
+def share_figures(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's dict of scalar figures, on every rank (e.g. the hospitals' sample counts, which decide
+    the aggregation weights); the same rules as :func:`gather_figures`."""
+    _check_scalars(figures)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [figures]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, figures, group=_CONTROL)
+    return out
+
+
 def broadcast_weights(flat: torch.Tensor, src: int = 0) -> None:
     """Give every rank rank ``src``'s weights (the initial global model): one collective."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -236,3 +236,40 @@ def summaries(dataset: CachedPairs, probs, labels, idx, class_names, n_boot: int
     out["image"]["n_images"] = out["n_images"] = out["image"]["n"]
     out["patch"]["n_patches"] = out["n_patches"] = out["patch"]["n"]
     return out
+
+
+def image_level(dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray,
+                num_classes: int) -> dict[str, Any]:
+    """Image-level accuracy and confusion matrix: each image's patch probabilities averaged."""
+    if len(idx) == 0:
+        return {"accuracy": None, "n": 0, "confusion_matrix": None}
+    image = levels(dataset, probs, labels, idx)["image"]
+    cm = metrics.confusion_matrix(image["y"], image["probs"].argmax(1), num_classes)
+    return {"accuracy": metrics.accuracy(cm), "n": len(image["y"]), "confusion_matrix": cm.tolist()}
+
+
+def final_report(per_hospital: list[dict[str, Any]], class_names) -> dict[str, Any]:
+    """Pool the hospitals' counts into overall figures with the keys of eval.json.
+
+    Only aggregate counts crossed ranks: confusion matrices (overall, per
+    magnification) and each hospital's patient-bootstrap replicates, which
+    summed replicate by replicate give a bootstrap stratified by hospital.
+    """
+    out: dict[str, Any] = {}
+    for level in ("image", "patch"):
+        counts = [h[level].pop("counts") for h in per_hospital]
+        mags: dict[str, np.ndarray] = {}
+        for c in counts:
+            for mag, cm in c["per_magnification"].items():
+                mags[mag] = mags.get(mag, 0) + np.asarray(cm)
+        boots = [np.asarray(c["bootstrap"]) for c in counts if len(c["bootstrap"])]
+        out[level] = metrics.summary_from_counts(
+            sum(np.asarray(c["confusion_matrix"]) for c in counts), class_names, per_magnification=mags,
+            per_hospital_accuracy={h["hospital"]: h[level]["accuracy"] for h in per_hospital},
+            bootstrap=sum(boots) if len(boots) == len(counts) else None)
+    out["image"]["n_images"] = out["n_images"] = out["image"]["n"]
+    out["patch"]["n_patches"] = out["n_patches"] = out["patch"]["n"]
+    out["accuracy"] = out["image"]["accuracy"]
+    out["per_hospital_accuracy"] = out["image"]["per_hospital_accuracy"]
+    out["hospitals"] = {h["hospital"]: {"image": h["image"], "patch": h["patch"]} for h in per_hospital}
+    return out

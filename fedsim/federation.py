@@ -1,8 +1,10 @@
-"""The round loop: local epochs -> drift -> fedavg -> evaluate -> gather -> log -> checkpoint.
+"""The histopathology study on the federation engine: data plan, rounds, logging, checkpoints, final test.
 
-Every rank runs this same loop for its own hospital. The only things that
-cross ranks are the model's flat buffer (one all-reduce per round) and one
-small dict of scalar figures per client (gathered to rank 0 for logging).
+Each rank hosts one or more hospitals (:mod:`fedsim.engine`). A round trains
+the participating hospitals, aggregates with ONE all-reduce of the flat
+weight buffer, validates the global model at every hospital, gathers small
+dicts of scalar figures on rank 0, and commits the round with its checkpoint.
+Only weights and counts cross ranks; images, labels and paths never do.
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +22,21 @@ from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler
 from data.cache import CachedPairs, collate_batch
 from fedsim import checkpoint, metrics
 from fedsim.aggregate import allreduce_mean_, fedavg
-from fedsim.client import StepSettings, local_proximal, make_optimizer, predict, train_epoch
+from fedsim.client import StepSettings, make_optimizer, predict, train_epoch
 from fedsim.config import ConfigError, RunConfig
 from fedsim.datasetup import (DataPlan, HospitalData, device_normalizer, plan_data, write_data_report,
                               write_hospital_report, write_run_files)
-from fedsim.dist import DistInfo, HungRanks, broadcast_object, broadcast_weights, gather_figures, wait_for_all
-from fedsim.drift import DriftTracker
-from fedsim.evaluate import levels, summaries
-from fedsim.flat import flatten, is_batchnorm
+from fedsim.dist import (DistInfo, HungRanks, broadcast_object, broadcast_weights, gather_figures, share_figures,
+                         wait_for_all)
+from fedsim.engine import Client, Engine, EngineSettings, Faults
+from fedsim.evaluate import final_report, image_level, summaries
+from fedsim.flat import flatten
 from fedsim.logger import RunLogger, format_round, write_json
 from fedsim.seeding import derive_seed, generator
+from fedsim.strategies import ServerOptimizer
 from models import build_model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ClientState:
-    """What one rank trains on this round."""
-
-    hospital: HospitalData | None  # None in centralized mode (the rank trains on a shard of the union)
-    train: CachedPairs
-    train_indices: np.ndarray | None
 
 
 class Federation:
@@ -60,11 +54,12 @@ class Federation:
         self.flat = flatten(model, local_bn=cfg.train.bn == "local", channels_last=self.settings.channels_last)
         self.model = model
         self.forward_model = torch.compile(model) if cfg.train.compile else model
-        self.client = self._client_state()
-        self.shuffle = torch.Generator()
-        self.train_loader = self._build_train_loader()
         self._eval_loaders: dict[str, DataLoader] = {}
+        self.federated = cfg.train.mode == "federated"
+        self.engine = self._build_engine() if self.federated else None
+        self.pooled = None if self.federated else self._pooled_client()
         self.logger = RunLogger(self.out, enabled=info.is_main)
+        self.writer = checkpoint.BackgroundWriter()
         self.start_round = self._maybe_resume()
         if info.is_main:  # only now: a refused resume leaves the old run's files as they were
             checkpoint.remove_stale_temporaries(self.out)  # writes that died with an earlier attempt
@@ -72,19 +67,53 @@ class Federation:
             write_run_files(cfg, self.plan, self.out)
         if self.start_round == 0:
             broadcast_weights(self.flat.data)  # the same seed builds the same model, unless nodes run other builds
+            if info.is_main:
+                checkpoint.save_atomic(self._state(-1), self.out / "initial.pt")
         self._report_data()
 
     # ---- set-up -------------------------------------------------------------------------
 
-    def _client_state(self) -> ClientState:
-        if self.cfg.train.mode == "federated":
-            hospital = self.plan.mine[0]
-            return ClientState(hospital, hospital.dataset("train"), None)
+    def _loader(self, dataset, indices=None) -> tuple[DataLoader, torch.Generator]:
+        """A loader for the whole run (persistent workers) whose sampler is re-seeded every round."""
+        shuffle = torch.Generator()
+        sampler = RandomSampler(dataset, generator=shuffle) if indices is None else \
+            SubsetRandomSampler(indices.tolist(), generator=shuffle)
+        workers = self.cfg.data.num_workers
+        loader = DataLoader(dataset, batch_size=self.cfg.train.batch_size, sampler=sampler, collate_fn=collate_batch,
+                            num_workers=workers, pin_memory=self.info.device.type == "cuda",
+                            persistent_workers=workers > 0)
+        return loader, shuffle
+
+    def _build_engine(self) -> Engine:
+        t = self.cfg.train
+        clients = []
+        for hospital in self.plan.mine:
+            loader, shuffle = self._loader(hospital.dataset("train"))
+            clients.append(Client(hospital.index, hospital.name, len(hospital.dataset("train")), loader,
+                                  reseed=shuffle.manual_seed))
+        # Sample counts decide the aggregation weights, so every rank learns every hospital's (a count, no data).
+        counts = {name: n for g in share_figures({c.name: c.num_samples for c in clients}) for name, n in g.items()}
+        settings = EngineSettings(seed=t.seed, local_epochs=t.local_epochs, lr=t.lr, weight_decay=t.weight_decay,
+                                  mu=t.mu, local_optimizer=t.local_optimizer, clients_per_round=t.clients_per_round,
+                                  client_optimizer=t.client_optimizer, client_state_device=t.client_state_device,
+                                  algorithm=t.algorithm,
+                                  faults=Faults(t.dropout, t.straggler, tuple(t.faulty_hospitals)))
+        server = ServerOptimizer(t.server_optimizer, t.server_lr, t.server_momentum, tuple(t.server_betas),
+                                 t.server_tau)
+        engine = Engine(self.model, self.flat, clients, self.plan.hospitals,
+                        [counts[h] for h in self.plan.hospitals], settings, self.settings, server,
+                        show_progress=self.info.is_main)
+        engine.forward = self.forward_model
+        return engine
+
+    def _pooled_client(self) -> Client:
+        """Centralized mode: this rank's equal shard of the pooled training data (every step all-reduces
+        gradients, so every rank must take the same number of steps)."""
         union = CachedPairs(self.plan.all_train_folders)
-        # Equal shards: every rank must take the same number of steps, since each step all-reduces gradients.
         usable = len(union) // self.info.world_size * self.info.world_size
         shard = np.arange(self.info.rank, usable, self.info.world_size)
-        return ClientState(None, union, shard)
+        loader, shuffle = self._loader(union, shard)
+        return Client(self.info.rank, "pooled", len(shard), loader, reseed=shuffle.manual_seed)
 
     def _maybe_resume(self) -> int:
         """Continue after the newest usable checkpoint of this config, if the run directory has one.
@@ -105,11 +134,14 @@ class Federation:
         if state.get("config_digest") != self.cfg.digest():
             raise ConfigError(f"{chosen} was written by a run with another config; "
                               f"use a new --out, or the same settings to resume")
-        if state.get("hospitals") != list(self.plan.hospitals):  # e.g. another world size or data.num_hospitals
+        if state.get("hospitals") != list(self.plan.hospitals):  # e.g. another data.num_hospitals
             raise ConfigError(f"{chosen} was written by a federation of {', '.join(state.get('hospitals') or ['?'])}; "
-                              f"this run has {', '.join(self.plan.hospitals)}: use a new --out, or the same ranks")
+                              f"this run has {', '.join(self.plan.hospitals)}: use a new --out, or the same hospitals")
         self.model.load_state_dict(state["model"])  # copies into the flat views, keeping them bound
-        self._load_local_state(state["round"])
+        if self.engine is not None:
+            self.engine.load_state_dict(state.get("engine", {}))
+            for client in self.engine.clients:
+                client.state = checkpoint.load_client_state(self.out, client.name, state["round"])
         start = state["round"] + 1
         if self.info.is_main:
             log.info("resuming after round %d from %s", start, chosen)
@@ -135,95 +167,80 @@ class Federation:
         self.finish()
 
     def round(self, r: int) -> None:
-        """One communication round."""
+        """One communication round: local work and aggregation, validation, figures, commit."""
         started = time.perf_counter()
-        torch.manual_seed(derive_seed(self.cfg.train.seed, r, self.info.rank, "torch"))  # dropout layers
-        start = self.flat.data.detach().clone()  # the global model this round starts from, statistics included
-        anchor = start[self.flat.global_slice]  # its global weights: the FedProx anchor
-        figures = self._local_work(r, start)
-        tracker = DriftTracker(self.flat, anchor)
-        if self.cfg.train.mode == "federated":
-            figures["val_acc_local"] = self._validate(self.client.hospital)["accuracy"]
-        weight = figures["num_samples"] if figures["status"] in ("ok", "straggler") else 0
+        clients, timings = self._federated_work(r) if self.federated else self._centralized_work(r)
+        began = time.perf_counter()
+        validated, matrices = self._validate_global(clients)
+        timings["validation"] = timings.get("validation", 0.0) + time.perf_counter() - began
+        self._gather_and_log(r, validated, matrices, timings, started)
+
+    def _federated_work(self, r: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        outcomes = self.engine.round(r, validate=lambda c: self._validate(self._hospital(c.name))["accuracy"],
+                                     after_epoch=lambda c, rr: self._simulate_faults(c.name, rr),
+                                     before_aggregation=lambda: self._wait_for_clients(r))
+        checksum = _checksum(self.flat.reduced)
+        clients = [{**o.figures, "hospital": c.name, "num_samples": c.num_samples, "rank": self.info.rank,
+                    "weights_checksum": checksum} for c, o in zip(self.engine.clients, outcomes)]
+        self._save_client_states(r, [c for c, o in zip(self.engine.clients, outcomes)
+                                     if o.figures["status"] not in ("not sampled", "dropped")])
+        return clients, dict(self.engine.timings)
+
+    def _centralized_work(self, r: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """Epochs over this rank's shard of the pooled data, gradients averaged over the ranks at every step."""
+        cfg, client = self.cfg.train, self.pooled
+        began = time.perf_counter()
+        torch.manual_seed(derive_seed(cfg.seed, r, self.info.rank, "torch"))  # dropout layers
+        optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.local_optimizer)
+        hook = None if self.info.world_size == 1 else allreduce_mean_
+        rng = generator(cfg.seed, r, self.info.rank, "augment")
+        client.reseed(derive_seed(cfg.seed, r, self.info.rank, "shuffle"))
+        start = self.flat.global_params.detach().clone()
+        result = None
+        for epoch in range(cfg.local_epochs):
+            result = train_epoch(self.forward_model, self.flat, optimizer, client.loader, None, self.settings, rng,
+                                 grad_hook=hook, desc=f"round {r + 1}/{cfg.rounds} epoch {epoch + 1}",
+                                 show=self.info.is_main)
+        seconds = {"local_training": time.perf_counter() - began}
+        began = time.perf_counter()
         self._wait_for_clients(r)
-        total = fedavg(self.model, weight, bn=self.cfg.train.bn)
-        figures.update(tracker.after_aggregation(self.flat))
-        figures["weights_checksum"] = _checksum(self.flat.reduced)
-        self._gather_and_log(r, figures, total, tracker, started)
+        # The weights agree already (averaged gradients); the BatchNorm statistics of the shards are averaged here.
+        fedavg(self.model, client.num_samples if result.finite else 0)
+        seconds["aggregation"] = time.perf_counter() - began
+        with torch.no_grad():
+            drift = float(torch.sub(self.flat.global_params, start).norm())
+        status = "trained" if result.finite else "diverged"
+        figures = {"rank": self.info.rank, "num_samples": client.num_samples, "status": status,
+                   "epochs": cfg.local_epochs, "train_loss": result.loss if result.finite else None, "prox": 0.0,
+                   "drift": drift, "weights_checksum": _checksum(self.flat.reduced), "layer_drift": []}
+        return [{**figures, "hospital": h.name} for h in self.plan.mine], seconds
+
+    def _hospital(self, name: str) -> HospitalData:
+        return next(h for h in self.plan.mine if h.name == name)
 
     def _wait_for_clients(self, r: int) -> None:
-        """Meet every client before aggregating; a hung one ends the run with its name, not a hang."""
+        """Meet every rank before aggregating; a hung one ends the run with its hospitals named, not a hang."""
         try:
             wait_for_all(self.cfg.train.timeout_s, f"round {r + 1} aggregation")
         except HungRanks as err:
-            names = [self.plan.hospitals[k] for k in err.ranks if self.cfg.train.mode == "federated" and k < len(self.plan.hospitals)]
+            hosted = [i for k in err.ranks for i in range(k, len(self.plan.hospitals), self.info.world_size)]
+            names = [self.plan.hospitals[i] for i in hosted] if self.federated else []
             who = f"hospital(s) {', '.join(names)} " if names else ""
             hint = "" if err.crashed else " (raise train.timeout_s if local training is that slow)"
             raise HungRanks(err.ranks, f"{who}{err}{hint}", err.crashed) from None
 
-    def _local_work(self, r: int, start: torch.Tensor) -> dict[str, Any]:
-        """Local epochs, unless this client drops out; partial work for a straggler."""
-        cfg, hospital = self.cfg.train, self.client.hospital
-        figures: dict[str, Any] = {"rank": self.info.rank, "num_samples": self._num_train(), "status": "ok"}
-        if hospital is not None:
-            figures["hospital"] = hospital.name
-        epochs = cfg.local_epochs
-        if hospital is not None and (not cfg.faulty_hospitals or hospital.name in cfg.faulty_hospitals):
-            chance = np.random.default_rng(derive_seed(cfg.seed, r, self.info.rank, "participation"))
-            dropped, straggles = chance.random() < cfg.dropout, chance.random() < cfg.straggler
-            if dropped:
-                figures.update(status="dropped", epochs=0, train_loss=None, prox=0.0)
-                return figures
-            if straggles and cfg.local_epochs > 1:
-                epochs = int(chance.integers(1, cfg.local_epochs))
-                figures["status"] = "straggler"
-        figures.update(self._train_epochs(r, epochs, start))
-        if not figures.pop("finite"):
-            figures["status"] = "diverged"
-        return figures
-
-    def _train_epochs(self, r: int, epochs: int, start: torch.Tensor) -> dict[str, Any]:
+    def _simulate_faults(self, name: str, r: int) -> None:
+        """The fault simulations of the config for one hospital (a diverging client, a hang, a crash)."""
         cfg = self.cfg.train
-        federated = cfg.mode == "federated"
-        optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)  # clients keep no state across rounds
-        prox_anchor = start[self.flat.global_slice] if federated and cfg.mu > 0 else None
-        hook = None if federated or self.info.world_size == 1 else allreduce_mean_
-        rng = generator(cfg.seed, r, self.info.rank, "augment")
-        # Data order of every epoch of this round follows from (seed, round, client) alone.
-        self.shuffle.manual_seed(derive_seed(cfg.seed, r, self.info.rank, "shuffle"))
-        result = None
-        for epoch in range(epochs):
-            loader = self.train_loader
-            desc = f"round {r + 1}/{cfg.rounds} epoch {epoch + 1}/{epochs}"
-            result = train_epoch(self.forward_model, self.flat, optimizer, loader, prox_anchor, self.settings, rng,
-                                 grad_hook=hook, desc=desc, show=self.info.is_main)
-            self._simulate_faults(r)
-            if not result.finite:
-                break
-        finite = result.finite and bool(torch.isfinite(self.flat.data).all())
-        if not finite:
-            # A diverged client restarts from the global model and sits this round out. Its BatchNorm
-            # statistics went non-finite with the weights (a forward pass in train mode), so all is restored.
-            with torch.no_grad():
-                self.flat.data.copy_(start)
-            log.warning("local update is not finite (loss %s): contributing weight 0 this round", result.loss)
-        return {"epochs": epochs, "train_loss": result.loss if finite else None, "finite": finite,
-                "prox": local_proximal(self.flat, prox_anchor, cfg.mu)}
-
-    def _simulate_faults(self, r: int) -> None:
-        """The fault simulations of the config (a diverging client, a crashing hospital)."""
-        cfg, hospital = self.cfg.train, self.client.hospital
-        if hospital is None:
-            return
-        if hospital.name in cfg.simulate_nan:
+        if name in cfg.simulate_nan:
             with torch.no_grad():
                 self.flat.params.fill_(float("nan"))
-        if cfg.simulate_hang == f"{hospital.name}:{r + 1}":
-            log.warning("simulated hang: this hospital stops responding in round %d", r + 1)
+        if cfg.simulate_hang == f"{name}:{r + 1}":
+            log.warning("simulated hang: hospital %s stops responding in round %d", name, r + 1)
             time.sleep(10**7)
-        self._simulate_crash(r, "training")
+        self._simulate_crash(r, "training", name)
 
-    def _simulate_crash(self, r: int, point: str) -> None:
+    def _simulate_crash(self, r: int, point: str, name: str | None = None) -> None:
         """train.simulate_crash = "HOSPITAL:ROUND[:POINT]": SIGKILL this process there, once per run directory.
 
         POINT is ``training`` (the default: in the middle of local training),
@@ -232,12 +249,12 @@ class Federation:
         renamed into place) or ``after-checkpoint``; the last three concern
         rank 0, the writer of the run files.
         """
-        hospital = self.client.hospital
         parts = self.cfg.train.simulate_crash.split(":")
-        if hospital is None or parts[:2] != [hospital.name, str(r + 1)]:
+        names = [name] if name else [h.name for h in self.plan.mine] if self.federated else []
+        if len(parts) < 2 or parts[0] not in names or parts[1] != str(r + 1):
             return
         where = parts[2] if len(parts) > 2 else "training"
-        marker = self.out / (f".crashed-{hospital.name}-round{r + 1}" + ("" if where == "training" else f"-{where}"))
+        marker = self.out / (f".crashed-{parts[0]}-round{r + 1}" + ("" if where == "training" else f"-{where}"))
         if where != point or marker.exists():
             return
         marker.touch()
@@ -246,22 +263,6 @@ class Federation:
             return
         log.warning("simulated crash: killing this process (SIGKILL) in round %d (%s)", r + 1, point)
         os.kill(os.getpid(), signal.SIGKILL)
-
-    def _build_train_loader(self) -> DataLoader:
-        """One loader for the whole run (persistent workers); its sampler is re-seeded every round."""
-        client, cfg = self.client, self.cfg
-        if client.train_indices is None:
-            sampler = RandomSampler(client.train, generator=self.shuffle)
-        else:
-            sampler = SubsetRandomSampler(client.train_indices.tolist(), generator=self.shuffle)
-        workers = cfg.data.num_workers
-        return DataLoader(client.train, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate_batch,
-                          num_workers=workers, pin_memory=self.info.device.type == "cuda",
-                          persistent_workers=workers > 0)
-
-    def _num_train(self) -> int:
-        client = self.client
-        return len(client.train) if client.train_indices is None else len(client.train_indices)
 
     # ---- evaluation and logging ----------------------------------------------------------
 
@@ -282,68 +283,75 @@ class Federation:
         probs, labels, idx = self._predict(dataset)
         return image_level(dataset, probs, labels, idx, len(self.plan.class_names))
 
-    def _gather_and_log(self, r: int, figures: dict[str, Any], total: int, tracker: DriftTracker, started: float) -> None:
-        clients, matrices = [], []
-        hospitals = [self.client.hospital] if self.cfg.train.mode == "federated" else self.plan.mine
-        for hospital in hospitals:
+    def _validate_global(self, clients: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list]:
+        """The global model on every hosted hospital's validation split (under FedBN with its own tensors)."""
+        out, matrices = [], []
+        for figures in clients:
+            hospital = self._hospital(figures["hospital"])
+            if self.engine is not None:
+                self.engine.load_client(next(c for c in self.engine.clients if c.name == hospital.name))
             val = self._validate(hospital)
-            clients.append({**figures, "hospital": hospital.name, "val_acc_global": val["accuracy"], "num_val": val["n"]})
+            out.append({**figures, "val_acc_global": val["accuracy"], "num_val": val["n"]})
             matrices.append(val["confusion_matrix"])
+        return out, matrices
+
+    def _gather_and_log(self, r: int, clients: list[dict[str, Any]], matrices: list, timings: dict[str, float],
+                        started: float) -> None:
+        layer_drift = [c.pop("layer_drift", []) for c in clients]
         # Confusion-matrix counts are summary figures: no image or per-sample value leaves the hospital.
-        gathered = gather_figures({"clients": clients, "layer_drift": tracker.layer_drift(), "val_cm": matrices})
-        self._save_local_state(r)
+        gathered = gather_figures({"clients": clients, "layer_drift": layer_drift, "val_cm": matrices})
         if not self.info.is_main:
             return
-        all_clients = [c for g in gathered for c in g["clients"]]
-        record = {"round": r, "rounds": self.cfg.train.rounds, "mode": self.cfg.train.mode,
-                  "clients": all_clients, "global": _global_figures(all_clients, total),
-                  "seconds": time.perf_counter() - started}
+        all_clients = sorted((c for g in gathered for c in g["clients"]),
+                             key=lambda c: self.plan.hospitals.index(c["hospital"]))
         # The round's checkpoint is its commit point: its metrics line and events are written first, and a
         # rerun drops whatever was logged past the last checkpoint (RunLogger.start), so a crash anywhere
         # in this sequence leaves exactly one line and one event step per committed round.
+        timings["checkpoint"] = self.writer.wait()  # the previous round's checkpoint, written while this one ran
+        record = {"round": r, "rounds": self.cfg.train.rounds, "mode": self.cfg.train.mode,
+                  "clients": all_clients, "global": _global_figures(all_clients),
+                  "seconds": _seconds(timings, started)}
         self.logger.log_round(record)
         self.logger.scalar("global/lr", self.cfg.train.lr, r)
         pooled = [np.asarray(m) for g in gathered for m in g["val_cm"] if m is not None]
         if pooled:
             self.logger.confusion_matrix("global/val_confusion_matrix", sum(pooled), self.plan.class_names, r)
-        for rank, g in enumerate(gathered):  # centralized ranks beyond the hospital count hold none
-            name = g["clients"][0]["hospital"] if g["clients"] else f"rank{rank}"
-            self.logger.histogram(f"client/{name}/layer_drift", np.asarray(g["layer_drift"]), r)
+        for g in gathered:
+            for c, drift in zip(g["clients"], g["layer_drift"]):
+                if drift:
+                    self.logger.histogram(f"client/{c['hospital']}/layer_drift", np.asarray(drift), r)
         self.logger.flush()
         self._simulate_crash(r, "before-checkpoint")
         self._simulate_crash(r, "checkpoint")
-        self._checkpoint(r)
-        self._simulate_crash(r, "after-checkpoint")
+        state = self._state(r)  # the round's weights, copied once; written while the next round trains
+
+        def commit() -> None:
+            checkpoint.save_round(state, self.out, r, self.cfg.train.keep_checkpoints)
+            self._simulate_crash(r, "after-checkpoint")
+
+        self.writer.submit(commit)
         log.info(format_round(record))
 
-    def _checkpoint(self, r: int) -> None:
-        state = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+    def _state(self, r: int) -> dict[str, Any]:
+        """What a checkpoint holds: the global model, the server's state, the run's identity (round -1: initial)."""
+        state = {"model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
                  "round": r, "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
                  "class_names": list(self.plan.class_names), "hospitals": list(self.plan.hospitals)}
-        checkpoint.save_round(state, self.out, r, self.cfg.train.keep_checkpoints)
+        if self.engine is not None:
+            state["engine"] = self.engine.state_dict()
+        return state
 
-    def _local_folder(self) -> Path:
-        return self.out / "clients" / f"rank{self.info.rank}"
-
-    def _save_local_state(self, r: int) -> None:
-        """Under FedBN each client's BatchNorm tensors are its own: saved by that rank, one file per round.
+    def _save_client_states(self, r: int, clients: list[Client]) -> None:
+        """Each hospital's own state (FedBN tensors, optimizer, control variate), kept by the rank hosting it.
 
         One more file is kept than global checkpoints: a rank writes round r
         before rank 0 writes the global round r, and a resume may fall back
         past a corrupt global checkpoint to any one that is kept.
         """
-        if self.cfg.train.bn != "local":
-            return
-        bn_modules = {name for name, m in self.model.named_modules() if is_batchnorm(m)}
-        local = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k.rsplit(".", 1)[0] in bn_modules}
-        checkpoint.save_keeping_last({"round": r, "model": local}, self._local_folder(), r,
-                                     self.cfg.train.keep_checkpoints + 1)
-
-    def _load_local_state(self, r: int) -> None:
-        if self.cfg.train.bn != "local":
-            return
-        state = checkpoint.load(checkpoint.round_path(self._local_folder(), r))
-        self.model.load_state_dict(state["model"], strict=False)
+        for client in clients:
+            if client.state:
+                checkpoint.save_client_state(self.out, client.name, r, client.state,
+                                             self.cfg.train.keep_checkpoints + 1)
 
     def _explain(self, hospital: HospitalData, dataset: CachedPairs) -> None:
         """Grad-CAM panels of the final model on this hospital's own test images (they never leave it)."""
@@ -362,10 +370,13 @@ class Federation:
 
     def finish(self) -> None:
         """Test the final global model at every hospital; rank 0 writes final.json."""
+        self.writer.wait()  # the last round's checkpoint is on disk before the run reports
         results = []
         for hospital in self.plan.mine:
             if "test" not in hospital.folders:
                 continue
+            if self.engine is not None:  # under FedBN, the hospital's own tensors
+                self.engine.load_client(next(c for c in self.engine.clients if c.name == hospital.name))
             dataset = hospital.dataset("test")
             probs, labels, idx = self._predict(dataset)
             results.append({"hospital": hospital.name,
@@ -382,7 +393,9 @@ class Federation:
                                               title="final global model, test split, image level")
             self.logger.confusion_matrix("global/test_confusion_matrix", cm, self.plan.class_names, self.cfg.train.rounds)
             log.info("final test accuracy %.3f (image level) over %d images; per hospital %s",
-                     final["accuracy"], final["n_images"], final["per_hospital_accuracy"])
+                     final["accuracy"], final["n_images"],
+                     ", ".join(f"{name} {acc:.3f}" if acc is not None else f"{name} -"
+                               for name, acc in final["per_hospital_accuracy"].items()))
         self.logger.close()
 
 
@@ -401,55 +414,28 @@ def _step_settings(cfg: RunConfig, info: DistInfo) -> StepSettings:
 
 
 def _checksum(values: torch.Tensor) -> list[float]:
-    """Sums of all and of every other aggregated weight, accumulated in float64 without a copy:
-    equal on every rank iff the ranks agree (up to chance)."""
+    """Sums of a strided sample of the aggregated weights (every 61st, and every 61st from the 30th), in float64:
+    equal on every rank iff the ranks agree (up to chance), at a small fraction of a pass over the weights."""
     v = values.detach()
-    return [float(v.sum(dtype=torch.float64)), float(v[1::2].sum(dtype=torch.float64))]
+    return [float(v[::61].sum(dtype=torch.float64)), float(v[30::61].sum(dtype=torch.float64))]
 
 
-def _global_figures(clients: list[dict[str, Any]], total: int) -> dict[str, Any]:
-    drifts = [c["drift"] for c in clients if c.get("drift") is not None and c["status"] != "dropped"]
+def _global_figures(clients: list[dict[str, Any]]) -> dict[str, Any]:
+    trained = [c for c in clients if c["status"] in ("trained", "straggler")]
+    drifts = [c["drift"] for c in trained if c.get("drift") is not None]
     accs = [(c["val_acc_global"], c["num_val"]) for c in clients if c.get("val_acc_global") is not None]
     losses = [(c["train_loss"], c["num_samples"]) for c in clients if c.get("train_loss") is not None]
     weighted = lambda pairs: sum(a * n for a, n in pairs) / max(sum(n for _, n in pairs), 1) if pairs else None  # noqa: E731
-    return {"val_acc": weighted(accs), "train_loss": weighted(losses), "samples_aggregated": total,
+    return {"val_acc": weighted(accs), "train_loss": weighted(losses),
+            "samples_aggregated": sum(c["num_samples"] for c in trained),
             "drift_spread": (max(drifts) - min(drifts)) if drifts else None,
             "update_norm": clients[0].get("global_update_norm") if clients else None,
-            "clients_aggregated": sum(c["status"] in ("ok", "straggler") for c in clients)}
+            "clients_aggregated": len(trained)}
 
 
-def image_level(dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray,
-                num_classes: int) -> dict[str, Any]:
-    """Image-level accuracy and confusion matrix: each image's patch probabilities averaged."""
-    if len(idx) == 0:
-        return {"accuracy": None, "n": 0, "confusion_matrix": None}
-    image = levels(dataset, probs, labels, idx)["image"]
-    cm = metrics.confusion_matrix(image["y"], image["probs"].argmax(1), num_classes)
-    return {"accuracy": metrics.accuracy(cm), "n": len(image["y"]), "confusion_matrix": cm.tolist()}
-
-
-def final_report(per_hospital: list[dict[str, Any]], class_names) -> dict[str, Any]:
-    """Pool the hospitals' counts into overall figures with the keys of eval.json.
-
-    Only aggregate counts crossed ranks: confusion matrices (overall, per
-    magnification) and each hospital's patient-bootstrap replicates, which
-    summed replicate by replicate give a bootstrap stratified by hospital.
-    """
-    out: dict[str, Any] = {}
-    for level in ("image", "patch"):
-        counts = [h[level].pop("counts") for h in per_hospital]
-        mags: dict[str, np.ndarray] = {}
-        for c in counts:
-            for mag, cm in c["per_magnification"].items():
-                mags[mag] = mags.get(mag, 0) + np.asarray(cm)
-        boots = [np.asarray(c["bootstrap"]) for c in counts if len(c["bootstrap"])]
-        out[level] = metrics.summary_from_counts(
-            sum(np.asarray(c["confusion_matrix"]) for c in counts), class_names, per_magnification=mags,
-            per_hospital_accuracy={h["hospital"]: h[level]["accuracy"] for h in per_hospital},
-            bootstrap=sum(boots) if len(boots) == len(counts) else None)
-    out["image"]["n_images"] = out["n_images"] = out["image"]["n"]
-    out["patch"]["n_patches"] = out["n_patches"] = out["patch"]["n"]
-    out["accuracy"] = out["image"]["accuracy"]
-    out["per_hospital_accuracy"] = out["image"]["per_hospital_accuracy"]
-    out["hospitals"] = {h["hospital"]: {"image": h["image"], "patch": h["patch"]} for h in per_hospital}
-    return out
+def _seconds(timings: dict[str, float], started: float) -> dict[str, float]:
+    """The round's time by phase; ``other`` is the rest, so the parts sum to ``total``."""
+    total = time.perf_counter() - started
+    parts = {key: timings.get(key, 0.0) for key in ("local_training", "validation", "aggregation", "diagnostics",
+                                                     "checkpoint")}
+    return {"total": total, **parts, "other": max(total - sum(parts.values()), 0.0)}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from data.files import clean_json as clean
-from data.files import storage_error, write_atomic, write_json
+from data.files import storage_error, write_atomic, write_json  # noqa: F401 - write_json: for the run's writers
 
 FORMAT = "%(asctime)s %(levelname).1s [rank %(rank)s %(hospital)s] %(message)s"
 
@@ -232,10 +232,13 @@ def format_round(record: dict[str, Any]) -> str:
             bits.append(f"drift {c['drift']:.3g}")
         if c.get("val_acc_global") is not None:
             bits.append(f"val {c['val_acc_global']:.3f}")
-        if c.get("status", "ok") != "ok":
+        if c.get("status", "trained") != "trained":
             bits.append(c["status"])
         parts.append(" ".join(bits))
     if g.get("val_acc") is not None:
         parts.append(f"global val acc {g['val_acc']:.3f}")
-    parts.append(f"{record.get('seconds', 0):.0f}s")
+    seconds = record.get("seconds", {})
+    if isinstance(seconds, dict) and seconds:
+        overhead = seconds["total"] - seconds.get("local_training", 0.0) - seconds.get("validation", 0.0)
+        parts.append(f"{seconds['total']:.1f}s (overhead {overhead:.2f}s)")
     return " | ".join(parts)

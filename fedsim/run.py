@@ -38,7 +38,8 @@ def run_training(cfg: RunConfig) -> int:
         from fedsim.federation import Federation
 
         federation = Federation(cfg, info)
-        setup_logging(info.rank, federation.client.hospital.name if federation.client.hospital else "pooled")
+        hosted = [h.name for h in federation.plan.mine] if federation.federated else ["pooled"]
+        setup_logging(info.rank, ",".join(hosted) if len(hosted) <= 3 else f"{hosted[0]}..{hosted[-1]}")
         federation.run()
         return 0
     except USER_ERRORS as err:

@@ -200,7 +200,7 @@ class _Split:
 
 
 def test_report_schema_holds_for_eval_and_final_reports():
-    from fedsim.federation import final_report
+    from fedsim.evaluate import final_report
 
     rng = np.random.default_rng(0)
     splits = [_Split(h, 9, rng) for h in ("H1", "H2")]

@@ -140,7 +140,7 @@ def test_fedbn_resume_falls_back_past_a_corrupt_checkpoint(cache, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming after round 1" in second.stderr
     assert [r["round"] for r in _rounds(out)] == [0, 1, 2]
-    assert sorted(p.name for p in (out / "clients" / "rank0").iterdir()) == [
+    assert sorted(p.name for p in (out / "clients" / "H1").iterdir()) == [
         "round-0001.pt", "round-0002.pt", "round-0003.pt"]
     # eval.py says whose BatchNorm a FedBN checkpoint carries
     evaluated = evaluate(out, tmp_path / "eval", cache, "--bootstrap", "10")
@@ -218,7 +218,7 @@ def test_two_launches_form_one_group_of_four(cache, tmp_path):
     (["--rounds", "0"], "train.rounds = 0 must be a finite number >= 1"),
     (["--backbone", "resnet_nope"], "is not a timm model"),
     (["--data", "/nonexistent/crc-hgd"], "data path does not exist"),
-    (["--num-hospitals", "4"], "federated mode runs one rank per hospital"),
+    (["--set", "train.clients_per_round=2"], "train.clients_per_round = 2 but the federation has 1 hospitals"),
     (["--mode", "sideways"], "train.mode = 'sideways' is not allowed; choose one of: federated, centralized"),
     (["--set", "train.nope=1"], "unknown setting train.nope"),
     (["--set", 'train.simulate_crash="H2"'], "must look like HOSPITAL:ROUND"),

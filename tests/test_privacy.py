@@ -79,7 +79,7 @@ def _federate_and_record(rank: int, world: int, out: str, cache: str, data: str)
 
     def spy(name):
         def call(*args, **kwargs):
-            payload = args[0] if args else None
+            payload = args[1] if name == "all_gather_object" else args[0] if args else None  # what is sent
             if isinstance(payload, torch.Tensor):
                 sent.append((name, "tensor", payload.numel(), str(payload.dtype)))
             else:

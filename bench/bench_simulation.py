@@ -1,0 +1,154 @@
+"""Many hospitals on few processes: fedsim on 1 and 2 ranks vs a plain single-process loop doing the same steps.
+
+    python bench/bench_simulation.py [--quick] [--hospitals 30] [--per-round 10] [--rounds 10] [--json PATH]
+
+The work (after the issue that asked for it): 30 hospitals, 10 per round,
+timm ``resnet10t`` on random 3x64x64 tensors, 64 samples each, 1 local epoch,
+batch 16, Adam 3e-4, 10 rounds. The floor is a plain PyTorch loop in one
+process with one thread: for each participant, load the global weights, a
+fresh Adam, its local steps, add its weighted model; then average. fedsim runs
+the same work through ``fedsim.federate`` with 1 and 2 gloo ranks of one
+thread each; its time includes every round's aggregation and figures, not the
+process start. The runs alternate (floor, 1 rank, 2 ranks) and the medians are
+compared.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, write_json  # noqa: E402
+
+
+def _datasets(args):
+    from torch.utils.data import TensorDataset
+
+    gen = torch.Generator().manual_seed(0)
+    return {f"H{k + 1}": TensorDataset(torch.randn(args.samples, 3, 64, 64, generator=gen),
+                                       torch.randint(0, 2, (args.samples,), generator=gen))
+            for k in range(args.hospitals)}
+
+
+def _model():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("resnet10t", num_classes=2)
+
+
+def floor(args) -> float:
+    """The same local steps in a plain loop: one process, one thread."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from fedsim.engine import participants
+
+    torch.set_num_threads(1)
+    datasets, names = _datasets(args), None
+    names = list(datasets)
+    model = _model()
+    started = time.perf_counter()
+    for r in range(args.rounds):
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        chosen = participants(0, r, len(names), args.per_round)
+        total = sum(len(datasets[names[i]]) for i in chosen)
+        mean = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in start.items()}
+        for i in chosen:
+            model.load_state_dict(start)
+            optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+            model.train()
+            for x, y in DataLoader(datasets[names[i]], batch_size=16, shuffle=True):
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            weight = len(datasets[names[i]]) / total
+            for k, v in model.state_dict().items():
+                mean[k].add_(v.float(), alpha=weight)
+        model.load_state_dict({k: v.to(start[k].dtype) for k, v in mean.items()})
+    return time.perf_counter() - started
+
+
+def _fedsim_rank(rank: int, world: int, port: int, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import fedsim
+    from fedsim.dist import init_distributed
+
+    init_distributed("cpu")
+    datasets = _datasets(args)
+    model = _model()
+    dist.barrier()
+    started = time.perf_counter()
+    fedsim.federate(model, datasets, rounds=args.rounds, local_epochs=1, batch_size=16, lr=3e-4,
+                    clients_per_round=args.per_round)
+    dist.barrier()
+    elapsed = time.perf_counter() - started
+    if rank == 0:
+        queue.put(elapsed)
+    dist.destroy_process_group()
+
+
+def fedsim_run(world: int, args) -> float:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_fedsim_rank, args=(r, world, port, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    elapsed = queue.get(timeout=3600)
+    for p in procs:
+        p.join()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one repetition of each, 3 rounds")
+    parser.add_argument("--hospitals", type=int, default=30)
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    args.rounds = args.rounds or (3 if args.quick else 10)
+    repeats = args.repeats or (1 if args.quick else 3)
+    times: dict[str, list[float]] = {"floor": [], "fedsim_1_rank": [], "fedsim_2_ranks": []}
+    for _ in range(repeats):
+        times["floor"].append(floor(args))
+        times["fedsim_1_rank"].append(fedsim_run(1, args))
+        times["fedsim_2_ranks"].append(fedsim_run(2, args))
+    medians = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"{args.hospitals} hospitals, {args.per_round} per round, {args.rounds} rounds, resnet10t 3x64x64, "
+          f"{args.samples} samples each, batch 16:")
+    for name, value in medians.items():
+        print(f"  {name:15s} {value:7.2f} s  {value / args.rounds:6.3f} s/round  "
+              f"ratio to the floor {value / medians['floor']:.3f}")
+    for name in ("flwr", "pfl"):
+        try:
+            __import__(name)
+            print(f"  {name} is installed, but this benchmark has no {name} variant yet")
+        except ImportError:
+            pass
+    write_json(args.json, {"machine": machine(), "args": vars(args), "times": times, "medians": medians})
+
+
+if __name__ == "__main__":
+    main()
