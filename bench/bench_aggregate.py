@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, median_time, write_json  # noqa: E402
+from common import machine, median_time, spawn_ranks, write_json  # noqa: E402
 
 
 def _per_tensor(model):
@@ -69,20 +68,7 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
 
 
 def run(world: int, args) -> dict:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out = queue.get(timeout=1800)
-    for p in procs:
-        p.join()
-    return out
+    return spawn_ranks(_rank, world, args)[0]
 
 
 def main() -> None:

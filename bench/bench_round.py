@@ -10,7 +10,7 @@ all-reduces of the same size, fedavg alone and engine rounds are timed
 alternately in the same processes; the ratios of medians are printed.
 
 The memory part runs afterwards in fresh processes: ``--hospitals-per-rank``
-hospitals per rank, each taking one Adam step on a one-pair batch from the
+hospitals per rank, each taking one Adam step on a two-pair batch from the
 global model (fresh optimizers, FedAvg: no state that persists), and reports
 each rank's peak resident memory as a multiple of the model state.
 """
@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, median_time, write_json  # noqa: E402
+from common import machine, median_time, spawn_ranks, write_json  # noqa: E402
 
 
 def _setup(rank: int, world: int, port: int, args, clients_per_rank: int, batches):
@@ -94,10 +93,10 @@ def _timing_rank(rank: int, world: int, port: int, args, queue) -> None:
 def _memory_rank(rank: int, world: int, port: int, args, queue) -> None:
     from fedsim.client import dual_stream_loss
 
-    size = 32
-    batch = (torch.randint(0, 255, (1, 3, size, size), dtype=torch.uint8),
-             torch.randint(0, 255, (1, 3, size, size), dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
-             torch.zeros(1, dtype=torch.long))
+    size, pairs = 32, 2  # BatchNorm needs two values per channel in training
+    batch = (torch.randint(0, 255, (pairs, 3, size, size), dtype=torch.uint8),
+             torch.randint(0, 255, (pairs, 3, size, size), dtype=torch.uint8), torch.zeros(pairs, dtype=torch.long),
+             torch.arange(pairs))
     model, flat, engine = _setup(rank, world, port, args, args.hospitals_per_rank, [batch])
     engine.loss_fn = dual_stream_loss
     state_bytes = flat.data.numel() * flat.data.element_size()
@@ -109,20 +108,7 @@ def _memory_rank(rank: int, world: int, port: int, args, queue) -> None:
 
 
 def _spawn(target, world: int, args) -> list:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out = [queue.get(timeout=3600) for _ in range(1 if target is _timing_rank else world)]
-    for p in procs:
-        p.join()
-    return out
+    return spawn_ranks(target, world, args, results=1 if target is _timing_rank else world)
 
 
 def main() -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,13 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternating_times, machine, write_json  # noqa: E402
+from common import alternating_times, cpu_model_name, machine, spawn_ranks, write_json  # noqa: E402
 
 DUAL_RESNETRS50_STATE = 69_491_892  # floats in fedavg's reduced region of DualStreamNet("resnetrs50", "dual", 3)
 
@@ -167,28 +165,7 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
 
 
 def run(world: int, args) -> dict:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out = queue.get(timeout=3600)
-    for p in procs:
-        p.join()
-    return out
-
-
-def _cpu_model() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return "unknown"
+    return spawn_ranks(_rank, world, args)[0]
 
 
 def main() -> None:
@@ -225,7 +202,7 @@ def main() -> None:
         if "passes_rank0_alone" in r:
             print("  passes over the buffer, rank 0 alone: "
                   + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["passes_rank0_alone"].items()))
-    info = {**machine(), "cpu_model": _cpu_model(), "started": started}
+    info = {**machine(), "cpu_model": cpu_model_name(), "started": started}
     print(f"machine: {info['cpu_model']}, {info['cores']} cores, torch {info['torch']}, {info['date']}")
     write_json(args.json, {"machine": info, "prg": args.prg, "results": results})
 

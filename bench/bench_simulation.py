@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, write_json  # noqa: E402
+from common import machine, spawn_ranks, write_json  # noqa: E402
 
 
 def _datasets(args):
@@ -102,20 +101,7 @@ def _fedsim_rank(rank: int, world: int, port: int, args, queue) -> None:
 
 
 def fedsim_run(world: int, args) -> float:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_fedsim_rank, args=(r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    elapsed = queue.get(timeout=3600)
-    for p in procs:
-        p.join()
-    return elapsed
+    return spawn_ranks(_fedsim_rank, world, args)[0]
 
 
 def main() -> None:

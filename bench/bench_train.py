@@ -10,7 +10,6 @@ figures use bf16 autocast and channels-last, as training does.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,22 +22,11 @@ from torch.utils.data import DataLoader, RandomSampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternating_times, machine, write_json  # noqa: E402
+from common import alternating_times, machine, make_cache, write_json  # noqa: E402
 from data.cache import CachedPairs, collate_batch  # noqa: E402
 from fedsim.client import StepSettings, autocast, make_optimizer, prepare_inputs, train_epoch  # noqa: E402
 from fedsim.flat import flatten  # noqa: E402
 from models import build_model  # noqa: E402
-
-
-def make_cache(folder: Path, count: int, context: int, detail: int) -> Path:
-    """Random uint8 patch pairs in the cache format (the pipeline's cost does not depend on content)."""
-    rng = np.random.default_rng(0)
-    np.save(folder / "context.npy", rng.integers(0, 256, (count, context, context, 3), dtype=np.uint8))
-    np.save(folder / "detail.npy", rng.integers(0, 256, (count, detail, detail, 3), dtype=np.uint8))
-    meta = [{"image": i // 4, "path": f"img{i // 4}", "label": int(i % 3), "magnification": "20x",
-             "patient": f"p{i // 8}", "hospital": "H1"} for i in range(count)]
-    (folder / "patches.json").write_text(json.dumps({"count": count, "patches": meta}))
-    return folder
 
 
 def make_loader(dataset: CachedPairs, args) -> DataLoader:

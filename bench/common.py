@@ -5,6 +5,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import subprocess
 import socket
 import statistics
 import time
@@ -88,3 +89,47 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def spawn_ranks(target, world: int, args, results: int = 1, timeout: float = 3600) -> list:
+    """Run ``target(rank, world, port, args, queue)`` in ``world`` spawned processes on a free loopback port;
+    return the first ``results`` objects they put on the queue."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, world, port, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = [queue.get(timeout=timeout) for _ in range(results)]
+    for p in procs:
+        p.join()
+    return out
+
+
+def make_cache(folder: Path, count: int, context: int, detail: int) -> Path:
+    """Random uint8 patch pairs in the cache format (the pipeline's cost does not depend on content)."""
+    rng = np.random.default_rng(0)
+    np.save(folder / "context.npy", rng.integers(0, 256, (count, context, context, 3), dtype=np.uint8))
+    np.save(folder / "detail.npy", rng.integers(0, 256, (count, detail, detail, 3), dtype=np.uint8))
+    meta = [{"image": i // 4, "path": f"img{i // 4}", "label": int(i % 3), "magnification": "20x",
+             "patient": f"p{i // 8}", "hospital": "H1"} for i in range(count)]
+    (folder / "patches.json").write_text(json.dumps({"count": count, "patches": meta}))
+    return folder
+
+
+def cpu_model_name() -> str:
+    """``lscpu``'s model name, else what Python knows."""
+    try:
+        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.strip().lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return machine()["cpu"]
