@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 #: Per-client updates are kept for the post-aggregation figures (cosine, divergence) at this many coordinates at
 #: most: every k-th one of a larger model (an estimate, said in the README); all of them for smaller ones.
 SKETCH_SIZE = 1 << 22
+#: Elements per chunk of the passes over the weights: large enough to amortise a call, small enough for cache.
+_PASS = 1 << 20
 
 
 def hosted_by(rank: int, world_size: int, num_clients: int) -> list[int]:
@@ -192,11 +194,9 @@ class Engine:
         plans = {i: s.faults.draw(s.seed, r, _Named(i, self.names[i]), s.local_epochs) for i in chosen}
         # The weights n_k / N are known before anyone trains: participation follows from the seed alone.
         expected = sum(self.counts[i] for i in chosen if plans[i][0] != "dropped")
-        start = flat.data.detach().clone()  # the global model, with this rank's last local tensors
-        self._start_ints = [b.clone() for b in self._int_buffers]
+        start = self._snapshot()  # the global model, with this rank's last local tensors
         start_global = start[flat.global_slice]
-        with torch.no_grad():
-            anchor_norm = float(start_global.norm())
+        anchor_norm = 0.0  # ||w_g||, computed with the post-aggregation pass (rel_drift is filled in then)
         mine = self._mine(sorted(chosen))
         self.last_mine = mine
         training = [c for c in self.clients if c.index in mine]
@@ -263,7 +263,9 @@ class Engine:
     def _train_client(self, r: int, client: Client, status: str, epochs: int, start: torch.Tensor, expected: int,
                       anchor_norm: float, validate, after_epoch, clock: "_Clock") -> tuple[ClientOutcome, float]:
         s, flat = self.settings, self.flat
-        self._restore(start)
+        if self._dirty:  # an earlier client of this round changed the model
+            self._restore(start)
+        self._dirty = True
         self._load_client_state(client)
         figures: dict[str, Any] = {"hospital": client.name, "num_samples": client.num_samples, "status": status,
                                    "epochs": epochs}
@@ -292,7 +294,11 @@ class Engine:
                 after_epoch(client, r)
             if not result.finite:
                 break
-        finite = result is not None and result.finite and bool(torch.isfinite(flat.data).all())
+        clock.lap("local_training")
+        outcome = None
+        if result is not None and result.finite:
+            outcome = self._measure_update(figures, start[flat.global_slice], anchor_norm)
+        finite = outcome is not None and math.isfinite(outcome.norm2) and self._all_finite(params_checked=True)
         if not finite:
             # A diverged client restarts from the global model and sits this round out; its BatchNorm statistics
             # went non-finite with its weights (a forward pass in train mode), so everything is restored.
@@ -301,11 +307,11 @@ class Engine:
             log.warning("%s: local update is not finite (loss %s): contributing weight 0 this round",
                         client.name, result.loss if result else None)
             figures.update(status="diverged", train_loss=None, prox=0.0)
+            for key in ("drift", "layer_drift"):
+                figures.pop(key, None)
             return ClientOutcome(figures), 0.0
         figures.update(train_loss=result.loss, prox=proximal_value(flat.global_params, anchor, s.mu)
                        if anchor is not None else 0.0)
-        clock.lap("local_training")
-        outcome = self._measure_update(figures, start[flat.global_slice], anchor_norm)
         outcome.steps = steps
         clock.lap("diagnostics")
         if validate is not None:
@@ -317,18 +323,63 @@ class Engine:
 
     def _measure_update(self, figures: dict[str, Any], start_global: torch.Tensor, anchor_norm: float
                         ) -> ClientOutcome:
-        """drift, rel_drift and per-layer drift in one pass; a strided sample of the update for what follows."""
+        """drift and per-layer drift in one chunked pass; a strided sample of the update for what follows."""
         flat = self.flat
         with torch.no_grad():
-            sums = [torch.sub(flat.global_params[lo:hi], start_global[lo:hi]).pow_(2).sum()
-                    for _, lo, hi in flat.layer_slices(global_only=True)]
-            layer = torch.stack(sums) if sums else torch.zeros(0)
-            norm2 = float(layer.sum())
-            sketch = flat.global_params[:: self.stride] - start_global[:: self.stride]
-        drift = math.sqrt(norm2)
-        figures.update(drift=drift, rel_drift=drift / max(anchor_norm, 1e-12),
-                       layer_drift=layer.sqrt().cpu().tolist())
+            layer, sketch = self._update_pass(flat.global_params, start_global)
+        norm2 = sum(layer)
+        figures.update(drift=math.sqrt(norm2), layer_drift=[math.sqrt(v) for v in layer])
         return ClientOutcome(figures, sketch, norm2)
+
+    # ---- buffers reused every round: no model-sized allocation (and its page faults) per round --------
+
+    def _snapshot(self) -> torch.Tensor:
+        """The model's flat buffer copied into a buffer kept for the run; the integer buffers beside it."""
+        if getattr(self, "_start", None) is None:
+            self._start = torch.empty_like(self.flat.data)
+            self._scratch = torch.empty(min(_PASS, self.flat.data.numel()), dtype=self.flat.data.dtype,
+                                        device=self.flat.device)
+            self._pieces = _chunk_pieces(self.flat, _PASS)
+            self._layers = self.flat.layer_slices(global_only=True)
+        with torch.no_grad():
+            self._start.copy_(self.flat.data)
+        self._start_ints = [b.clone() for b in self._int_buffers]
+        self._dirty = False
+        return self._start
+
+    def _update_pass(self, weights: torch.Tensor, start: torch.Tensor, layers: bool = True,
+                     start_norm: bool = False):
+        """One chunked pass over ``weights - start``: the squared norm of each parameter tensor (or, with
+        ``layers`` False, of the whole) and the strided sample of it (every ``stride``-th coordinate); with
+        ``start_norm`` also ||start||², from the chunk still in cache. Chunk sums are float32, added in float64."""
+        sums = [0.0] * (len(self._layers) if layers else 1)
+        start_sum = 0.0
+        sketch = torch.empty(len(range(0, weights.numel(), self.stride)), dtype=weights.dtype, device=weights.device)
+        for lo, hi, pieces in self._pieces:
+            part = torch.sub(weights[lo:hi], start[lo:hi], out=self._scratch[: hi - lo])
+            first = -lo % self.stride
+            taken = part[first :: self.stride]
+            at = (lo + first) // self.stride
+            sketch[at : at + taken.numel()].copy_(taken)
+            part.square_()
+            if layers:
+                for a, b, layer in pieces:
+                    sums[layer] += float(part[a:b].sum())
+            else:
+                sums[0] += float(part.sum())
+            if start_norm:
+                start_sum += float(torch.square(start[lo:hi], out=part).sum())
+        return (sums, sketch, start_sum) if start_norm else (sums, sketch)
+
+    def _all_finite(self, params_checked: bool = False) -> bool:
+        """No NaN or Inf anywhere in the model: a sum is finite iff every value is (sums of finite float32
+        weights cannot reach 3e38), without a model-sized mask. ``params_checked``: the global parameters were
+        (the drift pass's sum of squares), so only the rest is summed here."""
+        flat = self.flat
+        if not params_checked:
+            return bool(torch.isfinite(flat.data.sum()))
+        rest = [flat.data[: flat.global_slice.start], flat.data[flat.global_slice.stop:]]
+        return all(bool(torch.isfinite(part.sum())) for part in rest if part.numel())
 
     def _control_delta(self, client: Client, start_global: torch.Tensor, outcome: ClientOutcome) -> torch.Tensor:
         """SCAFFOLD option II: c_k+ = c_k - c + (x - y_k) / (K lr); returns c_k+ - c_k and keeps c_k+."""
@@ -369,15 +420,16 @@ class Engine:
         return total
 
     def _post_aggregation(self, outcomes: dict[int, ClientOutcome], start_global: torch.Tensor, total: float) -> None:
-        """divergence and cosine of every trained client against the round's global update."""
+        """rel_drift, divergence and cosine of every trained client against the round's global update."""
         flat = self.flat
+        weights = flat.global_params
         with torch.no_grad():
-            update = flat.global_params[:: self.stride] - start_global[:: self.stride]
-            g_norm2 = 0.0
-            for lo in range(0, flat.global_params.numel(), 1 << 22):
-                hi = min(lo + (1 << 22), flat.global_params.numel())
-                g_norm2 += float(torch.sub(flat.global_params[lo:hi], start_global[lo:hi]).pow_(2).sum())
+            (g_norm2,), update, w_norm2 = self._update_pass(weights, start_global, layers=False, start_norm=True)
+        anchor_norm = math.sqrt(w_norm2)
         g_norm = math.sqrt(g_norm2)
+        for outcome in outcomes.values():
+            if "drift" in outcome.figures:
+                outcome.figures["rel_drift"] = outcome.figures["drift"] / max(anchor_norm, 1e-12)
         scale = flat.global_params.numel() / max(update.numel(), 1)
         for outcome in outcomes.values():
             outcome.figures["global_update_norm"] = g_norm
@@ -463,6 +515,19 @@ class _Clock:
         now = time.perf_counter()
         self.laps[phase] = self.laps.get(phase, 0.0) + now - self._last
         self._last = now
+
+
+def _chunk_pieces(flat: FlatModel, chunk: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """The global parameters cut into chunks, each with the pieces of parameter tensors it holds:
+    ``(lo, hi, [(start, end, layer number), ...])``, piece bounds relative to the chunk."""
+    layers = flat.layer_slices(global_only=True)
+    total = flat.global_params.numel()
+    chunks = []
+    for lo in range(0, total, chunk):
+        hi = min(lo + chunk, total)
+        pieces = [(max(a, lo) - lo, min(b, hi) - lo, k) for k, (_, a, b) in enumerate(layers) if a < hi and b > lo]
+        chunks.append((lo, hi, pieces))
+    return chunks
 
 
 def local_tensors(flat: FlatModel) -> torch.Tensor:

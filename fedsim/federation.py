@@ -334,12 +334,28 @@ class Federation:
 
     def _state(self, r: int) -> dict[str, Any]:
         """What a checkpoint holds: the global model, the server's state, the run's identity (round -1: initial)."""
-        state = {"model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
+        state = {"model": self._weights_copy(),
                  "round": r, "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
                  "class_names": list(self.plan.class_names), "hospitals": list(self.plan.hospitals)}
         if self.engine is not None:
             state["engine"] = self.engine.state_dict()
         return state
+
+    def _weights_copy(self) -> dict[str, torch.Tensor]:
+        """The model's state dict copied once into a host buffer kept for the run (views of it), so a round's
+        checkpoint costs one copy and no allocation; the previous checkpoint's write has finished."""
+        flat = self.flat.data
+        if getattr(self, "_saved", None) is None:
+            self._saved = torch.empty(flat.shape, dtype=flat.dtype, device="cpu")
+        self._saved.copy_(flat)
+        base, size = flat.data_ptr(), flat.element_size()
+        out = {}
+        for key, value in self.model.state_dict().items():
+            offset = (value.data_ptr() - base) // size
+            inside = value.device == flat.device and value.dtype == flat.dtype and 0 <= offset < flat.numel()
+            out[key] = self._saved.as_strided(value.shape, value.stride(), offset) if inside else \
+                value.detach().to("cpu", copy=True)
+        return out
 
     def _save_client_states(self, r: int, clients: list[Client]) -> None:
         """Each hospital's own state (FedBN tensors, optimizer, control variate), kept by the rank hosting it.
