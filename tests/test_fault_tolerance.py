@@ -227,17 +227,26 @@ def test_two_launches_form_one_group_of_four(cache, tmp_path):
     (["--set", "data.split=[nan, 0.5, 0.5]"], "must be three non-negative fractions summing to 1"),
     (["--set", 'data.patient_regex="(P"'], "data.patient_regex = '(P' is not a regular expression"),
     (["--set", 'data.classes=["Grade I"]'], "must name at least two classes"),
+    # Settings that do not fit the data: checked once the data is read, before any image is cached
+    (["--set", "data.split=[1.0, 0.0, 0.0]"], "the data has no validation and no test images"),
+    (["--set", "data.split=[0.8, 0.2, 0.0]"], "the data has no test images"),
+    (["--set", 'train.faulty_hospitals=["H9"]'], "train.faulty_hospitals names 'H9', which is not a hospital"),
+    (["--set", 'train.simulate_nan=["h1"]'], "train.simulate_nan names 'h1', which is not a hospital"),
+    (["--set", 'train.simulate_crash="H4:1"'], "train.simulate_crash names 'H4', which is not a hospital"),
 ])
 def test_bad_settings_give_one_line_and_exit_code(args, message, cache, tmp_path, capfd, monkeypatch):
     # In-process: the same main() a rank runs, without paying for a new interpreter per case.
     import train
 
     monkeypatch.setenv("FEDSIM_CACHE", str(cache))
+    patches = lambda: sorted(p.name for p in (cache / "patches").glob("*"))  # noqa: E731
+    before = patches()
     code = train.main([*SMALL, "--out", str(tmp_path / "run"), *args])
     err = capfd.readouterr().err
     assert code == 2
-    assert message in err
+    assert message in err.strip().splitlines()[-1]
     assert "Traceback" not in err
+    assert patches() == before  # refused before any image was cached
 
 
 def test_bad_setting_exit_code_through_the_interpreter(cache, tmp_path):

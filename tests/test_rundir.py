@@ -199,26 +199,6 @@ def test_read_only_run_directory_is_refused_before_any_work(cache, tmp_path, mon
     assert not (tmp_path / "empty-cache").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "data.split=[1.0, 0.0, 0.0]"], "the data has no validation and no test images"),
-    (["--set", "data.split=[0.8, 0.2, 0.0]"], "the data has no test images"),
-    (["--set", 'train.faulty_hospitals=["H9"]'], "train.faulty_hospitals names 'H9', which is not a hospital"),
-    (["--set", 'train.simulate_nan=["h1"]'], "train.simulate_nan names 'h1', which is not a hospital"),
-    (["--set", 'train.simulate_crash="H4:1"'], "train.simulate_crash names 'H4', which is not a hospital"),
-])
-def test_settings_checked_against_the_data_before_caching(args, message, cache, tmp_path, capfd, monkeypatch):
-    import train
-
-    monkeypatch.setenv("FEDSIM_CACHE", str(cache))
-    patches = lambda: sorted(p.name for p in (cache / "patches").glob("*"))  # noqa: E731
-    before = patches()
-    code = train.main([*ONE, "--out", str(tmp_path / "run"), *args])
-    err = capfd.readouterr().err
-    assert code == 2, err[-2000:]
-    assert message in err.strip().splitlines()[-1] and "Traceback" not in err
-    assert patches() == before  # no patch was cut
-
-
 def test_an_error_is_printed_once_under_torchrun_and_ends_its_summary(cache, tmp_path):
     # Every rank parses the same bad setting; the reason is said once, and torchrun's summary carries it.
     proc = torchrun([*SMALL, "--rounds", "0", "--out", str(tmp_path / "run")], cache)
