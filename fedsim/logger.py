@@ -225,7 +225,10 @@ def format_round(record: dict[str, Any]) -> str:
     """The one-line round summary printed by rank 0."""
     g = record.get("global", {})
     parts = [f"round {record['round'] + 1}/{record['rounds']}"]
-    for c in record.get("clients", []):
+    clients = record.get("clients", [])
+    for c in clients:
+        if c.get("status") == "not sampled":
+            continue
         loss = c.get("train_loss")
         bits = [f"{c['hospital']}: loss {loss:.3f}" if loss is not None else f"{c['hospital']}:"]
         if c.get("drift") is not None:
@@ -235,6 +238,9 @@ def format_round(record: dict[str, Any]) -> str:
         if c.get("status", "trained") != "trained":
             bits.append(c["status"])
         parts.append(" ".join(bits))
+    idle = sum(c.get("status") == "not sampled" for c in clients)
+    if idle:
+        parts.append(f"{idle} not sampled")
     if g.get("val_acc") is not None:
         parts.append(f"global val acc {g['val_acc']:.3f}")
     seconds = record.get("seconds", {})
