@@ -110,6 +110,12 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
     return [results[r] for r in range(world)]
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A data cache (synthetic dataset, patch pairs) shared by the tests of one module."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(scope="session")
 def he_pixels() -> np.ndarray:
     """The real H&E sample, uint8 HxWx3 (read-only); the test skips when it is absent."""

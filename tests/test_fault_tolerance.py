@@ -37,11 +37,6 @@ def _assert_identical(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("full") / "run"
     proc = torchrun([*SMALL, "--rounds", "3", "--out", str(out)], cache)

@@ -22,11 +22,6 @@ def _weights(out) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def test_one_rank_with_three_hospitals_ends_where_three_ranks_do(cache, tmp_path):
     # Execute: the same federation of 3 hospitals, on 3 ranks and on 1. The aggregates differ only in the order
     # of a float32 sum of three models (gloo's ring vs one accumulator): a few ulps. Local SGD carries such a

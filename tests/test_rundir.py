@@ -42,11 +42,6 @@ ONE = [*SMALL, "--rounds", "2", "--num-hospitals", "1"]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("full") / "run"
     proc = train_single([*ONE, "--out", str(out)], cache)
