@@ -395,8 +395,11 @@ class Engine:
     # ---- aggregation ----------------------------------------------------------------------
 
     def _accumulator(self) -> torch.Tensor:
-        size = self.flat.reduced.numel() + (self.control.numel() if self.control is not None else 0)
-        return torch.zeros(size, dtype=self.flat.data.dtype, device=self.flat.device)
+        """The round's weighted sum (and SCAFFOLD's control updates), zeroed; one buffer kept for the run."""
+        if getattr(self, "_acc", None) is None:
+            size = self.flat.reduced.numel() + (self.control.numel() if self.control is not None else 0)
+            self._acc = torch.empty(size, dtype=self.flat.data.dtype, device=self.flat.device)
+        return self._acc.zero_()
 
     def _finish_aggregation(self, buffer: torch.Tensor, start: torch.Tensor, in_place: bool) -> float:
         """The weighted mean into the model (unchanged if nobody contributed); the server step; returns the
