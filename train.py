@@ -42,6 +42,10 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--dropout", "train.dropout", float, "probability a client drops out of a round"),
     ("--straggler", "train.straggler", float, "probability a client stops early in a round"),
     ("--workers", "data.num_workers", int, "DataLoader workers per rank"),
+    ("--dp", "train.dp.level", str, "off | sample (DP-SGD in each hospital) | client (DP-FedAvg)"),
+    ("--noise-multiplier", "train.dp.noise_multiplier", float, "DP noise multiplier sigma (default 1.0)"),
+    ("--target-epsilon", "train.dp.target_epsilon", float, "derive sigma so the run spends this epsilon (0 = use sigma)"),
+    ("--mixup-alpha", "train.mixup_alpha", float, "MixUp alpha; 0 disables it (needed under --dp sample)"),
 ]
 
 
@@ -53,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         parser.add_argument(flag, dest=key, type=kind, help=text)
     parser.add_argument("--resume", action="store_true", help="expect to continue a run: warn if OUT has no checkpoint (a run on a directory with round checkpoints of the same config always continues after the last)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    parser.add_argument("--secure-aggregation", action="store_true",
+                        help="sum the hospitals' contributions with pairwise masks that cancel in the all-reduce")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config field, e.g. --set data.context_fov=640 (repeatable)")
     args = parser.parse_args(argv)
@@ -62,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         assignments.append(("train.resume", True))
     if args.compile:
         assignments.append(("train.compile", True))
+    if args.secure_aggregation:
+        assignments.append(("train.secure_aggregation", True))
     return resolve(args.config, assignments)
 
 

@@ -43,10 +43,8 @@ from models import DualStreamNet  # noqa: E402
 
 
 def group_norm_model(backbone: str) -> DualStreamNet:
-    """The dual-stream network with GroupNorm backbones (what ``model.norm = "group"`` will build)."""
-    model = DualStreamNet(backbone, "dual", 3)
-    model.context, model.detail = dp.dp_backbone(backbone), dp.dp_backbone(backbone)
-    return model
+    """The dual-stream network with GroupNorm backbones, as ``model.norm = "group"`` builds it."""
+    return DualStreamNet(backbone, "dual", 3, norm="group")
 
 
 def dp_epoch(model, flat, optimizer, loader, anchor, engine: dp.DPSGD, settings: StepSettings, rng) -> int:

@@ -88,7 +88,7 @@ LossFn = Callable[[nn.Module, Any, StepSettings, torch.Generator], tuple[torch.T
 def train_epoch(model: nn.Module, flat: FlatModel, optimizer: torch.optim.Optimizer, loader: Iterable,
                 anchor: torch.Tensor | None, settings: StepSettings, rng: torch.Generator,
                 grad_hook: Callable[[torch.Tensor], None] | None = None, desc: str = "", show: bool = False,
-                loss_fn: LossFn | None = None, correction: torch.Tensor | None = None) -> EpochResult:
+                loss_fn: LossFn | None = None, correction: torch.Tensor | None = None, dp: Any = None) -> EpochResult:
     """One pass over the loader; returns the mean (mixed) cross-entropy.
 
     Args:
@@ -98,22 +98,41 @@ def train_epoch(model: nn.Module, flat: FlatModel, optimizer: torch.optim.Optimi
         loss_fn: The loss of one batch; default: the dual-stream network's (context, detail, labels, index)
             batches with augmentation and MixUp.
         correction: Added to the global parameters' gradient at every step (SCAFFOLD's ``c - c_k``).
+        dp: A :class:`fedsim.dp.DPSGD` (the loader then yields Poisson batches, one per step, perhaps empty):
+            clipped per-sample gradients plus noise instead of the batch gradient.
     """
     model.train()
-    loss_fn = loss_fn or dual_stream_loss
+    loss_fn = loss_fn or (_private_loss(dp) if dp is not None else dual_stream_loss)
     total_loss = torch.zeros((), device=settings.device)
     samples = steps = 0
     batches = tqdm(loader, desc=desc, leave=False, disable=None if show else True, dynamic_ncols=True)
     for micro, batch in enumerate(batches, start=1):
         loss, count = loss_fn(model, batch, settings, rng)
-        (loss / settings.grad_accum).backward()
+        if dp is None:
+            (loss / settings.grad_accum).backward()
         total_loss += loss.detach() * count
         samples += count
         if micro % settings.grad_accum == 0 or micro == len(loader):
+            if dp is not None:
+                dp.privatize_()
             _optimizer_step(flat, optimizer, anchor, settings, grad_hook, correction)
             steps += 1
     mean_loss = float(total_loss) / max(samples, 1)  # one device sync per epoch, not per step
     return EpochResult(mean_loss, samples, steps, math.isfinite(mean_loss))
+
+
+def _private_loss(dp) -> LossFn:
+    """The dual-stream batch under DP-SGD: the clipped per-sample gradients are added to the flat gradient
+    here (no MixUp: it mixes samples); returns the batch's mean loss, detached."""
+    def loss_fn(model, batch, settings: StepSettings, rng: torch.Generator) -> tuple[torch.Tensor, int]:
+        context, detail, labels, _ = batch
+        count = labels.shape[0]
+        if count == 0:  # a Poisson batch may be empty: the step is noise alone
+            return torch.zeros((), device=settings.device), 0
+        inputs = prepare_inputs(context, detail, settings, rng)
+        total = dp.backward(inputs, labels.to(settings.device, non_blocking=True))
+        return total / count, count
+    return loss_fn
 
 
 def dual_stream_loss(model: nn.Module, batch, settings: StepSettings, rng: torch.Generator) -> tuple[torch.Tensor, int]:

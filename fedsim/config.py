@@ -217,14 +217,92 @@ class ModelConfig:
     pretrained: str = ""
     """Local weights (safetensors or a state dict) for the backbones (the file must exist and fit the
     backbone); nothing is downloaded."""
+    norm: str = "auto"
+    """The backbones' normalization: batch, group (GroupNorm, gcd(C, 32) groups) or auto (group under
+    differential privacy, whose per-sample gradients BatchNorm would mix, else batch)."""
 
     def __post_init__(self) -> None:
         _choice("model.scales", self.scales, ("dual", "detail", "context"))
+        _choice("model.norm", self.norm, ("auto", "batch", "group"))
         _within("model.hidden", self.hidden, 1, MAX_HIDDEN)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout = {self.dropout} must lie in [0, 1)")
         if not self.backbone:
             raise ConfigError("model.backbone must name a timm model")
+
+
+@dataclass(kw_only=True)
+class DPConfig:
+    """Differential privacy (off by default; README "Privacy")."""
+
+    level: str = "off"
+    """off; sample (DP-SGD inside each hospital: per-sample clipping and noise at every step, Poisson
+    batches; protects each patch pair) or client (DP-FedAvg: each participant's update clipped, noise on the
+    sum; protects a whole hospital)."""
+    noise_multiplier: float = 1.0
+    """sigma, in [0, 1e4]: the noise std is sigma times the clipping bound (ignored when target_epsilon > 0)."""
+    target_epsilon: float = 0.0
+    """> 0: derive sigma so that the whole run spends this epsilon (per hospital for sample, for the
+    federation for client); 0: use noise_multiplier."""
+    max_grad_norm: float = 1.0
+    """sample: C, the L2 bound of one sample's gradient over all parameters, in (0, 1e6]."""
+    max_update_norm: float = 1.0
+    """client: S, the L2 bound of one hospital's update (its weights minus the round's global ones), in (0, 1e6]."""
+    delta: float = 1e-5
+    """delta of the (epsilon, delta) guarantee, in (0, 0.1]; keep it below 1/(samples of a hospital) for
+    sample, below 1/(hospitals) for client."""
+    accountant: str = "rdp"
+    """Opacus's accountant: rdp (Renyi DP) or prv (privacy random variables, tighter)."""
+    max_epsilon: float = 0.0
+    """> 0: a budget. sample: a hospital whose next round would spend more sits out the rest of the run
+    ("budget spent"); client: the run ends before such a round. 0 = no budget."""
+    noise_seed: str = "secret"
+    """secret (noise from the OS's randomness: private, not reproducible) or derived (from the seed: runs
+    and resumes repeat bit for bit, but anyone who knows the config can remove the noise: studies only)."""
+    method: str = "hooks"
+    """sample: how per-sample gradients are computed, hooks (per-layer rules, faster on CPU) or functorch
+    (torch.func.vmap)."""
+
+    def __post_init__(self) -> None:
+        _choice("train.dp.level", self.level, ("off", "sample", "client"))
+        _choice("train.dp.accountant", self.accountant, ("rdp", "prv"))
+        _choice("train.dp.noise_seed", self.noise_seed, ("secret", "derived"))
+        _choice("train.dp.method", self.method, ("hooks", "functorch"))
+        _within("train.dp.noise_multiplier", self.noise_multiplier, 0.0, 1e4)
+        _within("train.dp.target_epsilon", self.target_epsilon, 0.0, 1e6)
+        _within("train.dp.max_epsilon", self.max_epsilon, 0.0, 1e6)
+        for name in ("max_grad_norm", "max_update_norm"):
+            _within(f"train.dp.{name}", getattr(self, name), 0.0, 1e6, inclusive=False)
+        _within("train.dp.delta", self.delta, 0.0, 0.1, inclusive=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.level != "off"
+
+
+@dataclass(kw_only=True)
+class SecAggConfig:
+    """Secure aggregation's fixed-point encoding and masks (README "Privacy")."""
+
+    clip: float = 8.0
+    """Each rank's weighted update is clipped to [-clip, clip] per coordinate before quantization, in (0, 1e6]
+    (Flower SecAgg+'s default 8); clipped coordinates are counted in the round's record."""
+    levels: int = 2**22
+    """Quantization levels over [-clip, clip]: a power of two with ranks * levels < 2**32 (Flower's 2**22)."""
+    wire: str = "int64"
+    """What the all-reduce carries: int64 (values in [0, 2**32), a sum that cannot overflow) or int32 (the
+    masked values in place, half the bytes; relies on the backend's wrapping int32 sum, checked at start)."""
+    prg: str = "aes"
+    """Mask generator: aes (AES-128-CTR, cryptographic) or device (torch's generator on the device:
+    statistical, masks never leave the GPU)."""
+
+    def __post_init__(self) -> None:
+        _within("train.secagg.clip", self.clip, 0.0, 1e6, inclusive=False)
+        _within("train.secagg.levels", self.levels, 2, 2**31)
+        if self.levels & (self.levels - 1):
+            raise ConfigError(f"train.secagg.levels = {self.levels} must be a power of two")
+        _choice("train.secagg.wire", self.wire, ("int64", "int32"))
+        _choice("train.secagg.prg", self.prg, ("aes", "device"))
 
 
 @dataclass(kw_only=True)
@@ -304,6 +382,13 @@ class TrainConfig:
     directory with round checkpoints of the same config always continues after the last one."""
     xai_per_grade: int = 2
     """Grad-CAM panels per grade written by each hospital at the end (OUT/xai/<hospital>/), 0..1000; 0 = none."""
+    dp: DPConfig = field(default_factory=DPConfig)
+    """Differential privacy: the train.dp table."""
+    secure_aggregation: bool = False
+    """Sum the hospitals' contributions with pairwise masks that cancel in the all-reduce (Bonawitz et al.
+    2017, without dropout recovery): no rank sees another's contribution, only the sum."""
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    """Secure aggregation's encoding: the train.secagg table."""
 
     def __post_init__(self) -> None:
         _choice("train.mode", self.mode, ("federated", "centralized"))
@@ -360,6 +445,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not str(self.out).strip():
             raise ConfigError(f"out = {self.out!r} must name a run directory")
+        _check_privacy(self)
+
+    @property
+    def norm(self) -> str:
+        """The backbones' normalization layers, ``model.norm`` with auto resolved."""
+        if self.model.norm != "auto":
+            return self.model.norm
+        return "group" if self.train.dp.enabled else "batch"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-ready dict."""
@@ -376,6 +469,33 @@ class RunConfig:
         tree["data"].pop("num_workers")
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _check_privacy(cfg: RunConfig) -> None:
+    """Settings that differential privacy or secure aggregation cannot honour, refused in one line."""
+    t, level = cfg.train, cfg.train.dp.level
+    if level != "off":
+        why = f"train.dp.level = {level}"
+        refusals = [
+            (t.mode == "centralized", "train.mode = centralized (DP applies to federated hospitals)"),
+            (cfg.norm == "batch", "model.norm = batch (BatchNorm mixes samples; use group or auto)"),
+            (t.bn == "local", "train.bn = local (FedBN keeps BatchNorm layers; DP models have none)"),
+            (t.compile, "train.compile (the per-sample gradient hooks need the eager model)"),
+        ]
+        if level == "sample":
+            refusals += [
+                (t.mixup_alpha > 0, "train.mixup_alpha > 0 (MixUp mixes samples, which per-sample accounting "
+                                    "cannot charge: set train.mixup_alpha = 0)"),
+                (t.grad_accum > 1, "train.grad_accum > 1 (a DP step is one Poisson batch)"),
+            ]
+        else:
+            refusals += [(t.algorithm == "scaffold", "train.algorithm = scaffold (its control variates would "
+                                                     "cross ranks unclipped and without noise)")]
+        for bad, what in refusals:
+            if bad:
+                raise ConfigError(f"{why} cannot be combined with {what}")
+    if t.secure_aggregation and t.mode == "centralized":
+        raise ConfigError("train.secure_aggregation applies to federated runs, not train.mode = centralized")
 
 
 def from_dict(tree: dict[str, Any]) -> RunConfig:
@@ -582,7 +702,7 @@ def check_inputs(cfg: RunConfig) -> None:
         check_backbone(cfg.model.backbone)  # ValueError naming model.backbone
         try:
             check_pretrained(cfg.model.backbone, cfg.model.scales, cfg.model.pretrained,
-                             len(cfg.data.classes), cfg.model.hidden)
+                             len(cfg.data.classes), cfg.model.hidden, cfg.norm)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"model.pretrained: {err}") from None
 

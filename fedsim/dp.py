@@ -27,7 +27,7 @@ Per-sample gradients come from one of two engines (``method``):
   (``bench/bench_dp.py``), hence the default.
 
 BatchNorm mixes the samples of a batch, so the model must use GroupNorm
-(:func:`group_norm`, :func:`dp_backbone`); MixUp mixes samples too and has no
+(``models.dual_stream.group_norm``, :func:`dp_backbone`); MixUp mixes samples too and has no
 place under DP. Per-sample augmentation is fine.
 
 **Client-level DP-FedAvg** (McMahan et al., ICLR 2018) protects a whole
@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.flat import FlatModel, is_batchnorm
+from models.dual_stream import make_backbone
 
 #: Accountants of Opacus that fedsim offers.
 ACCOUNTANTS = ("rdp", "prv")
@@ -243,23 +244,9 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
 
 # ---- GroupNorm backbones --------------------------------------------------------------------
 
-def group_norm(num_channels: int, **kwargs) -> nn.GroupNorm:
-    """A GroupNorm for ``num_channels`` with gcd(num_channels, 32) groups (Wu & He's 32 where it divides).
-
-    A norm-layer factory for timm (``norm_layer=group_norm``): timm calls it
-    with the channel count first, and its ``get_norm_layer`` keeps a plain
-    function as it is, whereas ``partial(nn.GroupNorm, 8)`` loses its
-    positional argument there. Plain ``nn.GroupNorm`` is what Opacus's grad
-    sampler is registered for (timm's own ``GroupNorm`` subclass is not).
-    """
-    return nn.GroupNorm(math.gcd(int(num_channels), 32), num_channels, **kwargs)
-
-
 def dp_backbone(name: str) -> nn.Module:
     """A timm backbone with GroupNorm instead of BatchNorm, no classifier, average-pooled; random weights."""
-    import timm
-
-    return timm.create_model(name, pretrained=False, num_classes=0, global_pool="avg", norm_layer=group_norm)
+    return make_backbone(name, norm="group")
 
 
 def check_private_model(model: nn.Module) -> None:

@@ -37,6 +37,7 @@ from torch import nn
 
 from fedsim.client import LossFn, StepSettings, make_optimizer, train_epoch
 from fedsim.flat import FlatModel
+from fedsim.privacy import Privacy
 from fedsim.prox import proximal_value
 from fedsim.seeding import derive_seed, generator
 from fedsim.strategies import ServerOptimizer
@@ -136,12 +137,14 @@ class Engine:
 
     def __init__(self, model: nn.Module, flat: FlatModel, clients: list[Client], names: list[str],
                  counts: list[int], settings: EngineSettings, step: StepSettings,
-                 server: ServerOptimizer | None = None, loss_fn: LossFn | None = None, show_progress: bool = False):
+                 server: ServerOptimizer | None = None, loss_fn: LossFn | None = None, show_progress: bool = False,
+                 privacy: Privacy | None = None):
         """
         Args:
             clients: The clients this rank hosts.
             names, counts: Every client's name and sample count, by index (counts may cross ranks: they
                 decide the weights).
+            privacy: Differential privacy and secure aggregation (:mod:`fedsim.privacy`), or None.
         """
         self.model, self.flat, self.clients = model, flat, clients
         self.forward = model  # what training calls: the model, or its torch.compile'd wrapper
@@ -149,6 +152,7 @@ class Engine:
         self.settings, self.step = settings, step
         self.server = server or ServerOptimizer()
         self.loss_fn, self.show_progress = loss_fn, show_progress
+        self.privacy = privacy
         self.num_clients = len(counts)
         self.control: torch.Tensor | None = None  # SCAFFOLD's server control variate c
         if settings.algorithm == "scaffold":
@@ -191,9 +195,8 @@ class Engine:
         clock = _Clock()
         chosen = set(participants(s.seed, r, self.num_clients, s.clients_per_round))
         self._chosen_now = chosen
-        plans = {i: s.faults.draw(s.seed, r, _Named(i, self.names[i]), s.local_epochs) for i in chosen}
-        # The weights n_k / N are known before anyone trains: participation follows from the seed alone.
-        expected = sum(self.counts[i] for i in chosen if plans[i][0] != "dropped")
+        plans = self._plans(r, chosen)
+        weights = self._weights(plans)
         start = self._snapshot()  # the global model, with this rank's last local tensors
         start_global = start[flat.global_slice]
         anchor_norm = 0.0  # ||w_g||, computed with the post-aggregation pass (rel_drift is filled in then)
@@ -208,8 +211,8 @@ class Engine:
                 outcomes[client.index] = ClientOutcome({"status": "not sampled", "epochs": 0, "train_loss": None})
                 continue
             status, epochs = plans[client.index]
-            outcome, weight = self._train_client(r, client, status, epochs, start, expected, anchor_norm,
-                                                 validate, after_epoch, clock)
+            outcome, weight = self._train_client(r, client, status, epochs, start, weights[client.index],
+                                                 anchor_norm, validate, after_epoch, clock)
             outcomes[client.index] = outcome
             with torch.no_grad():
                 if in_place:
@@ -228,14 +231,41 @@ class Engine:
         if before_aggregation is not None:
             before_aggregation()
         with torch.no_grad():
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            if self.privacy is not None and self.privacy.changes_reduce:
+                self.privacy.reduce_(buffer, flat, start, r)
+            else:
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             total = self._finish_aggregation(buffer, start, in_place)
         clock.lap("aggregation")
         self._post_aggregation(outcomes, start_global, total)
+        if self.privacy is not None:
+            self.privacy.charge(r, plans)
+            for index, outcome in outcomes.items():
+                outcome.figures.update(self.privacy.figures(index))
         clock.lap("diagnostics")
         self.timings = clock.laps
         self.last_total = total
         return [outcomes[c.index] for c in self.reported(mine)]
+
+    def _plans(self, r: int, chosen: set[int]) -> dict[int, tuple[str, int]]:
+        """(status, epochs) of each participant: drop-out and straggling drawn from the seed, and (DP-SGD with
+        a budget) ``budget spent`` for a hospital whose next round would pass it."""
+        s = self.settings
+        plans = {i: s.faults.draw(s.seed, r, _Named(i, self.names[i]), s.local_epochs) for i in chosen}
+        if self.privacy is not None:
+            for i, (_, epochs) in plans.items():
+                if self.privacy.budget_spent(i, epochs):
+                    plans[i] = ("budget spent", 0)
+        return plans
+
+    def _weights(self, plans: dict[int, tuple[str, int]]) -> dict[int, float]:
+        """Each participant's aggregation weight, known before anyone trains (participation follows from the
+        seed alone): n_k / N over those that take part, or 1/K under client-level DP."""
+        fixed = self.privacy.weights(plans) if self.privacy is not None else None
+        if fixed is not None:
+            return fixed
+        expected = sum(self.counts[i] for i, (_, epochs) in plans.items() if epochs > 0)
+        return {i: self.counts[i] / max(expected, 1) for i in plans}
 
     def _mine(self, chosen: list[int]) -> set[int]:
         """The participants this rank trains: those it hosts, or (dealt) every W-th of the round's participants."""
@@ -260,7 +290,7 @@ class Engine:
             for buf, value in zip(self._int_buffers, self._start_ints):
                 buf.copy_(value)
 
-    def _train_client(self, r: int, client: Client, status: str, epochs: int, start: torch.Tensor, expected: int,
+    def _train_client(self, r: int, client: Client, status: str, epochs: int, start: torch.Tensor, weight: float,
                       anchor_norm: float, validate, after_epoch, clock: "_Clock") -> tuple[ClientOutcome, float]:
         s, flat = self.settings, self.flat
         if self._dirty:  # an earlier client of this round changed the model
@@ -269,7 +299,7 @@ class Engine:
         self._load_client_state(client)
         figures: dict[str, Any] = {"hospital": client.name, "num_samples": client.num_samples, "status": status,
                                    "epochs": epochs}
-        if status == "dropped":
+        if epochs == 0:  # dropped, or its privacy budget is spent
             figures.update(train_loss=None, prox=0.0)
             return ClientOutcome(figures), 0.0
         torch.manual_seed(derive_seed(s.seed, r, client.index, "torch"))  # dropout layers
@@ -284,16 +314,22 @@ class Engine:
         rng = generator(s.seed, r, client.index, "augment")
         if client.reseed is not None:
             client.reseed(derive_seed(s.seed, r, client.index, "shuffle"))
+        private = self.privacy.dpsgd(self.model, flat, r, client.index, self.step.amp_dtype) \
+            if self.privacy is not None else None
         result, steps = None, 0
-        for epoch in range(epochs):
-            result = train_epoch(self.forward, flat, optimizer, client.loader, anchor, self.step, rng,
-                                 desc=f"round {r + 1} {client.name} epoch {epoch + 1}/{epochs}",
-                                 show=self.show_progress, loss_fn=self.loss_fn, correction=correction)
-            steps += result.steps
-            if after_epoch is not None:
-                after_epoch(client, r)
-            if not result.finite:
-                break
+        try:
+            for epoch in range(epochs):
+                result = train_epoch(self.forward, flat, optimizer, client.loader, anchor, self.step, rng,
+                                     desc=f"round {r + 1} {client.name} epoch {epoch + 1}/{epochs}",
+                                     show=self.show_progress, loss_fn=self.loss_fn, correction=correction, dp=private)
+                steps += result.steps
+                if after_epoch is not None:
+                    after_epoch(client, r)
+                if not result.finite:
+                    break
+        finally:
+            if private is not None:
+                private.close()
         clock.lap("local_training")
         outcome = None
         if result is not None and result.finite:
@@ -312,6 +348,8 @@ class Engine:
             return ClientOutcome(figures), 0.0
         figures.update(train_loss=result.loss, prox=proximal_value(flat.global_params, anchor, s.mu)
                        if anchor is not None else 0.0)
+        if self.privacy is not None:
+            self.privacy.clip_update_(flat.global_params, start[flat.global_slice])
         outcome.steps = steps
         clock.lap("diagnostics")
         if validate is not None:
@@ -319,7 +357,7 @@ class Engine:
         clock.lap("validation")
         if s.client_optimizer == "persistent":
             client.state["optimizer"] = self._keep(optimizer.state_dict())
-        return outcome, client.num_samples / max(expected, 1)
+        return outcome, weight
 
     def _measure_update(self, figures: dict[str, Any], start_global: torch.Tensor, anchor_norm: float
                         ) -> ClientOutcome:
@@ -492,6 +530,8 @@ class Engine:
         state: dict[str, Any] = {"server_optimizer": self.server.state_dict()}
         if self.control is not None:
             state["control"] = self.control.detach().cpu().clone()
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -499,6 +539,8 @@ class Engine:
             self.server.load_state_dict(state["server_optimizer"], self.flat.device)
         if self.control is not None and "control" in state:
             self.control.copy_(state["control"].to(self.flat.device))
+        if self.privacy is not None and "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])
 
 
 @dataclass(frozen=True)

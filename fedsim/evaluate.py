@@ -116,12 +116,13 @@ def fitted_model(state: dict[str, Any], cfg, class_names: list[str], path: str |
             with the first missing and unexpected keys and shape mismatches.
     """
     with torch.device("meta"):  # shapes only: a mismatch is found without allocating the model
-        probe = build_model(cfg.model.backbone, cfg.model.scales, len(class_names), cfg.model.hidden)
+        probe = build_model(cfg.model.backbone, cfg.model.scales, len(class_names), cfg.model.hidden, norm=cfg.norm)
     problem = state_mismatch(probe.state_dict(), state["model"])
     if problem:
         raise EvalError(f"checkpoint {path} does not fit the {cfg.model.scales}-stream {cfg.model.backbone} model "
                         f"of its config ({len(class_names)} classes, hidden {cfg.model.hidden}): {problem}")
-    model = build_model(cfg.model.backbone, cfg.model.scales, len(class_names), cfg.model.hidden, cfg.model.dropout)
+    model = build_model(cfg.model.backbone, cfg.model.scales, len(class_names), cfg.model.hidden, cfg.model.dropout,
+                        norm=cfg.norm)
     model.load_state_dict(state["model"])
     return model
 

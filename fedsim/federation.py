@@ -32,6 +32,7 @@ from fedsim.engine import Client, Engine, EngineSettings, Faults
 from fedsim.evaluate import final_report, image_level, summaries
 from fedsim.flat import flatten
 from fedsim.logger import RunLogger, format_round, write_json
+from fedsim.privacy import Privacy
 from fedsim.seeding import derive_seed, generator
 from fedsim.strategies import ServerOptimizer
 from models import build_model
@@ -49,7 +50,7 @@ class Federation:
         self.settings = _step_settings(cfg, info)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model.backbone, cfg.model.scales, len(self.plan.class_names),
-                            cfg.model.hidden, cfg.model.dropout, cfg.model.pretrained)
+                            cfg.model.hidden, cfg.model.dropout, cfg.model.pretrained, cfg.norm)
         model = model.to(info.device)
         self.flat = flatten(model, local_bn=cfg.train.bn == "local", channels_last=self.settings.channels_last)
         self.model = model
@@ -73,26 +74,40 @@ class Federation:
 
     # ---- set-up -------------------------------------------------------------------------
 
-    def _loader(self, dataset, indices=None) -> tuple[DataLoader, torch.Generator]:
-        """A loader for the whole run (persistent workers) whose sampler is re-seeded every round."""
+    def _loader(self, dataset, indices=None, batches=None) -> tuple[DataLoader, torch.Generator]:
+        """A loader for the whole run (persistent workers) whose sampler is re-seeded every round.
+
+        ``batches``: a batch sampler made from the generator (DP-SGD's Poisson batches) instead of shuffling.
+        """
         shuffle = torch.Generator()
+        workers = self.cfg.data.num_workers
+        common = {"collate_fn": collate_batch, "num_workers": workers,
+                  "pin_memory": self.info.device.type == "cuda", "persistent_workers": workers > 0}
+        if batches is not None:
+            return DataLoader(dataset, batch_sampler=batches(shuffle), **common), shuffle
         sampler = RandomSampler(dataset, generator=shuffle) if indices is None else \
             SubsetRandomSampler(indices.tolist(), generator=shuffle)
-        workers = self.cfg.data.num_workers
-        loader = DataLoader(dataset, batch_size=self.cfg.train.batch_size, sampler=sampler, collate_fn=collate_batch,
-                            num_workers=workers, pin_memory=self.info.device.type == "cuda",
-                            persistent_workers=workers > 0)
-        return loader, shuffle
+        return DataLoader(dataset, batch_size=self.cfg.train.batch_size, sampler=sampler, **common), shuffle
 
     def _build_engine(self) -> Engine:
         t = self.cfg.train
+        # Sample counts decide the aggregation weights, so every rank learns every hospital's (a count, no data).
+        mine = {h.name: len(h.dataset("train")) for h in self.plan.mine}
+        counts = {name: n for g in share_figures(mine) for name, n in g.items()}
+        ordered = [counts[h] for h in self.plan.hospitals]
+        self.privacy = None
+        if t.dp.enabled or t.secure_aggregation:
+            self.privacy = Privacy(t.dp, t.secure_aggregation, t.secagg, ordered, t.batch_size, t.local_epochs,
+                                   t.rounds, t.clients_per_round, t.seed, self.info.device, self.info.world_size)
+            if self.info.is_main:
+                log.info(self.privacy.describe())
         clients = []
         for hospital in self.plan.mine:
-            loader, shuffle = self._loader(hospital.dataset("train"))
-            clients.append(Client(hospital.index, hospital.name, len(hospital.dataset("train")), loader,
+            sampler = (lambda gen, i=hospital.index: self.privacy.batch_sampler(i, gen)) \
+                if self.privacy is not None and self.privacy.level == "sample" else None
+            loader, shuffle = self._loader(hospital.dataset("train"), batches=sampler)
+            clients.append(Client(hospital.index, hospital.name, mine[hospital.name], loader,
                                   reseed=shuffle.manual_seed))
-        # Sample counts decide the aggregation weights, so every rank learns every hospital's (a count, no data).
-        counts = {name: n for g in share_figures({c.name: c.num_samples for c in clients}) for name, n in g.items()}
         settings = EngineSettings(seed=t.seed, local_epochs=t.local_epochs, lr=t.lr, weight_decay=t.weight_decay,
                                   mu=t.mu, local_optimizer=t.local_optimizer, clients_per_round=t.clients_per_round,
                                   client_optimizer=t.client_optimizer, client_state_device=t.client_state_device,
@@ -100,9 +115,8 @@ class Federation:
                                   faults=Faults(t.dropout, t.straggler, tuple(t.faulty_hospitals)))
         server = ServerOptimizer(t.server_optimizer, t.server_lr, t.server_momentum, tuple(t.server_betas),
                                  t.server_tau)
-        engine = Engine(self.model, self.flat, clients, self.plan.hospitals,
-                        [counts[h] for h in self.plan.hospitals], settings, self.settings, server,
-                        show_progress=self.info.is_main)
+        engine = Engine(self.model, self.flat, clients, self.plan.hospitals, ordered, settings, self.settings,
+                        server, show_progress=self.info.is_main, privacy=self.privacy)
         engine.forward = self.forward_model
         return engine
 
@@ -163,6 +177,11 @@ class Federation:
     def run(self) -> None:
         """All remaining rounds, then the final test evaluation."""
         for round_index in range(self.start_round, self.cfg.train.rounds):
+            if self.engine is not None and self.engine.privacy is not None and self.engine.privacy.run_spent():
+                if self.info.is_main:
+                    log.warning("round %d would pass train.dp.max_epsilon = %g: the run ends after round %d",
+                                round_index + 1, self.cfg.train.dp.max_epsilon, round_index)
+                break
             self.round(round_index)
         self.finish()
 
@@ -183,7 +202,7 @@ class Federation:
         clients = [{**o.figures, "hospital": c.name, "num_samples": c.num_samples, "rank": self.info.rank,
                     "weights_checksum": checksum} for c, o in zip(self.engine.clients, outcomes)]
         self._save_client_states(r, [c for c, o in zip(self.engine.clients, outcomes)
-                                     if o.figures["status"] not in ("not sampled", "dropped")])
+                                     if o.figures["status"] not in ("not sampled", "dropped", "budget spent")])
         return clients, dict(self.engine.timings)
 
     def _centralized_work(self, r: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -320,6 +339,9 @@ class Federation:
             for c, drift in zip(g["clients"], g["layer_drift"]):
                 if drift:
                     self.logger.histogram(f"client/{c['hospital']}/layer_drift", np.asarray(drift), r)
+        for c in all_clients:
+            if "epsilon" in c:
+                self.logger.scalar(f"client/{c['hospital']}/epsilon", c["epsilon"], r)
         self.logger.flush()
         self._simulate_crash(r, "before-checkpoint")
         self._simulate_crash(r, "checkpoint")
@@ -403,6 +425,8 @@ class Federation:
         if self.info.is_main:
             per_hospital = [res for g in gathered for res in g["results"]]
             final = final_report(per_hospital, self.plan.class_names)
+            if self.engine is not None and self.engine.privacy is not None:
+                final["privacy"] = self.engine.privacy.report(list(self.plan.hospitals))
             write_json(self.out / "final.json", final)
             cm = np.asarray(final["image"]["confusion_matrix"])
             metrics.save_confusion_matrix_png(cm, self.plan.class_names, self.out / "confusion_matrix.png",

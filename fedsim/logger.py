@@ -235,6 +235,8 @@ def format_round(record: dict[str, Any]) -> str:
             bits.append(f"drift {c['drift']:.3g}")
         if c.get("val_acc_global") is not None:
             bits.append(f"val {c['val_acc_global']:.3f}")
+        if c.get("epsilon") is not None:
+            bits.append(f"eps {c['epsilon']:.3g}")
         if c.get("status", "trained") != "trained":
             bits.append(c["status"])
         parts.append(" ".join(bits))

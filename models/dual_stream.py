@@ -8,6 +8,7 @@ cross-entropy loss in training and by :meth:`DualStreamNet.predict_proba`.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 STREAMS = {"dual": ("context", "detail"), "context": ("context",), "detail": ("detail",)}
+#: Normalization layers a backbone can be built with.
+NORMS = ("batch", "group")
 
 
 def check_backbone(name: str) -> None:
@@ -28,10 +31,29 @@ def check_backbone(name: str) -> None:
         raise ValueError(f"model.backbone = {name!r} is not a timm model{hint}")
 
 
-def make_backbone(name: str) -> nn.Module:
-    """A timm backbone without classifier, average-pooled; never downloads weights."""
+def group_norm(num_channels: int, **kwargs) -> nn.GroupNorm:
+    """A GroupNorm for ``num_channels`` with gcd(num_channels, 32) groups (Wu & He's 32 where it divides).
+
+    A norm-layer factory for timm (``norm_layer=group_norm``): timm calls it
+    with the channel count first, and its ``get_norm_layer`` keeps a plain
+    function as it is, whereas ``partial(nn.GroupNorm, 8)`` loses its
+    positional argument there. Plain ``nn.GroupNorm`` is what Opacus's grad
+    sampler is registered for (timm's own ``GroupNorm`` subclass is not).
+    """
+    return nn.GroupNorm(math.gcd(int(num_channels), 32), num_channels, **kwargs)
+
+
+def make_backbone(name: str, norm: str = "batch") -> nn.Module:
+    """A timm backbone without classifier, average-pooled; never downloads weights.
+
+    ``norm="group"`` swaps BatchNorm for :func:`group_norm`: per-sample gradients (DP-SGD) need layers
+    that do not mix the samples of a batch.
+    """
     check_backbone(name)
-    return timm.create_model(name, pretrained=False, num_classes=0, global_pool="avg")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
+    extra = {"norm_layer": group_norm} if norm == "group" else {}
+    return timm.create_model(name, pretrained=False, num_classes=0, global_pool="avg", **extra)
 
 
 def feature_width(backbone: nn.Module) -> int:
@@ -48,18 +70,20 @@ class DualStreamNet(nn.Module):
         num_classes: Number of grades.
         hidden: Width of the Dense layer.
         dropout: Dropout probability before the last layer.
+        norm: The backbones' normalization layers, ``batch`` or ``group`` (see :func:`make_backbone`).
     """
 
     def __init__(self, backbone: str = "resnetrs50", scales: str = "dual", num_classes: int = 3,
-                 hidden: int = 512, dropout: float = 0.5):
+                 hidden: int = 512, dropout: float = 0.5, norm: str = "batch"):
         super().__init__()
         if scales not in STREAMS:
             raise ValueError(f"scales must be one of {', '.join(STREAMS)}; got {scales!r}")
         self.scales = scales
         self.backbone_name = backbone
+        self.norm = norm
         self.streams = STREAMS[scales]
-        self.context = make_backbone(backbone) if "context" in self.streams else None
-        self.detail = make_backbone(backbone) if "detail" in self.streams else None
+        self.context = make_backbone(backbone, norm) if "context" in self.streams else None
+        self.detail = make_backbone(backbone, norm) if "detail" in self.streams else None
         features = sum(feature_width(getattr(self, s)) for s in self.streams)
         self.head = nn.Sequential(
             nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
@@ -81,9 +105,9 @@ class DualStreamNet(nn.Module):
 
 
 def build_model(backbone: str = "resnetrs50", scales: str = "dual", num_classes: int = 3,
-                hidden: int = 512, dropout: float = 0.5, pretrained: str = "") -> DualStreamNet:
+                hidden: int = 512, dropout: float = 0.5, pretrained: str = "", norm: str = "batch") -> DualStreamNet:
     """Build the network, optionally loading local pretrained weights."""
-    model = DualStreamNet(backbone, scales, num_classes, hidden, dropout)
+    model = DualStreamNet(backbone, scales, num_classes, hidden, dropout, norm)
     if pretrained:
         load_pretrained(model, pretrained)
     return model
@@ -209,7 +233,8 @@ def load_pretrained(model: DualStreamNet, path: str | Path) -> None:
         log.info("%s stream: %d/%d tensors loaded from %s", name, sum(k in state for k in wanted), len(wanted), path)
 
 
-def check_pretrained(backbone: str, scales: str, path: str | Path, num_classes: int = 3, hidden: int = 512) -> None:
+def check_pretrained(backbone: str, scales: str, path: str | Path, num_classes: int = 3, hidden: int = 512,
+                     norm: str = "batch") -> None:
     """Check, before any work, that the weights in ``path`` fit the network (built on the meta device: cheap).
 
     Raises:
@@ -218,7 +243,7 @@ def check_pretrained(backbone: str, scales: str, path: str | Path, num_classes: 
     check_backbone(backbone)
     state = read_weights(path)
     with torch.device("meta"):
-        model = DualStreamNet(backbone, scales, num_classes=num_classes, hidden=hidden)
+        model = DualStreamNet(backbone, scales, num_classes=num_classes, hidden=hidden, norm=norm)
     problem = pretrained_mismatch(model, state)
     if problem:
         raise ValueError(f"pretrained weights {path} {problem}")

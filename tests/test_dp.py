@@ -135,10 +135,8 @@ def test_client_level_accounting_is_the_same_accountant_over_rounds():
 # ---- models ---------------------------------------------------------------------------------
 
 def group_norm_dual(backbone: str = "test_resnet", hidden: int = 16, dropout: float = 0.0) -> DualStreamNet:
-    """The dual-stream net with GroupNorm backbones built by timm (what models/ will build with norm="group")."""
-    model = DualStreamNet(backbone, "dual", 3, hidden, dropout)
-    model.context, model.detail = dp.dp_backbone(backbone), dp.dp_backbone(backbone)
-    return model
+    """The dual-stream net with GroupNorm backbones built by timm."""
+    return DualStreamNet(backbone, "dual", 3, hidden, dropout, norm="group")
 
 
 def test_group_norm_backbones_have_no_batchnorm():
