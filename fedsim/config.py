@@ -289,9 +289,10 @@ class SecAggConfig:
     (Flower SecAgg+'s default 8); clipped coordinates are counted in the round's record."""
     levels: int = 2**22
     """Quantization levels over [-clip, clip]: a power of two with ranks * levels < 2**32 (Flower's 2**22)."""
-    wire: str = "int64"
-    """What the all-reduce carries: int64 (values in [0, 2**32), a sum that cannot overflow) or int32 (the
-    masked values in place, half the bytes; relies on the backend's wrapping int32 sum, checked at start)."""
+    wire: str = "int32"
+    """What the all-reduce carries: int32 (the masked values in place; the backend's int32 sum wraps modulo
+    2**32, which is the arithmetic the masks need: checked by a probe all-reduce at start) or int64 (values in
+    [0, 2**32) whose sum cannot overflow: twice the bytes, for a backend whose int32 sum does not wrap)."""
     prg: str = "aes"
     """Mask generator: aes (AES-128-CTR, cryptographic) or device (torch's generator on the device:
     statistical, masks never leave the GPU)."""
