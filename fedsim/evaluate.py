@@ -14,12 +14,13 @@ from data.cache import CachedPairs, build_split, collate_batch
 from data.datasets import SkipReport, load_records
 from data.splits import split_by_patient
 from data.synthetic import generate
-from fedsim import checkpoint, metrics
+from fedsim import checkpoint, metrics, plots
 from fedsim.client import StepSettings, predict
 from fedsim.config import ConfigError, from_dict
 from fedsim.datasetup import cache_root, cache_spec, device_normalizer, synthetic_root, synthetic_spec
 from fedsim.dist import choose_backend
 from fedsim.logger import setup_logging, write_json
+from fedsim.report import format_report
 from models import build_model, check_backbone, state_mismatch
 
 log = logging.getLogger("fedsim.eval")
@@ -161,10 +162,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", result)
-    metrics.save_confusion_matrix_png(np.asarray(result["image"]["confusion_matrix"]), class_names,
-                                      out / "confusion_matrix.png", title=f"{args.split} split, image level")
-    print(metrics.format_report(result["image"], title=f"Image level ({args.split} split)"))
-    print(metrics.format_report(result["patch"], title=f"Patch level ({args.split} split)"))
+    plots.save_confusion_matrix_png(np.asarray(result["image"]["confusion_matrix"]), class_names,
+                                    out / "confusion_matrix.png", title=f"{args.split} split, image level")
+    print(format_report(result["image"], title=f"Image level ({args.split} split)"))
+    print(format_report(result["patch"], title=f"Patch level ({args.split} split)"))
     print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
     return result
 

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler
 
 from data.cache import CachedPairs, collate_batch
-from fedsim import checkpoint, metrics
+from fedsim import checkpoint, plots
 from fedsim.aggregate import allreduce_mean_, fedavg
 from fedsim.client import StepSettings, make_optimizer, predict, train_epoch
 from fedsim.config import ConfigError, RunConfig
@@ -429,8 +429,8 @@ class Federation:
                 final["privacy"] = self.engine.privacy.report(list(self.plan.hospitals))
             write_json(self.out / "final.json", final)
             cm = np.asarray(final["image"]["confusion_matrix"])
-            metrics.save_confusion_matrix_png(cm, self.plan.class_names, self.out / "confusion_matrix.png",
-                                              title="final global model, test split, image level")
+            plots.save_confusion_matrix_png(cm, self.plan.class_names, self.out / "confusion_matrix.png",
+                                            title="final global model, test split, image level")
             self.logger.confusion_matrix("global/test_confusion_matrix", cm, self.plan.class_names, self.cfg.train.rounds)
             log.info("final test accuracy %.3f (image level) over %d images; per hospital %s",
                      final["accuracy"], final["n_images"],

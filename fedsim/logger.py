@@ -183,17 +183,11 @@ class RunLogger:
         """The matrix as an image (rendered as in eval.py's confusion_matrix.png)."""
         if self.writer is None:
             return
-        import tempfile
-
         import numpy as np
-        from PIL import Image
 
-        from fedsim.metrics import save_confusion_matrix_png
+        from fedsim.plots import confusion_matrix_image
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "cm.png"
-            save_confusion_matrix_png(cm, list(class_names), path, title=tag)
-            image = np.asarray(Image.open(path).convert("RGB"))
+        image = np.asarray(confusion_matrix_image(cm, list(class_names), title=tag))
         self.writer.add_image(tag, image.transpose(2, 0, 1), step)
 
     def histogram(self, tag: str, values, step: int) -> None:

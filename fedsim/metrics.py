@@ -20,27 +20,26 @@ small or lopsided test split):
 from __future__ import annotations
 
 import math
-import os
-from typing import Any, Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from data.files import write_with
-
 __all__ = [
-    "confusion_matrix",
     "accuracy",
-    "balanced_accuracy",
-    "per_class_recall",
-    "per_class_precision",
-    "macro_f1",
-    "quadratic_weighted_kappa",
     "aggregate_image_probs",
+    "as_confusion_matrix",
+    "balanced_accuracy",
     "bootstrap_ci",
+    "confusion_matrix",
+    "count_summary",
+    "macro_f1",
+    "per_class_precision",
+    "per_class_recall",
+    "quadratic_weighted_kappa",
     "summarize",
-    "save_confusion_matrix_png",
-    "format_report",
+    "summary_from_counts",
 ]
 
 
@@ -74,7 +73,7 @@ def _as_labels(y: ArrayLike, num_classes: int, name: str) -> np.ndarray:
     return labels
 
 
-def _as_cm(cm: ArrayLike) -> np.ndarray:
+def as_confusion_matrix(cm: ArrayLike) -> np.ndarray:
     """Return ``cm`` as a float64 square matrix of non-negative counts, or raise."""
     arr = np.asarray(cm, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] == 0:
@@ -132,14 +131,14 @@ def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> 
 
 def accuracy(cm: ArrayLike) -> float:
     """Fraction of samples on the diagonal; NaN for an empty matrix."""
-    m = _as_cm(cm)
+    m = as_confusion_matrix(cm)
     total = m.sum()
     return float(np.trace(m) / total) if total > 0 else math.nan
 
 
 def per_class_recall(cm: ArrayLike) -> np.ndarray:
     """Recall (sensitivity) of every class; NaN for a class absent from ``y_true``."""
-    m = _as_cm(cm)
+    m = as_confusion_matrix(cm)
     support = m.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(support > 0, np.diag(m) / support, np.nan)
@@ -152,7 +151,7 @@ def per_class_precision(cm: ArrayLike) -> np.ndarray:
     is 0/0; it is reported as 0.0 (scikit-learn's ``zero_division=0``) so the
     value stays finite and a model that ignores a class is not rewarded.
     """
-    m = _as_cm(cm)
+    m = as_confusion_matrix(cm)
     predicted = m.sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(predicted > 0, np.diag(m) / predicted, 0.0)
@@ -173,7 +172,7 @@ def macro_f1(cm: ArrayLike) -> float:
     are 0 (a class that is present but never correctly predicted). Classes
     neither present nor predicted carry no information and are skipped.
     """
-    m = _as_cm(cm)
+    m = as_confusion_matrix(cm)
     denom = m.sum(axis=1) + m.sum(axis=0)  # 2 TP + FN + FP
     active = denom > 0
     if not active.any():
@@ -194,7 +193,7 @@ def quadratic_weighted_kappa(cm: ArrayLike) -> float:
     observed disagreement is then 0 too, so agreement is perfect and 1.0 is
     returned (scikit-learn would return NaN from 0/0). An empty matrix gives NaN.
     """
-    m = _as_cm(cm)
+    m = as_confusion_matrix(cm)
     n = m.sum()
     if n == 0:
         return math.nan
@@ -473,7 +472,7 @@ def count_summary(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int, *, mag
 def summary_from_counts(cm: ArrayLike, class_names: Sequence[str], *, per_magnification: dict[str, ArrayLike],
                         per_hospital_accuracy: dict[str, float], bootstrap: ArrayLike | None = None) -> dict:
     """The keys of :func:`summarize`, computed from pooled counts instead of samples."""
-    m = _as_cm(cm)
+    m = as_confusion_matrix(cm)
     summary = {
         **_cm_figures(m, class_names),
         "per_magnification_accuracy": {k: accuracy(v) for k, v in sorted(per_magnification.items())},
@@ -482,198 +481,3 @@ def summary_from_counts(cm: ArrayLike, class_names: Sequence[str], *, per_magnif
         "ci95": _intervals(np.asarray(bootstrap if bootstrap is not None else [], dtype=np.float64)),
     }
     return _json_ready(summary)
-
-
-# --------------------------------------------------------------------------- #
-# Rendering
-# --------------------------------------------------------------------------- #
-def _load_font(size: int):
-    """Pillow's built-in font at ``size`` px (scalable on Pillow >= 10.1), no font file needed."""
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: fixed-size bitmap font only
-        return ImageFont.load_default()
-
-
-def _text_size(draw, text: str, font) -> tuple[int, int]:
-    """Width and height in pixels of ``text`` drawn with ``font``."""
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
-def _shade(value: float) -> tuple[int, int, int]:
-    """Colour for a row-normalised value: white at 0, dark blue at 1."""
-    low, high = np.array([255, 255, 255]), np.array([8, 48, 107])
-    return tuple(int(c) for c in np.rint(low + (high - low) * value))
-
-
-def _draw_centered(draw, box: tuple[int, int, int, int], lines: list[tuple[str, Any]], fill) -> None:
-    """Draw ``(text, font)`` lines stacked and centred inside ``box`` = (x0, y0, x1, y1)."""
-    sizes = [_text_size(draw, text, font) for text, font in lines]
-    gap = 4
-    y = (box[1] + box[3] - sum(h for _, h in sizes) - gap * (len(lines) - 1)) / 2
-    for (text, font), (w, h) in zip(lines, sizes):
-        draw.text(((box[0] + box[2] - w) / 2, y), text, font=font, fill=fill, anchor="lt")
-        y += h + gap
-
-
-def _draw_cells(draw, m: np.ndarray, origin: tuple[int, int], cell: int, fonts: tuple[Any, Any]) -> None:
-    """Shade and label every cell with its count and row percentage."""
-    totals = m.sum(axis=1)
-    for i, j in np.ndindex(*m.shape):
-        frac = m[i, j] / totals[i] if totals[i] > 0 else 0.0
-        x0, y0 = origin[0] + j * cell, origin[1] + i * cell
-        box = (x0, y0, x0 + cell, y0 + cell)
-        draw.rectangle(box, fill=_shade(frac), outline=(90, 90, 90))
-        pct = f"{100 * frac:.1f}%" if totals[i] > 0 else "n/a"
-        text_fill = (255, 255, 255) if frac > 0.5 else (0, 0, 0)
-        _draw_centered(draw, box, [(str(int(m[i, j])), fonts[0]), (pct, fonts[1])], text_fill)
-
-
-def _draw_vertical_text(image, text: str, font, center: tuple[int, int]) -> None:
-    """Paste ``text`` rotated 90 degrees counter-clockwise, centred at ``center``."""
-    from PIL import Image, ImageDraw
-
-    probe = ImageDraw.Draw(image)
-    w, h = _text_size(probe, text, font)
-    label = Image.new("RGB", (w + 4, h + 4), (255, 255, 255))
-    ImageDraw.Draw(label).text((2, 2), text, font=font, fill=(0, 0, 0), anchor="lt")
-    label = label.rotate(90, expand=True)
-    image.paste(label, (center[0] - label.width // 2, center[1] - label.height // 2))
-
-
-def _render_confusion_matrix(m: np.ndarray, class_names: Sequence[str], title: str):
-    """Lay out the figure: title, y-axis ("true") on the left, x-axis ("predicted") below."""
-    from PIL import Image, ImageDraw
-
-    font, small = _load_font(16), _load_font(14)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    name_w = max(_text_size(probe, n, font)[0] for n in class_names)
-    line_h = _text_size(probe, "Ag%", font)[1]
-    pad, k = 12, m.shape[0]
-    cell = max(90, name_w + 12)  # wide enough for the column labels
-    title_w = _text_size(probe, title, font)[0] + 2 * pad if title else 0
-    x0, y0 = pad + line_h + pad + name_w + pad, pad + (line_h + pad if title else 0)
-    width = max(x0 + k * cell + pad, title_w)  # a long title widens the canvas
-    height = y0 + k * cell + 2 * (line_h + pad) + pad
-    image = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    if title:
-        # Centred over the grid, but shifted if it would run off the canvas.
-        cx = min(max(x0 + k * cell / 2, title_w / 2), width - title_w / 2)
-        draw.text((cx, pad), title, font=font, fill=(0, 0, 0), anchor="mt")
-    _draw_cells(draw, m, (x0, y0), cell, (font, small))
-    for i, name in enumerate(class_names):
-        draw.text((x0 - pad, y0 + (i + 0.5) * cell), name, font=font, fill=(0, 0, 0), anchor="rm")
-        draw.text((x0 + (i + 0.5) * cell, y0 + k * cell + pad), name, font=font, fill=(0, 0, 0), anchor="mt")
-    axis_y = y0 + k * cell + line_h + 2 * pad
-    draw.text((x0 + k * cell / 2, axis_y), "predicted", font=font, fill=(0, 0, 0), anchor="mt")
-    _draw_vertical_text(image, "true", font, (pad + line_h // 2, y0 + k * cell // 2))
-    return image
-
-
-def save_confusion_matrix_png(
-    cm: ArrayLike, class_names: Sequence[str], path: str | os.PathLike, title: str = ""
-) -> None:
-    """Draw a confusion matrix as a PNG with Pillow.
-
-    Cells are shaded by their row-normalised value (the fraction of that true
-    class) and show the count and that percentage. The file is written
-    atomically (:func:`data.files.write_with`: temporary file, fsync, rename),
-    so a reader never sees a half-written image.
-
-    Args:
-        cm: ``(k, k)`` confusion matrix, rows = true class.
-        class_names: ``k`` class names, used on both axes.
-        path: Destination file; missing parent directories are created.
-        title: Optional title drawn above the matrix.
-
-    Raises:
-        ValueError: If ``cm`` is not a square count matrix or the number of
-            names differs from its size.
-        data.files.WriteError: The disk is full or the folder cannot be written (one line).
-    """
-    m = _as_cm(cm)
-    if len(class_names) != m.shape[0]:
-        raise ValueError(f"{len(class_names)} class names for a {m.shape[0]}x{m.shape[0]} confusion matrix")
-    image = _render_confusion_matrix(m, [str(n) for n in class_names], title)
-    write_with(path, lambda fh: image.save(fh, format="PNG"))
-
-
-# --------------------------------------------------------------------------- #
-# Text report
-# --------------------------------------------------------------------------- #
-def _fmt(value: Any, digits: int = 4) -> str:
-    """Format a metric value, showing None (undefined) as ``n/a``."""
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _headline_lines(summary: dict) -> list[str]:
-    """The four headline metrics with their confidence intervals."""
-    ci = summary.get("ci95", {})
-    rows = [
-        ("accuracy", "accuracy"),
-        ("balanced accuracy", "balanced_accuracy"),
-        ("macro F1", "macro_f1"),
-        ("QWK", "qwk"),
-    ]
-    lines = []
-    for label, key in rows:
-        line = f"  {label:<18} {_fmt(summary.get(key)):>7}"
-        if key in ci and ci[key][0] is not None:
-            line += f"   95% CI [{_fmt(ci[key][0])}, {_fmt(ci[key][1])}]"
-        lines.append(line)
-    return lines
-
-
-def _class_lines(summary: dict) -> list[str]:
-    """Per-class recall / precision table."""
-    recall, precision = summary.get("per_class_recall", {}), summary.get("per_class_precision", {})
-    width = max([len("class")] + [len(n) for n in recall])
-    lines = [f"  {'class':<{width}}  {'recall':>7}  {'precision':>9}"]
-    for name in recall:
-        lines.append(f"  {name:<{width}}  {_fmt(recall[name]):>7}  {_fmt(precision.get(name)):>9}")
-    return lines
-
-
-def _group_lines(label: str, accuracies: dict) -> list[str]:
-    """Accuracy per magnification or hospital; nothing when not available."""
-    if not accuracies:
-        return []
-    width = max(len(str(key)) for key in accuracies)
-    return [f"{label}:"] + [f"  {str(key):<{width}}  {_fmt(acc)}" for key, acc in accuracies.items()]
-
-
-def _matrix_lines(summary: dict) -> list[str]:
-    """The confusion matrix as an aligned table, rows = true, columns = predicted."""
-    names = list(summary.get("per_class_recall", {}))
-    cm = summary.get("confusion_matrix", [])
-    if not cm or len(names) != len(cm):
-        return []
-    corner = "true\\pred"
-    width = max(len(n) for n in names + [str(c) for row in cm for c in row] + [corner])
-    header = f"  {corner:<{width}}" + "".join(f"  {n:>{width}}" for n in names)
-    body = ["  " + f"{n:<{width}}" + "".join(f"  {c:>{width}}" for c in row) for n, row in zip(names, cm)]
-    return ["confusion matrix:", header] + body
-
-
-def format_report(summary: dict, title: str = "") -> str:
-    """Render a :func:`summarize` dict as a multi-line plain-text report.
-
-    Args:
-        summary: Output of :func:`summarize` (possibly after a JSON round trip).
-        title: Optional first line.
-
-    Returns:
-        The report, without a trailing newline.
-    """
-    lines = [title, "=" * len(title)] if title else []
-    lines.append(f"n = {summary.get('n', 'n/a')}")
-    lines += _headline_lines(summary)
-    lines += ["per class:"] + _class_lines(summary)
-    lines += _group_lines("accuracy per magnification", summary.get("per_magnification_accuracy", {}))
-    lines += _group_lines("accuracy per hospital", summary.get("per_hospital_accuracy", {}))
-    lines += _matrix_lines(summary)
-    return "\n".join(lines)

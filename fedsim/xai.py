@@ -7,23 +7,20 @@ keeps the federation's privacy boundary intact.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from data.augment import to_float
-from data.files import write_with
+from fedsim.plots import compose_panel, save_png
 from models.gradcam import GradCAM, eval_mode, overlay
 
 #: Patch pairs explained per forward/backward pass: bounds memory with large backbones.
 _BATCH = 8
-_GAP = 4
-_BACKGROUND = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -78,44 +75,6 @@ def _explain(model: nn.Module, dataset, indices: list[int], device: torch.device
     return hwc, probs.cpu().numpy(), {s: m.cpu().numpy() for s, m in cams.items()}
 
 
-def _label_tile(tile: Image.Image, text: str, font: ImageFont.ImageFont) -> None:
-    """Write the stream's name in the tile's top-left corner on a dark box."""
-    draw = ImageDraw.Draw(tile)
-    _, _, right, bottom = draw.textbbox((2, 2), text, font=font)
-    draw.rectangle((0, 0, right + 2, bottom + 2), fill=(0, 0, 0))
-    draw.text((2, 2), text, fill=(255, 255, 255), font=font)
-
-
-def compose_panel(tiles: Sequence[tuple[str, np.ndarray]], caption: str) -> np.ndarray:
-    """Tiles side by side at a common height above a caption strip; uint8 HxWx3."""
-    font = ImageFont.load_default()
-    height = max(t.shape[0] for _, t in tiles)
-    images = []
-    for name, tile in tiles:
-        image = Image.fromarray(tile)
-        if tile.shape[0] != height:
-            image = image.resize((round(tile.shape[1] * height / tile.shape[0]), height), Image.BILINEAR)
-        _label_tile(image, name, font)
-        images.append(image)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    _, _, text_w, bottom = probe.textbbox((0, 0), caption, font=font)
-    strip = bottom + 8
-    width = max(sum(i.width for i in images) + _GAP * (len(images) - 1), text_w + 8)
-    canvas = Image.new("RGB", (width, height + strip), _BACKGROUND)
-    x = 0
-    for image in images:
-        canvas.paste(image, (x, 0))
-        x += image.width + _GAP
-    ImageDraw.Draw(canvas).text((4, height + 4), caption, fill=(0, 0, 0), font=font)
-    return np.asarray(canvas)
-
-
-def save_png_atomic(rgb: np.ndarray, path: Path) -> None:
-    """Write a PNG atomically (temporary file, fsync, rename): readers never see half a file."""
-    image = Image.fromarray(rgb)
-    write_with(path, lambda fh: image.save(fh, format="PNG"))
-
-
 def _caption(class_names: Sequence[str], label: int, probs: np.ndarray) -> str:
     pred = int(probs.argmax())
     return f"true: {class_names[label]}  pred: {class_names[pred]}  p={probs[pred]:.2f}"
@@ -152,7 +111,7 @@ def write_overlays(model: nn.Module, dataset, out_dir: Path, class_names: Sequen
             tiles = [(s, overlay(images[s][row], cams[s][row])) for s in cams]
             panel = compose_panel(tiles, _caption(class_names, example.label, probs[row]))
             path = out_dir / f"{example.name}.png"
-            save_png_atomic(panel, path)
+            save_png(panel, path)
             written.append(path)
             if writer is not None:
                 hospital = dataset.meta[example.index].get("hospital", "local")

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from fedsim.metrics import (
     accuracy,
@@ -15,14 +13,13 @@ from fedsim.metrics import (
     balanced_accuracy,
     bootstrap_ci,
     confusion_matrix,
-    format_report,
     macro_f1,
     per_class_precision,
     per_class_recall,
     quadratic_weighted_kappa,
-    save_confusion_matrix_png,
     summarize,
 )
+from fedsim.report import format_report
 
 NAMES = ["Grade I", "Grade II", "Grade III"]
 
@@ -550,47 +547,3 @@ def test_format_report_shows_metrics_and_classes() -> None:
     assert "n/a" in report
     # confusion matrix row for Grade II: 1 6 1
     assert any(line.split()[-3:] == ["1", "6", "1"] for line in lines if "Grade II" in line)
-
-
-# --------------------------------------------------------------------------- #
-# PNG
-# --------------------------------------------------------------------------- #
-def test_save_confusion_matrix_png(tmp_path) -> None:
-    # Prepare
-    path = tmp_path / "plots" / "cm.png"
-
-    # Execute
-    save_confusion_matrix_png(WORKED_CM, NAMES, path, title="worked example")
-    save_confusion_matrix_png(WORKED_CM, NAMES, path)  # overwrite in place
-
-    # Assert
-    with Image.open(path) as image:
-        image.load()
-        assert image.format == "PNG"
-        assert 200 <= image.width <= 2000 and 200 <= image.height <= 2000
-        colours = image.convert("RGB").getcolors(maxcolors=1_000_000)
-    # Shaded cells plus text: far more than a blank or two-tone image.
-    assert colours is not None and len(colours) > 10
-    # Nothing but the PNG is left behind (no temporary files).
-    assert os.listdir(path.parent) == ["cm.png"]
-
-
-def test_save_confusion_matrix_png_shades_by_row_fraction(tmp_path) -> None:
-    # Prepare: a diagonal matrix (each diagonal cell 100% of its row) vs an empty one.
-    full, empty = tmp_path / "full.png", tmp_path / "empty.png"
-
-    # Execute
-    save_confusion_matrix_png(np.eye(3, dtype=int) * 4, NAMES, full)
-    save_confusion_matrix_png(np.zeros((3, 3), dtype=int), NAMES, empty)
-
-    # Assert: same layout, but the diagonal version is darker overall.
-    with Image.open(full) as a, Image.open(empty) as b:
-        assert a.size == b.size
-        assert np.asarray(a.convert("L")).mean() < np.asarray(b.convert("L")).mean() - 5
-
-
-def test_save_confusion_matrix_png_rejects_wrong_names(tmp_path) -> None:
-    # Prepare / Execute / Assert
-    with pytest.raises(ValueError, match="class names"):
-        save_confusion_matrix_png(WORKED_CM, ["a", "b"], tmp_path / "x.png")
-    assert not os.listdir(tmp_path)
