@@ -5,7 +5,8 @@
 Each rank builds the real model and hosts one hospital whose data is empty, so
 a round is only the engine's machinery: the round's snapshot, the drift pass,
 the weighting, ONE all-reduce, the post-aggregation figures, the agreement
-checksum and rank 0's checkpoint copy, written in the background. Raw
+checksum and rank 0's checkpoint, written in the background from the round's
+snapshot as the federation writes it. Raw
 all-reduces of the same size, fedavg alone and engine rounds are timed
 alternately in the same processes; the ratios of medians are printed.
 
@@ -51,10 +52,12 @@ def _setup(rank: int, world: int, port: int, args, clients_per_rank: int, batche
     return model, flat, engine
 
 
-def _checkpoint(model, folder: Path, writer, r: int) -> None:
+def _checkpoint(model, engine, folder: Path, writer, r: int) -> None:
+    """Rank 0's checkpoint as the federation writes it: from the engine's snapshot (no copy) where it can."""
     from fedsim import checkpoint
 
-    state = {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}, "round": r}
+    weights = engine.state_views() or {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    state = {"model": weights, "round": r}
     writer.submit(lambda: checkpoint.save_round(state, folder, r, 2))
 
 
@@ -70,11 +73,10 @@ def _timing_rank(rank: int, world: int, port: int, args, queue) -> None:
 
     def engine_round() -> None:
         r = next(counter)
-        writer.wait()
-        engine.round(r)
+        engine.round(r, before_refresh=writer.wait)
         _checksum(flat.reduced)
         if rank == 0:
-            _checkpoint(model, folder, writer, r)
+            _checkpoint(model, engine, folder, writer, r)
 
     timings = {"raw_allreduce": lambda: dist.all_reduce(raw), "fedavg": lambda: fedavg(model, 100 + rank),
                "round": engine_round}

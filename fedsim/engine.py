@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 SKETCH_SIZE = 1 << 22
 #: Elements per chunk of the passes over the weights: large enough to amortise a call, small enough for cache.
 _PASS = 1 << 20
+#: Stride of the spot check that the model still equals the refreshed snapshot (17k values of the dual ResNetRS50).
+_SPOT = 4099
 
 
 def hosted_by(rank: int, world_size: int, num_clients: int) -> list[int]:
@@ -178,7 +180,8 @@ class Engine:
 
     def round(self, r: int, validate: Callable[[Client], float | None] | None = None,
               after_epoch: Callable[[Client, int], None] | None = None,
-              before_aggregation: Callable[[], None] | None = None) -> list[ClientOutcome]:
+              before_aggregation: Callable[[], None] | None = None,
+              before_refresh: Callable[[], None] | None = None) -> list[ClientOutcome]:
         """Train this round's participants hosted here, aggregate with one all-reduce, apply the server step.
 
         Args:
@@ -187,6 +190,8 @@ class Engine:
             after_epoch: Called after each local epoch (fault simulation hooks).
             before_aggregation: Called right before the all-reduce (e.g. a monitored barrier that names
                 a hung rank instead of waiting in the collective).
+            before_refresh: Called before the post-aggregation pass overwrites the round's snapshot with the
+                new global model: whatever still reads :meth:`state_views` of the last round must finish.
 
         Returns:
             One outcome per hosted client (``not sampled`` ones included), in index order.
@@ -197,6 +202,7 @@ class Engine:
         self._chosen_now = chosen
         plans = self._plans(r, chosen)
         weights = self._weights(plans)
+        self._before_refresh = before_refresh
         start = self._snapshot()  # the global model, with this rank's last local tensors
         start_global = start[flat.global_slice]
         anchor_norm = 0.0  # ||w_g||, computed with the post-aggregation pass (rel_drift is filled in then)
@@ -204,6 +210,9 @@ class Engine:
         self.last_mine = mine
         training = [c for c in self.clients if c.index in mine]
         in_place = len(training) == 1 and self.control is None
+        # With one client, its weight is applied in the drift pass (the chunk is in cache) unless its update
+        # must first be clipped as a whole (client-level DP).
+        self._fuse_weight = in_place and (self.privacy is None or self.privacy.level != "client")
         buffer = flat.reduced if in_place else self._accumulator()
         outcomes: dict[int, ClientOutcome] = {}
         for client in self.reported(mine):
@@ -218,7 +227,8 @@ class Engine:
                 if in_place:
                     if weight > 0:
                         flat.pack_scratch()
-                        buffer.mul_(weight)
+                        done = flat.global_params.numel() if self._fuse_weight else 0  # weighted in the pass
+                        buffer[done:].mul_(weight)
                     else:
                         buffer.zero_()  # not a multiplication by 0: NaN * 0 is NaN
                 elif weight > 0:
@@ -237,6 +247,8 @@ class Engine:
                 dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             total = self._finish_aggregation(buffer, start, in_place)
         clock.lap("aggregation")
+        self._release_snapshot()
+        clock.lap("checkpoint")
         self._post_aggregation(outcomes, start_global, total)
         if self.privacy is not None:
             self.privacy.charge(r, plans)
@@ -332,8 +344,13 @@ class Engine:
                 private.close()
         clock.lap("local_training")
         outcome = None
-        if result is not None and result.finite:
-            outcome = self._measure_update(figures, start[flat.global_slice], anchor_norm)
+        trained = result is not None and result.finite
+        if trained and validate is not None:  # the local model, before the drift pass may weight it
+            figures["val_acc_local"] = validate(client)
+        clock.lap("validation")
+        if trained:
+            outcome = self._measure_update(figures, start[flat.global_slice], anchor_norm,
+                                           weight if self._fuse_weight else None)
         finite = outcome is not None and math.isfinite(outcome.norm2) and self._all_finite(params_checked=True)
         if not finite:
             # A diverged client restarts from the global model and sits this round out; its BatchNorm statistics
@@ -343,7 +360,7 @@ class Engine:
             log.warning("%s: local update is not finite (loss %s): contributing weight 0 this round",
                         client.name, result.loss if result else None)
             figures.update(status="diverged", train_loss=None, prox=0.0)
-            for key in ("drift", "layer_drift"):
+            for key in ("drift", "layer_drift", "val_acc_local"):
                 figures.pop(key, None)
             return ClientOutcome(figures), 0.0
         figures.update(train_loss=result.loss, prox=proximal_value(flat.global_params, anchor, s.mu)
@@ -352,19 +369,17 @@ class Engine:
             self.privacy.clip_update_(flat.global_params, start[flat.global_slice])
         outcome.steps = steps
         clock.lap("diagnostics")
-        if validate is not None:
-            figures["val_acc_local"] = validate(client)
-        clock.lap("validation")
         if s.client_optimizer == "persistent":
             client.state["optimizer"] = self._keep(optimizer.state_dict())
         return outcome, weight
 
-    def _measure_update(self, figures: dict[str, Any], start_global: torch.Tensor, anchor_norm: float
-                        ) -> ClientOutcome:
-        """drift and per-layer drift in one chunked pass; a strided sample of the update for what follows."""
+    def _measure_update(self, figures: dict[str, Any], start_global: torch.Tensor, anchor_norm: float,
+                        scale: float | None = None) -> ClientOutcome:
+        """drift and per-layer drift in one chunked pass; a strided sample of the update for what follows;
+        with ``scale``, the parameters multiplied by it in the same pass (the client's aggregation weight)."""
         flat = self.flat
         with torch.no_grad():
-            layer, sketch = self._update_pass(flat.global_params, start_global)
+            layer, sketch = self._update_pass(flat.global_params, start_global, scale=scale)
         norm2 = sum(layer)
         figures.update(drift=math.sqrt(norm2), layer_drift=[math.sqrt(v) for v in layer])
         return ClientOutcome(figures, sketch, norm2)
@@ -372,24 +387,39 @@ class Engine:
     # ---- buffers reused every round: no model-sized allocation (and its page faults) per round --------
 
     def _snapshot(self) -> torch.Tensor:
-        """The model's flat buffer copied into a buffer kept for the run; the integer buffers beside it."""
+        """The model's flat buffer copied into a buffer kept for the run; the integer buffers beside it.
+
+        The last round's post-aggregation pass already copied the global parameters there; if nothing wrote
+        to them since, only the rest (buffers, local tensors, scratch: small) is copied. "Nothing wrote":
+        torch's version counters of the parameters and of the buffer (bumped by every in-place write, the
+        optimizer's and ``load_state_dict``'s included) are unchanged, and a strided sample still matches
+        (writes through ``.data`` bypass the counters)."""
+        flat = self.flat
         if getattr(self, "_start", None) is None:
-            self._start = torch.empty_like(self.flat.data)
-            self._scratch = torch.empty(min(_PASS, self.flat.data.numel()), dtype=self.flat.data.dtype,
-                                        device=self.flat.device)
-            self._pieces = _chunk_pieces(self.flat, _PASS)
-            self._layers = self.flat.layer_slices(global_only=True)
+            self._start = torch.empty_like(flat.data)
+            self._scratch = torch.empty(min(_PASS, flat.data.numel()), dtype=flat.data.dtype, device=flat.device)
+            self._pieces = _chunk_pieces(flat, _PASS)
+            self._layers = flat.layer_slices(global_only=True)
         with torch.no_grad():
-            self._start.copy_(self.flat.data)
+            if getattr(self, "_refreshed", None) == self._model_version() and self._sample_matches():
+                first, stop = flat.global_slice.start, flat.global_slice.stop
+                self._start[:first].copy_(flat.data[:first])
+                self._start[stop:].copy_(flat.data[stop:])
+            else:
+                self._release_snapshot()
+                self._start.copy_(flat.data)
         self._start_ints = [b.clone() for b in self._int_buffers]
         self._dirty = False
         return self._start
 
     def _update_pass(self, weights: torch.Tensor, start: torch.Tensor, layers: bool = True,
-                     start_norm: bool = False):
+                     start_norm: bool = False, scale: float | None = None, refresh: bool = False):
         """One chunked pass over ``weights - start``: the squared norm of each parameter tensor (or, with
         ``layers`` False, of the whole) and the strided sample of it (every ``stride``-th coordinate); with
-        ``start_norm`` also ||start||², from the chunk still in cache. Chunk sums are float32, added in float64."""
+        ``start_norm`` also ||start||², from the chunk still in cache. Chunk sums are float32, added in float64.
+
+        While each chunk is in cache: ``scale`` multiplies ``weights`` by it afterwards; ``refresh`` copies
+        ``weights`` into ``start`` afterwards (the next round's snapshot)."""
         sums = [0.0] * (len(self._layers) if layers else 1)
         start_sum = 0.0
         sketch = torch.empty(len(range(0, weights.numel(), self.stride)), dtype=weights.dtype, device=weights.device)
@@ -407,7 +437,43 @@ class Engine:
                 sums[0] += float(part.sum())
             if start_norm:
                 start_sum += float(torch.square(start[lo:hi], out=part).sum())
+            if scale is not None:
+                weights[lo:hi].mul_(scale)
+            if refresh:
+                start[lo:hi].copy_(weights[lo:hi])
         return (sums, sketch, start_sum) if start_norm else (sums, sketch)
+
+    def _release_snapshot(self) -> None:
+        """Before the snapshot's global region is overwritten: let readers of :meth:`state_views` finish."""
+        if getattr(self, "_before_refresh", None) is not None:
+            self._before_refresh()
+
+    def state_views(self) -> dict[str, torch.Tensor] | None:
+        """The model's state dict with the global parameters as views of the snapshot the last round's
+        post-aggregation pass wrote (no copy of them), the rest copied; None if that snapshot is not the model
+        now (before the first round, or after a write to the model) or lives on a GPU (it must be copied to
+        the host anyway). The views hold until the next round calls ``before_refresh``: a checkpoint written
+        from them must be on disk by then."""
+        if self.flat.device.type != "cpu" or getattr(self, "_refreshed", None) != self._model_version() \
+                or not self._sample_matches():
+            return None
+        flat, base, size = self.flat.data, self.flat.data.data_ptr(), self.flat.data.element_size()
+        g = self.flat.global_slice
+        out = {}
+        for key, value in self.model.state_dict().items():
+            offset = (value.data_ptr() - base) // size
+            inside = value.dtype == flat.dtype and g.start <= offset and offset + value.numel() <= g.stop \
+                and value.data_ptr() >= base
+            out[key] = self._start.as_strided(value.shape, value.stride(), offset) if inside else \
+                value.detach().to("cpu", copy=True)
+        return out
+
+    def _model_version(self) -> tuple[int, ...]:
+        return (self.flat.data._version, *(p._version for p in self.model.parameters()))
+
+    def _sample_matches(self) -> bool:
+        g = self.flat.global_slice
+        return bool(torch.equal(self.flat.data[g][::_SPOT], self._start[g][::_SPOT]))
 
     def _all_finite(self, params_checked: bool = False) -> bool:
         """No NaN or Inf anywhere in the model: a sum is finite iff every value is (sums of finite float32
@@ -465,7 +531,9 @@ class Engine:
         flat = self.flat
         weights = flat.global_params
         with torch.no_grad():
-            (g_norm2,), update, w_norm2 = self._update_pass(weights, start_global, layers=False, start_norm=True)
+            (g_norm2,), update, w_norm2 = self._update_pass(weights, start_global, layers=False, start_norm=True,
+                                                            refresh=True)
+        self._refreshed = self._model_version()
         anchor_norm = math.sqrt(w_norm2)
         g_norm = math.sqrt(g_norm2)
         for outcome in outcomes.values():

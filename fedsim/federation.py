@@ -197,13 +197,18 @@ class Federation:
     def _federated_work(self, r: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
         outcomes = self.engine.round(r, validate=lambda c: self._validate(self._hospital(c.name))["accuracy"],
                                      after_epoch=lambda c, rr: self._simulate_faults(c.name, rr),
-                                     before_aggregation=lambda: self._wait_for_clients(r))
+                                     before_aggregation=lambda: self._wait_for_clients(r),
+                                     before_refresh=self._wait_for_checkpoint)
         checksum = _checksum(self.flat.reduced)
         clients = [{**o.figures, "hospital": c.name, "num_samples": c.num_samples, "rank": self.info.rank,
                     "weights_checksum": checksum} for c, o in zip(self.engine.clients, outcomes)]
         self._save_client_states(r, [c for c, o in zip(self.engine.clients, outcomes)
                                      if o.figures["status"] not in ("not sampled", "dropped", "budget spent")])
         return clients, dict(self.engine.timings)
+
+    def _wait_for_checkpoint(self) -> None:
+        """The last round's checkpoint, written from views of the engine's snapshot, is on disk."""
+        self.writer.wait()
 
     def _centralized_work(self, r: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """Epochs over this rank's shard of the pooled data, gradients averaged over the ranks at every step."""
@@ -326,7 +331,8 @@ class Federation:
         # The round's checkpoint is its commit point: its metrics line and events are written first, and a
         # rerun drops whatever was logged past the last checkpoint (RunLogger.start), so a crash anywhere
         # in this sequence leaves exactly one line and one event step per committed round.
-        timings["checkpoint"] = self.writer.wait()  # the previous round's checkpoint, written while this one ran
+        # The previous round's checkpoint, written while this one ran (the engine may have waited for it already).
+        timings["checkpoint"] = timings.get("checkpoint", 0.0) + self.writer.wait()
         record = {"round": r, "rounds": self.cfg.train.rounds, "mode": self.cfg.train.mode,
                   "clients": all_clients, "global": _global_figures(all_clients),
                   "seconds": _seconds(timings, started)}
@@ -365,7 +371,11 @@ class Federation:
 
     def _weights_copy(self) -> dict[str, torch.Tensor]:
         """The model's state dict copied once into a host buffer kept for the run (views of it), so a round's
-        checkpoint costs one copy and no allocation; the previous checkpoint's write has finished."""
+        checkpoint costs one copy and no allocation; the previous checkpoint's write has finished. On CPU the
+        engine's snapshot of the round already is such a copy of the global parameters: no pass at all."""
+        views = self.engine.state_views() if self.engine is not None else None
+        if views is not None:
+            return views
         flat = self.flat.data
         if getattr(self, "_saved", None) is None:
             self._saved = torch.empty(flat.shape, dtype=flat.dtype, device="cpu")

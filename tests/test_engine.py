@@ -197,3 +197,31 @@ def test_dealing_participants_needs_clients_without_state():
     engine, _ = _engine(_regression_clients(2), "scaffold", 0.1)
     with pytest.raises(ValueError, match="clients without state"):
         engine.deal(0, 2)
+
+
+@pytest.mark.parametrize("write", ["optimizer-like", "through .data", "load_state_dict"])
+def test_a_model_changed_between_rounds_is_the_next_rounds_start(group_of_one, write):
+    # Prepare: one client (its weight is applied in the drift pass, and the post-aggregation pass refreshes the
+    # round's snapshot), plain SGD with one full-batch step, so each round has a closed form
+    data = _regression_clients(1)
+    lr = 0.1
+    engine, model = _engine(data, "fedavg", lr)
+    x, y = (v.astype(np.float64) for v in data[0])
+    engine.round(0)
+
+    # Execute: the weights are changed outside the engine, then a round runs
+    new = np.array([[2.0, 1.0, -1.0]], dtype=np.float32)
+    if write == "optimizer-like":
+        with torch.no_grad():
+            model.weight.copy_(torch.from_numpy(new))
+    elif write == "through .data":  # bypasses torch's version counters: the spot check sees it
+        model.weight.data.copy_(torch.from_numpy(new))
+    else:
+        model.load_state_dict({"weight": torch.from_numpy(new)})
+    outcome = engine.round(1)[0]
+
+    # Assert: the round started from the new weights (its drift is the step taken from them)
+    w = new.ravel().astype(np.float64)
+    step = lr * _grad(w, x, y)
+    np.testing.assert_allclose(model.weight.detach().numpy().ravel(), w - step, rtol=0, atol=64 * EPS32 * 4)
+    assert outcome.figures["drift"] == pytest.approx(np.linalg.norm(step), rel=1e-4)
