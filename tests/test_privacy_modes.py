@@ -244,3 +244,36 @@ def test_dp_defaults_to_groupnorm_and_plain_runs_keep_batchnorm():
     assert from_dict({"train": {"dp": {"level": "sample"}, "mixup_alpha": 0.0}}).norm == "group"
     assert from_dict({"train": {"dp": {"level": "client"}}}).norm == "group"
     assert from_dict({}).norm == "batch"
+
+
+def test_client_level_noise_on_the_mean_has_std_sigma_s_over_k():
+    # Prepare: a group of one, a model whose update is zero, two participants per round
+    from torch import nn
+
+    from fedsim.config import DPConfig, SecAggConfig
+    from fedsim.flat import flatten
+    from fedsim.privacy import Privacy
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        flat = flatten(nn.Linear(400, 250))  # 100,250 coordinates
+        sigma, bound, k = 1.1, 0.5, 2
+        privacy = Privacy(DPConfig(level="client", noise_multiplier=sigma, max_update_norm=bound,
+                                   noise_seed="derived"), False, SecAggConfig(), [10, 10], 8, 1, 3, k, 0,
+                          torch.device("cpu"), 1)
+        start = flat.data.clone()
+        flat.pack_scratch()
+        buffer = flat.reduced
+        buffer.mul_(0.5)  # one participant, weight 1/K
+
+        # Execute
+        with torch.no_grad():
+            privacy.reduce_(buffer, flat, start, 0)
+
+        # Assert: the mean moved by the noise alone; std within 5 standard errors (1/sqrt(2n) relative)
+        noise = (flat.global_params - start[flat.global_slice]).double()
+        n = noise.numel()
+        assert float(noise.std()) == pytest.approx(sigma * bound / k, rel=5 / math.sqrt(2 * n))
+        assert float(flat.scratch[0]) == 1.0  # the fixed denominator: nothing to renormalize
+    finally:
+        dist.destroy_process_group()
