@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 #: Per-client updates are kept for the post-aggregation figures (cosine, divergence) at this many coordinates at
 #: most: every k-th one of a larger model (an estimate, said in the README); all of them for smaller ones.
 SKETCH_SIZE = 1 << 22
-#: Elements per chunk of the passes over the weights: large enough to amortise a call, small enough for cache.
-_PASS = 1 << 20
+#: Elements per chunk of the passes over the weights (1 MiB of float32): large enough to amortise a call, small
+#: enough that the chunk is still in a core's cache when it is read again.
+_PASS = 1 << 18
 #: Stride of the spot check that the model still equals the refreshed snapshot (17k values of the dual ResNetRS50).
 _SPOT = 4099
 
@@ -429,14 +430,14 @@ class Engine:
             taken = part[first :: self.stride]
             at = (lo + first) // self.stride
             sketch[at : at + taken.numel()].copy_(taken)
-            part.square_()
-            if layers:
+            if layers:  # dot products read the chunk once; squaring it first would write it once more
                 for a, b, layer in pieces:
-                    sums[layer] += float(part[a:b].sum())
+                    piece = part[a:b]
+                    sums[layer] += float(torch.dot(piece, piece))
             else:
-                sums[0] += float(part.sum())
+                sums[0] += float(torch.dot(part, part))
             if start_norm:
-                start_sum += float(torch.square(start[lo:hi], out=part).sum())
+                start_sum += float(torch.dot(start[lo:hi], start[lo:hi]))
             if scale is not None:
                 weights[lo:hi].mul_(scale)
             if refresh:
