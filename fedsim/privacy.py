@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fedsim import dp
-from fedsim.config import DPConfig, SecAggConfig
+from fedsim.config import ConfigError, DPConfig, SecAggConfig
 from fedsim.flat import FlatModel
 from fedsim.seeding import derive_seed
 
@@ -83,7 +83,10 @@ class Privacy:
         if secure:
             from fedsim.secagg import SecureAggregation, check_parameters
 
-            check_parameters(world_size, secagg.clip, secagg.levels)
+            try:  # the config cannot know the number of ranks: these settings are checked here
+                check_parameters(world_size, secagg.clip, secagg.levels)
+            except ValueError as err:
+                raise ConfigError(f"train.secagg: {err}") from None
             self.secure = SecureAggregation(device=device, prg=secagg.prg, wire=secagg.wire)
         self.last_clipped = 0
 
@@ -95,7 +98,10 @@ class Privacy:
         s = self.settings
         if s.target_epsilon <= 0:
             return s.noise_multiplier
-        return dp.noise_for_epsilon(s.target_epsilon, rate, steps, s.delta, s.accountant)
+        try:
+            return dp.noise_for_epsilon(s.target_epsilon, rate, steps, s.delta, s.accountant)
+        except ValueError as err:  # no noise up to Opacus's limit reaches the target: the setting asks too much
+            raise ConfigError(f"train.dp.target_epsilon = {s.target_epsilon:g}: {err}") from None
 
     def describe(self) -> str:
         """One log line: what is protected, and how."""
@@ -109,6 +115,8 @@ class Privacy:
             parts.append(f"DP-FedAvg (S {self.settings.max_update_norm:g}, sigma {self.sigmas[0]:.3g}, "
                          f"q {self.rates[0]:.3g}, equal weights 1/{self.per_round}, delta {self.settings.delta:g}, "
                          f"{self.settings.accountant})")
+        if self.dp and min(self.sigmas) == 0:
+            parts.append("noise multiplier 0: clipping only, no privacy (epsilon is infinite)")
         if self.level == "client" and self.secure is None and self.world_size > 1:
             parts.append(f"each rank adds 1/sqrt({self.world_size}) of the noise, so without "
                          "train.secure_aggregation the ranks see partial sums with less noise")
