@@ -40,6 +40,7 @@ from data.records import ImageRecord
 from data.sites import site_profile
 from data.stain import build_normalizer
 from data.tissue import tissue_mask
+from fedsim.errors import DataError
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 5
@@ -56,7 +57,7 @@ _JSON_BYTES_PER_PATCH = 1024  # patches.json, generously (paths are its longest 
 _VERIFIED: dict[str, tuple | None] = {}
 
 
-class CorruptCache(ValueError):
+class CorruptCache(DataError):
     """A cache entry whose files do not match the digests of its DONE manifest; one line naming it and why."""
 
     def __init__(self, folder: str | Path, reason: str, consequence: str = ""):
@@ -191,14 +192,14 @@ def build_hospital(records: Sequence[ImageRecord], hospital: str, specs: dict[st
     """Cache every split of one hospital; a split without images is left out (logged).
 
     Raises:
-        ValueError: if the hospital has no training images, or none that gives a patch pair.
+        DataError: if the hospital has no training images, or none that gives a patch pair.
     """
     folders = {}
     for split, spec in specs.items():
         chosen = [r for r in records if r.hospital == hospital and r.split == split]
         if not chosen:
             if split == "train":
-                raise ValueError(f"hospital {hospital} has no training images; use fewer hospitals or more data")
+                raise DataError(f"hospital {hospital} has no training images; use fewer hospitals or more data")
             log.warning("hospital %s has no %s images: its %s figures will be empty", hospital, split, split)
             continue
         local = SkipReport()
@@ -206,7 +207,7 @@ def build_hospital(records: Sequence[ImageRecord], hospital: str, specs: dict[st
         report.merge(local)
         if split == "train" and not _patch_count(folders[split]):
             reasons = "; ".join(f"{r}: {n}" for r, n in sorted(local.counts.items())) or "no tissue found"
-            raise ValueError(f"hospital {hospital}: none of its {len(chosen)} training images gave a patch pair "
+            raise DataError(f"hospital {hospital}: none of its {len(chosen)} training images gave a patch pair "
                              f"({reasons})")
     return folders
 
@@ -423,10 +424,18 @@ def _read_full(handle, buf: memoryview) -> int:
 
 
 def fitted_normalizer(stain: str, reference: str = ""):
-    """The stain normalizer named ``stain`` (None for "none"), fitted to the image file ``reference`` if given."""
+    """The stain normalizer named ``stain`` (None for "none"), fitted to the image file ``reference`` if given.
+
+    Raises:
+        DataError: ``reference`` cannot be decoded, or the normalizer is undefined on it (too little tissue).
+    """
     normalizer = build_normalizer(stain)
     if normalizer is not None and reference:
-        normalizer.fit(load_rgb(reference))
+        try:
+            image = load_rgb(reference)
+        except BadImage as err:
+            raise DataError(f"data.stain_reference = {reference!r} is not a usable image: {err}") from None
+        normalizer.fit(image)
     return normalizer
 
 

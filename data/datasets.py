@@ -28,6 +28,7 @@ from data.records import (
     UNKNOWN,
     ImageRecord,
 )
+from fedsim.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def resolve_classes(classes: Sequence[str]) -> tuple[str, ...]:
         The requested names from :data:`ALL_CLASS_NAMES`, in that tuple's order.
 
     Raises:
-        ValueError: For an unrecognised or empty list of names, and for a class
+        DataError: For an unrecognised or empty list of names, and for a class
             named twice, whether in the same spelling or two (``"Grade I"`` and
             ``"grade 1"``): the message names both spellings.
     """
@@ -223,16 +224,16 @@ def resolve_classes(classes: Sequence[str]) -> tuple[str, ...]:
         name = str(name)
         index = _class_index(name)
         if index is None:
-            raise ValueError(f"unknown class name {name!r}; known: {', '.join(ALL_CLASS_NAMES)}")
+            raise DataError(f"unknown class name {name!r}; known: {', '.join(ALL_CLASS_NAMES)}")
         if index in given:
             first = given[index]
             if first == name:
-                raise ValueError(f"class name {name!r} is given twice; name each class once")
-            raise ValueError(f"class names {first!r} and {name!r} both mean "
+                raise DataError(f"class name {name!r} is given twice; name each class once")
+            raise DataError(f"class names {first!r} and {name!r} both mean "
                              f"{ALL_CLASS_NAMES[index]!r}; name each class once")
         given[index] = name
     if not given:
-        raise ValueError("no classes requested")
+        raise DataError("no classes requested")
     return tuple(ALL_CLASS_NAMES[i] for i in sorted(given))
 
 
@@ -410,23 +411,23 @@ def _manifest_text(csv_path: Path) -> str:
     """The manifest decoded as UTF-8 (a leading byte-order mark is dropped).
 
     Raises:
-        ValueError: One line naming the file and the line, for a UTF-16 file, a NUL
+        DataError: One line naming the file and the line, for a UTF-16 file, a NUL
             byte (UTF-16 without a byte-order mark, or not text at all) or bytes that
             are not UTF-8 (Latin-1, Windows-1252, ...).
     """
     data = csv_path.read_bytes()
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise ValueError(f"manifest {csv_path} is not UTF-8 (line 1): it is UTF-16; save it as UTF-8")
+        raise DataError(f"manifest {csv_path} is not UTF-8 (line 1): it is UTF-16; save it as UTF-8")
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     nul = data.find(b"\0")
     if nul >= 0:
-        raise ValueError(f"manifest {csv_path} holds a NUL byte (line {_line_at(data, nul)}): "
+        raise DataError(f"manifest {csv_path} holds a NUL byte (line {_line_at(data, nul)}): "
                          "it is not UTF-8 text (UTF-16? a binary file?); save it as UTF-8")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"manifest {csv_path} is not UTF-8 (line {_line_at(data, err.start)}): "
+        raise DataError(f"manifest {csv_path} is not UTF-8 (line {_line_at(data, err.start)}): "
                          f"byte 0x{data[err.start]:02x} ({err.reason}); save it as UTF-8") from None
 
 
@@ -434,7 +435,7 @@ def _header(csv_path: Path, row: list[str], line: int) -> list[str]:
     """Lower-cased column names of a manifest's header row, checked.
 
     Raises:
-        ValueError: For a column named twice (in any case) or a missing required column.
+        DataError: For a column named twice (in any case) or a missing required column.
     """
     columns = [c.strip().lower() for c in row]
     first: dict[str, str] = {}
@@ -442,13 +443,13 @@ def _header(csv_path: Path, row: list[str], line: int) -> list[str]:
         if column in first:
             spellings = (f"as {first[column].strip()!r} and {written.strip()!r}, "
                          if first[column].strip() != written.strip() else "")
-            raise ValueError(f"manifest {csv_path} names the column {column!r} twice "
+            raise DataError(f"manifest {csv_path} names the column {column!r} twice "
                              f"({spellings}line {line}); keep one of them")
         if column:
             first[column] = written
     for required in _REQUIRED_COLUMNS:
         if required not in columns:
-            raise ValueError(f"manifest {csv_path} lacks the required column {required!r} "
+            raise DataError(f"manifest {csv_path} lacks the required column {required!r} "
                              f"(found: {', '.join(columns)})")
     return columns
 
@@ -461,7 +462,7 @@ def _read_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
     name) are ignored.
 
     Raises:
-        ValueError: One line naming the file (and the line where it can): the file is
+        DataError: One line naming the file (and the line where it can): the file is
             empty, not UTF-8, names a column twice, lacks a required column, has no
             rows, or cannot be parsed as CSV (e.g. a field over the csv module's
             limit of 128 KiB, which is what an unclosed quote gives).
@@ -485,11 +486,11 @@ def _read_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
         if "field larger than field limit" in text:
             text = (f"a field is longer than {csv.field_size_limit()} characters "
                     "(an unclosed quote?)")
-        raise ValueError(f"manifest {csv_path} is not valid CSV (line {start}): {text}") from None
+        raise DataError(f"manifest {csv_path} is not valid CSV (line {start}): {text}") from None
     if columns is None:
-        raise ValueError(f"manifest {csv_path} is empty")
+        raise DataError(f"manifest {csv_path} is empty")
     if not rows:
-        raise ValueError(f"manifest {csv_path} has no rows")
+        raise DataError(f"manifest {csv_path} has no rows")
     return rows
 
 
@@ -559,7 +560,7 @@ def read_manifest(
         ``(records sorted by path, skip report, class names in label order)``.
 
     Raises:
-        ValueError: One line naming the manifest (and the line, where it can) if it
+        DataError: One line naming the manifest (and the line, where it can) if it
             is empty, not UTF-8 (a UTF-8 byte-order mark is fine), names a column
             twice, lacks a required column, has no rows or is not valid CSV.
     """
@@ -625,14 +626,14 @@ def load_records(
 
     Raises:
         FileNotFoundError: If ``data`` does not exist.
-        ValueError: If no usable image is left.
+        DataError: If no usable image is left.
     """
     path = Path(data).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data path does not exist: {path}")
     if path.is_file():
         if path.suffix.lower() != ".csv":
-            raise ValueError(f"expected a data folder or a .csv manifest, got {path}")
+            raise DataError(f"expected a data folder or a .csv manifest, got {path}")
         records, report, names = read_manifest(path, classes)
     elif (path / "manifest.csv").is_file():
         records, report, names = read_manifest(path / "manifest.csv", classes)
@@ -648,5 +649,5 @@ def load_records(
     for line in report.summary_lines():
         logger.log(level, line)
     if not records:
-        raise ValueError(f"no usable images under {path} ({'; '.join(report.summary_lines())})")
+        raise DataError(f"no usable images under {path} ({'; '.join(report.summary_lines())})")
     return records, report, names

@@ -19,48 +19,51 @@ from pathlib import Path
 from data.cache import build_hospital, split_specs
 from data.datasets import SkipReport, load_records
 from data.files import WriteError, storage_error, write_atomic
+from data.limits import MAX_SITE_SHIFT
 from data.patches import PatchSpec
-from data.sites import MAX_SITE_SHIFT, write_site_profiles
+from data.sites import write_site_profiles
 from data.splits import count_table, hospital_names, partition, split_by_patient, write_splits_csv
+from fedsim.config import SETTINGS, RunConfig, from_dict, set_dotted
+from fedsim.errors import UserError
+from fedsim.settings import add_flags, given
 
 log = logging.getLogger("data.prepare")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The data source, the cache folder and the hospitals, then every data setting the cache depends on.
+
+    Those settings are the config's own (declared with ``prepare=`` in fedsim/config.py), with the
+    config's defaults: a cache prepared with the defaults is the one training with the defaults looks for.
+    """
     p = argparse.ArgumentParser(description="Build the patch-pair cache of a dataset.")
     p.add_argument("--data", required=True, help="CRC-HGD-style folder, folder with manifest.csv, or manifest CSV")
     p.add_argument("--out", required=True, help="cache folder (pass it to train.py as --set data.cache_dir=...)")
     p.add_argument("--hospitals", type=int, required=True, help="number of hospitals (ranks of the federated run)")
-    p.add_argument("--partition", default="auto", choices=["auto", "natural", "iid", "dirichlet"],
-                   help="auto (the default, as in training): natural when every image names its hospital, else iid")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (partition dirichlet)")
-    p.add_argument("--seed", type=int, default=0, help="the run's train.seed: it fixes the split and the patch centres")
-    p.add_argument("--split", type=float, nargs=3, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--classes", default="Grade I,Grade II,Grade III", help="comma-separated classes in label order")
-    p.add_argument("--patient-regex", default="", help="regex on file stems giving patient ids")
-    p.add_argument("--context-size", type=int, default=320)
-    p.add_argument("--detail-size", type=int, default=224)
-    p.add_argument("--context-fov", type=int, default=320)
-    p.add_argument("--min-tissue", type=float, default=0.5)
-    p.add_argument("--patches-per-image", type=int, default=4)
-    p.add_argument("--eval-patches-per-image", type=int, default=4)
-    p.add_argument("--stain", default="macenko", choices=["macenko", "reinhard", "none"])
-    p.add_argument("--stain-reference", default="", help="image to fit the normalizer to (default: the built-in reference of data/stain.py)")
-    p.add_argument("--site-shift", type=float, default=0.0,
-                   help="simulated lab differences per hospital (data.sites): 0 = off, 1 = a typical spread")
+    add_flags(p, SETTINGS, which="prepare")
     args = p.parse_args(argv)
-    if not 0 <= args.site_shift <= MAX_SITE_SHIFT:
-        p.error(f"--site-shift must lie in [0, {MAX_SITE_SHIFT:g}], got {args.site_shift}")
+    shift = getattr(args, "data.site_shift")
+    if shift is not None and not 0 <= shift <= MAX_SITE_SHIFT:
+        p.error(f"--site-shift must lie in [0, {MAX_SITE_SHIFT:g}], got {shift}")
     return args
+
+
+def settings(args: argparse.Namespace) -> RunConfig:
+    """The run config these arguments describe, checked as train.py checks it (ConfigError naming the field)."""
+    tree: dict = {}
+    for key, value in [("data.path", args.data), ("data.num_hospitals", args.hospitals), *given(args, SETTINGS)]:
+        set_dotted(tree, key, value)
+    return from_dict(tree)
 
 
 def prepare(args: argparse.Namespace) -> dict:
     """Build every hospital's cache; returns the data report."""
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    regex = args.patient_regex or None
-    records, report, class_names = load_records(args.data, classes, regex)
-    records = split_by_patient(records, args.split, args.seed, regex)
-    records = partition(records, args.hospitals, args.partition, args.alpha, args.seed)
+    cfg = settings(args)
+    d, seed = cfg.data, cfg.train.seed
+    regex = d.patient_regex or None
+    records, report, class_names = load_records(d.path, d.classes, regex)
+    records = split_by_patient(records, d.split, seed, regex)
+    records = partition(records, d.num_hospitals, d.partition, d.dirichlet_alpha, seed)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -68,13 +71,12 @@ def prepare(args: argparse.Namespace) -> dict:
         raise storage_error(err, out) from None
     write_splits_csv(records, out / "splits.csv", class_names)
     print(count_table(records, class_names))
-    if args.site_shift > 0:
-        print(f"site profiles (--site-shift {args.site_shift:g}):")
-        print("\n".join(write_site_profiles(out / "site_profiles.json", hospital_names(records), args.seed,
-                                             args.site_shift)))
-    patch = PatchSpec(args.context_size, args.detail_size, args.context_fov, args.min_tissue)
-    specs = split_specs(patch, args.patches_per_image, args.eval_patches_per_image, args.stain,
-                        args.stain_reference, args.seed, args.site_shift)
+    if d.site_shift > 0:
+        print(f"site profiles (--site-shift {d.site_shift:g}):")
+        print("\n".join(write_site_profiles(out / "site_profiles.json", hospital_names(records), seed, d.site_shift)))
+    patch = PatchSpec(d.context_size, d.detail_size, d.context_fov, d.min_tissue)
+    specs = split_specs(patch, d.patches_per_image, d.eval_patches_per_image, d.stain, d.stain_reference, seed,
+                        d.site_shift)
     for hospital in hospital_names(records):
         hospital_report = SkipReport()
         folders = build_hospital(records, hospital, specs, out, hospital_report)
@@ -87,9 +89,10 @@ def prepare(args: argparse.Namespace) -> dict:
     return result
 
 
-#: Bad input (missing files, bad values, a corrupt cache entry that cannot be rebuilt) and storage failures
-#: (a full disk, a read-only cache): one line, exit code 2 (FEDSIM_DEBUG=1: the traceback too).
-USER_ERRORS = (FileNotFoundError, ValueError, WriteError)
+#: Bad input (a UserError: bad settings, a bad manifest, a corrupt cache entry that cannot be rebuilt; a data path
+#: that does not exist) and storage failures (a full disk, a read-only cache): one line, exit code 2
+#: (FEDSIM_DEBUG=1: the traceback too). Anything else is a bug and shows its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, WriteError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,13 +41,12 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from data.files import write_atomic
+from data.limits import MAX_SITE_SHIFT
 
 #: Ruifrok & Johnston (2001) optical-density vectors of haematoxylin and eosin.
 STANDARD_HAEMATOXYLIN = (0.65, 0.70, 0.29)
 STANDARD_EOSIN = (0.07, 0.99, 0.11)
 _SITE_STREAM = 21  # random-stream tag of site profiles (the generator uses 11-13)
-#: Largest strength: at 4 stains turn by up to 32 degrees and JPEG quality bottoms out.
-MAX_SITE_SHIFT = 4.0
 
 # Ranges at strength 1 (each scales linearly with strength).
 _MAX_TURN_DEGREES = 8.0  # stain-vector rotation, drawn in [0.25, 1] x this

@@ -23,6 +23,7 @@ import numpy as np
 from data.datasets import patient_from_name
 from data.files import atomic_writer
 from data.records import MAGNIFICATIONS, SPLITS, UNKNOWN, ImageRecord
+from fedsim.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +121,10 @@ def _split_counts(total: int, shares: Sequence[float]) -> list[int]:
 def _check_fractions(fractions: Sequence[float]) -> list[float]:
     """Validate train/val/test fractions and scale them to sum to one."""
     if len(fractions) != len(SPLITS):
-        raise ValueError(f"fractions needs {len(SPLITS)} values (train, val, test), "
+        raise DataError(f"fractions needs {len(SPLITS)} values (train, val, test), "
                          f"got {fractions}")
     if not all(math.isfinite(f) and f >= 0 for f in fractions) or fractions[0] <= 0:
-        raise ValueError(f"fractions must be finite and >= 0 with a positive train share, got {fractions}")
+        raise DataError(f"fractions must be finite and >= 0 with a positive train share, got {fractions}")
     total = float(sum(fractions))
     return [f / total for f in fractions]
 
@@ -132,7 +133,7 @@ def _keep_given_splits(records: list[ImageRecord]) -> list[ImageRecord]:
     """Validate splits that came with the data and warn about patients that leak."""
     bad = sorted({r.split for r in records} - set(SPLITS))
     if bad:
-        raise ValueError(f"unknown split values {bad}; expected one of {SPLITS}")
+        raise DataError(f"unknown split values {bad}; expected one of {SPLITS}")
     leaking = [p for p, rs in _by_patient(records).items() if len({r.split for r in rs}) > 1]
     if leaking:
         logger.warning("given splits put %d patients in more than one split (e.g. %s)",
@@ -165,7 +166,7 @@ def split_by_patient(
         The records with ``split`` (and missing ``patient``) set, in canonical order.
 
     Raises:
-        ValueError: For bad fractions, unknown given split values, or records of
+        DataError: For bad fractions, unknown given split values, or records of
             which only some have a split.
     """
     records = with_patients(_sorted(records), patient_regex)
@@ -173,7 +174,7 @@ def split_by_patient(
     if records and given == len(records):
         return _keep_given_splits(records)
     if given:
-        raise ValueError(f"{given} of {len(records)} records already have a split; "
+        raise DataError(f"{given} of {len(records)} records already have a split; "
                          "give a split for all of them or for none")
     shares = _check_fractions(fractions)
     grades = patient_grades(records)
@@ -219,13 +220,13 @@ def _natural_partition(records: list[ImageRecord], num_hospitals: int,
     """Keep the hospitals given with the data, checking that they fit."""
     missing = sum(1 for r in records if not r.hospital)
     if missing:
-        raise ValueError(f"natural partition needs a hospital on every record; "
+        raise DataError(f"natural partition needs a hospital on every record; "
                          f"{missing} of {len(records)} have none")
     names = hospital_names(records)
     if len(names) != num_hospitals:
         hint = (f"; partition = auto keeps the hospitals of the data: ask for {len(names)} "
                 "hospitals, or choose iid or dirichlet" if method == "auto" else "")
-        raise ValueError(f"natural partition found {len(names)} hospitals ({', '.join(names)}) "
+        raise DataError(f"natural partition found {len(names)} hospitals ({', '.join(names)}) "
                          f"but num_hospitals is {num_hospitals}{hint}")
     shared = [p for p, rs in _by_patient(records).items() if len({r.hospital for r in rs}) > 1]
     if shared:
@@ -328,12 +329,12 @@ def resolve_partition(records: Sequence[ImageRecord], method: str) -> str:
     logs and records the result.
 
     Raises:
-        ValueError: For an unknown method, and for ``auto`` when only some records
+        DataError: For an unknown method, and for ``auto`` when only some records
             have a hospital: a half-filled hospital column is more likely a mistake
             than a wish to throw the column away.
     """
     if method not in PARTITION_METHODS:
-        raise ValueError(f"unknown partition method {method!r}; use one of {PARTITION_METHODS}")
+        raise DataError(f"unknown partition method {method!r}; use one of {PARTITION_METHODS}")
     if method != "auto":
         return method
     named = sum(1 for r in records if r.hospital)
@@ -341,7 +342,7 @@ def resolve_partition(records: Sequence[ImageRecord], method: str) -> str:
         return "natural"
     if named == 0:
         return "iid"
-    raise ValueError(f"partition = auto: {len(records) - named} of {len(records)} records have no "
+    raise DataError(f"partition = auto: {len(records) - named} of {len(records)} records have no "
                      "hospital; give a hospital for all of them (natural) or for none, "
                      "or choose iid or dirichlet")
 
@@ -374,24 +375,24 @@ def partition(
         The records with ``hospital`` set, in canonical order.
 
     Raises:
-        ValueError: For a bad method or argument, for ``natural`` when hospitals
+        DataError: For a bad method or argument, for ``natural`` when hospitals
             are missing or their number differs, for ``auto`` when only some records
             have a hospital, and when there are fewer training patients than hospitals.
     """
     if num_hospitals < 1:
-        raise ValueError(f"num_hospitals must be >= 1, got {num_hospitals}")
+        raise DataError(f"num_hospitals must be >= 1, got {num_hospitals}")
     records = _sorted(records)
     asked, method = method, resolve_partition(records, method)
     if method == "natural":
         return _natural_partition(records, num_hospitals, asked)
     if method == "dirichlet" and not alpha > 0:
-        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+        raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
     records = with_patients(records)
     grades = patient_grades(records)
     splits = {p: _majority(r.split for r in rs) for p, rs in _by_patient(records).items()}
     training = sum(1 for s in splits.values() if s in _TRAINING)
     if training < num_hospitals:
-        raise ValueError(f"{num_hospitals} hospitals need as many training patients; "
+        raise DataError(f"{num_hospitals} hospitals need as many training patients; "
                          f"there are {training}")
     if method == "iid":
         owner = _deal_iid(grades, splits, num_hospitals, seed)
@@ -448,14 +449,14 @@ def write_splits_csv(records: Sequence[ImageRecord], path: str | os.PathLike,
     split file that a later evaluation would trust.
 
     Raises:
-        ValueError: If a label has no class name.
+        DataError: If a label has no class name.
         WriteError: If the storage refuses the file (full, read-only).
     """
     path = Path(path)
     rows = []
     for r in _sorted(records):
         if not 0 <= r.label < len(class_names):
-            raise ValueError(f"label {r.label} of {r.path} has no class name "
+            raise DataError(f"label {r.label} of {r.path} has no class name "
                              f"in {tuple(class_names)}")
         rows.append([r.path, r.label, class_names[r.label], r.magnification, r.patient,
                      r.hospital, r.split])
@@ -476,20 +477,20 @@ def read_splits_csv(path: str | os.PathLike) -> tuple[list[ImageRecord], tuple[s
         occurs gets the name ``label <i>``.
 
     Raises:
-        ValueError: If a column is missing or one label carries two class names.
+        DataError: If a column is missing or one label carries two class names.
     """
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in SPLIT_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path} lacks columns {missing}")
+            raise DataError(f"{path} lacks columns {missing}")
         rows = list(reader)
     names: dict[int, str] = {}
     records = []
     for row in rows:
         label = int(row["label"])
         if names.setdefault(label, row["class_name"]) != row["class_name"]:
-            raise ValueError(f"{path}: label {label} named both {names[label]!r} "
+            raise DataError(f"{path}: label {label} named both {names[label]!r} "
                              f"and {row['class_name']!r}")
         records.append(ImageRecord(row["path"], label, row["magnification"] or UNKNOWN,
                                    row["patient"], row["hospital"], row["split"]))

@@ -22,6 +22,8 @@ from typing import Union
 import numpy as np
 import torch
 
+from fedsim.errors import DataError
+
 ImageLike = Union[np.ndarray, torch.Tensor]
 
 #: Names accepted by ``build_normalizer``.
@@ -315,7 +317,7 @@ class Macenko(_BatchNormalizer):
         he, ok = self._stain_vectors(od)
         max_c = _percentiles(_pinv_3x2(he)[0] @ od, (MACENKO_MAX_C_PERCENTILE,))[..., 0]
         if not bool((ok & (max_c > _MIN_MAX_C).all(dim=1))[0]):
-            raise ValueError("Macenko is undefined on the reference: too little tissue or a single stain colour")
+            raise DataError("Macenko is undefined on the reference: too little tissue or a single stain colour")
         self.he_ref, self.max_c_ref = he[0].cpu(), max_c[0].cpu()
 
     def _normalize_chunk(self, chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -460,7 +462,7 @@ class Reinhard(_BatchNormalizer):
     def _fit_pixels(self, pixels: torch.Tensor) -> None:
         mean, std, valid = self.tissue_stats(rgb_to_lab(pixels.unsqueeze(0)))
         if not bool(valid[0]):
-            raise ValueError("Reinhard is undefined on the reference: too little tissue or no colour spread")
+            raise DataError("Reinhard is undefined on the reference: too little tissue or no colour spread")
         self.target_mean, self.target_std = mean[0].cpu(), std[0].cpu()
 
     def _normalize_chunk(self, chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

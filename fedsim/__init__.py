@@ -9,11 +9,32 @@ Public API:
         Rebind a model's float tensors to one contiguous buffer (done by fedavg on first use).
     proximal_term(params, global_params, mu) -> Tensor
         The FedProx term (mu/2)·||w - w_global||², differentiable.
-"""
-from fedsim.aggregate import fedavg
-from fedsim.api import federate
-from fedsim.flat import FlatModel, flatten
-from fedsim.prox import add_proximal_grad_, proximal_term, proximal_value
 
-__all__ = ["federate", "fedavg", "flatten", "FlatModel", "proximal_term", "proximal_value", "add_proximal_grad_"]
+The names are imported on first use: ``import fedsim.config`` (the command lines' settings, their
+errors) then runs without loading torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Public name -> the submodule that defines it.
+_EXPORTS = {"federate": "fedsim.api", "fedavg": "fedsim.aggregate", "flatten": "fedsim.flat",
+            "FlatModel": "fedsim.flat", "proximal_term": "fedsim.prox", "proximal_value": "fedsim.prox",
+            "add_proximal_grad_": "fedsim.prox"}
+
+__all__ = ["FlatModel", "add_proximal_grad_", "fedavg", "federate", "flatten", "proximal_term", "proximal_value"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name from its submodule the first time it is asked for (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fedsim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

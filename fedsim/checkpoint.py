@@ -13,14 +13,15 @@ from typing import Any
 import torch
 
 from data.files import atomic_writer, storage_error
+from fedsim.errors import UserError
 
 log = logging.getLogger(__name__)
 _ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
 _TEMPORARY = re.compile(r"^\..+\.tmp\d+$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (missing, corrupt, another config)."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used (missing, corrupt, another config): bad input, one line."""
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:

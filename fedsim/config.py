@@ -6,21 +6,28 @@ directory as ``config.json``; its hash guards resume.
 
 Every value is checked when the tree is built, each problem one :class:`ConfigError`
 line naming the field: TOML types strictly (no boolean for a count, no list for a
-path), every float finite, every number within its documented range (bounds far above
-real use, that stop what the code cannot use). :func:`check_inputs` then checks the
-files the config names, before any work.
+path), a choice against its ``Literal`` type, every float finite, every number within
+its documented range (bounds far above real use, that stop what the code cannot use).
+:func:`check_inputs` then checks the files the config names, before any work.
+
+Each field is declared once (:func:`fedsim.settings.setting`): its type, default,
+docstring, its flags and whether it changes the trained weights. A field with a plain
+default has no flag and changes the weights. :data:`SETTINGS` lists them all; the
+command lines, :meth:`RunConfig.digest` and the study runner derive from it. This
+module loads neither torch nor numpy, so ``train.py --help`` and a bad setting are fast.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,16 +35,30 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from data.files import write_atomic
-from data.sites import MAX_SITE_SHIFT
+from data.limits import MAX_SITE_SHIFT
+from data.records import GRADE_NAMES
+from fedsim.errors import UserError
+from fedsim.settings import Setting, choices, declared, plain_type, setting, table
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An invalid setting; the message names the field and what is allowed."""
 
 
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} = {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The evaluated annotations of a table (evaluating them is slow; every config build needs them)."""
+    return get_type_hints(cls)
+
+
+def _check_choices(table: Any) -> None:
+    """Each field of ``table`` whose type is a ``Literal`` holds one of its values; the message lists them."""
+    hints = _hints(type(table))
+    for f in fields(table):
+        allowed, value = choices(hints[f.name]), getattr(table, f.name)
+        if allowed and value not in allowed:
+            raise ConfigError(f"{table.PREFIX}{f.name} = {value!r} is not allowed; "
+                              f"choose one of: {', '.join(map(str, allowed))}")
 
 
 def _show(value: Any) -> str:
@@ -91,12 +112,13 @@ MAX_MU = 1e4
 MAX_MIXUP = 1000.0
 MAX_DIRICHLET = 1e6
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding range; torch.manual_seed and SeedSequence take it too
-PARTITIONS = ("auto", "natural", "iid", "dirichlet")
 
 
-@dataclass(kw_only=True)
+@table
 class SyntheticConfig:
     """The embedded synthetic dataset, used when ``data.path`` is empty."""
+
+    PREFIX: ClassVar[str] = "data.synthetic."  # the dotted name of a field, in its error messages
 
     patients_per_grade: int = 4
     """Patients per grade and hospital, 3..1000."""
@@ -106,59 +128,69 @@ class SyntheticConfig:
     """Side of each square image in pixels, 64..8192 (CRC-HGD images are 800x800)."""
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         _within("data.synthetic.patients_per_grade", self.patients_per_grade, 3, MAX_SYNTHETIC)
         _within("data.synthetic.images_per_patient", self.images_per_patient, 1, MAX_SYNTHETIC)
         _within("data.synthetic.image_size", self.image_size, 64, MAX_SIDE)
 
 
-@dataclass(kw_only=True)
+@table
 class DataConfig:
     """Where images come from and how they become patch pairs."""
 
-    path: str = ""
+    PREFIX: ClassVar[str] = "data."
+
+    path: str = setting("", flag="--data", help="CRC-HGD-style folder, folder with manifest.csv, or manifest CSV "
+                        "(default: embedded synthetic data)")
     """CRC-HGD-style folder, a folder with manifest.csv, or a manifest CSV (it must exist); empty = embedded
     synthetic data."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    classes: list[str] = field(default_factory=lambda: ["Grade I", "Grade II", "Grade III"])
+    classes: list[str] = setting(list(GRADE_NAMES), prepare="--classes", help="comma-separated classes in label order")
     """Classes to use, in label order (at least two, no two alike ignoring case); add "Normal" / "Mixed"
     for CRC-HGD's extra folders."""
-    num_hospitals: int = 0
+    num_hospitals: int = setting(0, flag="--num-hospitals",
+                                 help="hospitals, at least the number of ranks (default: one per rank)")
     """Hospitals in the federation, 0..4096; 0 = the world size (federated) or 3 (centralized)."""
-    partition: str = "auto"
+    partition: Literal["auto", "natural", "iid", "dirichlet"] = setting(
+        "auto", flag="--partition", prepare="--partition",
+        help="auto (natural when every image names its hospital, else iid) | natural | iid | dirichlet")
     """How images are assigned to hospitals: auto (natural when every image has a hospital, else
     stratified iid), natural (the manifest's hospital column), iid (patients dealt out per split and
     grade) or dirichlet (label skew)."""
-    dirichlet_alpha: float = 0.5
+    dirichlet_alpha: float = setting(0.5, prepare="--alpha", help="Dirichlet concentration (partition dirichlet)")
     """Concentration of the Dirichlet label skew, in (0, 1e6]; small = more skewed."""
-    split: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    split: list[float] = setting([0.7, 0.15, 0.15], prepare="--split", metavar=("TRAIN", "VAL", "TEST"))
     """Train/val/test fractions of patients."""
-    patient_regex: str = ""
+    patient_regex: str = setting("", prepare="--patient-regex", help="regex on file stems giving patient ids")
     """Regex on the file stem giving the patient id when the data has none."""
-    context_size: int = 320
+    context_size: int = setting(320, prepare="--context-size")
     """Side of the context patch fed to the network, 1..8192 pixels."""
-    detail_size: int = 224
+    detail_size: int = setting(224, prepare="--detail-size")
     """Side of the detail patch fed to the network (native resolution), 1..8192 pixels."""
-    context_fov: int = 320
+    context_fov: int = setting(320, prepare="--context-fov")
     """Native pixels covered by the context patch, resized to context_size (wider = more context), 1..8192."""
-    patches_per_image: int = 4
+    patches_per_image: int = setting(4, prepare="--patches-per-image")
     """Patch pairs drawn per training image, 1..4096."""
-    eval_patches_per_image: int = 4
+    eval_patches_per_image: int = setting(4, prepare="--eval-patches-per-image")
     """Patch pairs drawn per validation/test image (their probabilities are averaged), 1..4096."""
-    min_tissue: float = 0.5
+    min_tissue: float = setting(0.5, prepare="--min-tissue")
     """Minimum tissue fraction of a detail window for its centre to be sampled."""
-    stain: str = "macenko"
+    stain: Literal["macenko", "reinhard", "none"] = setting("macenko", flag="--stain", prepare="--stain",
+                                                          help="macenko | reinhard | none")
     """Stain normalization: macenko, reinhard or none."""
-    stain_reference: str = ""
+    stain_reference: str = setting("", prepare="--stain-reference", help="image to fit the normalizer to "
+                                   "(default: the built-in reference of data/stain.py)")
     """Image file to fit the stain normalizer to (it must exist and be readable); empty = the built-in
     reference (Macenko: the published constants; Reinhard: the Lab statistics of a real H&E region after
     Macenko, see data/stain.py)."""
-    site_shift: float = 0.0
+    site_shift: float = setting(0.0, prepare="--site-shift", help="simulated lab differences per hospital "
+                                "(data.sites): 0 = off, 1 = a typical spread")
     """Simulated lab differences per hospital (stain vectors, dye strength, light, blur, JPEG); 0 = off, 1 = typical."""
     stain_on_device: bool = False
     """Normalize each patch batch on the training device instead of once in the cache (the cache then holds raw pixels)."""
     cache_dir: str = ""
     """Where decoded, normalized patch pairs are cached; empty = $FEDSIM_CACHE or ~/.cache/fedsim."""
-    num_workers: int = 0
+    num_workers: int = setting(0, flag="--workers", help="DataLoader workers per rank", weights=False)
     """DataLoader worker processes per rank, 0..256."""
     augment: bool = True
     """Random flips, 90-degree rotations and light colour jitter in training."""
@@ -168,8 +200,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if isinstance(self.synthetic, dict):
             self.synthetic = SyntheticConfig(**self.synthetic)
-        _choice("data.partition", self.partition, PARTITIONS)
-        _choice("data.stain", self.stain, ("macenko", "reinhard", "none"))
+        _check_choices(self)
         _within("data.num_hospitals", self.num_hospitals, 0, MAX_HOSPITALS)
         _within("data.dirichlet_alpha", self.dirichlet_alpha, 0.0, MAX_DIRICHLET, inclusive=False)
         if not 0 <= self.site_shift <= MAX_SITE_SHIFT:
@@ -202,28 +233,30 @@ class DataConfig:
             raise ConfigError(f"data.patient_regex = {self.patient_regex!r} is not a regular expression: {err}") from None
 
 
-@dataclass(kw_only=True)
+@table
 class ModelConfig:
     """The dual-stream network."""
 
-    backbone: str = "resnetrs50"
+    PREFIX: ClassVar[str] = "model."
+
+    backbone: str = setting("resnetrs50", flag="--backbone", help="timm model name (default resnetrs50)")
     """Any timm model name; tiny ones (test_resnet, resnet10t) suit CPU demos."""
-    scales: str = "dual"
+    scales: Literal["dual", "detail", "context"] = setting("dual", flag="--scales", help="dual | detail | context")
     """dual (context + detail), detail or context (single-stream ablation)."""
     hidden: int = 512
     """Width of the Dense layer of the head, 1..65536."""
     dropout: float = 0.5
     """Dropout before the last layer."""
-    pretrained: str = ""
+    pretrained: str = setting("", flag="--pretrained",
+                              help="local backbone weights (.safetensors or torch state dict)")
     """Local weights (safetensors or a state dict) for the backbones (the file must exist and fit the
     backbone); nothing is downloaded."""
-    norm: str = "auto"
+    norm: Literal["auto", "batch", "group"] = "auto"
     """The backbones' normalization: batch, group (GroupNorm, gcd(C, 32) groups) or auto (group under
     differential privacy, whose per-sample gradients BatchNorm would mix, else batch)."""
 
     def __post_init__(self) -> None:
-        _choice("model.scales", self.scales, ("dual", "detail", "context"))
-        _choice("model.norm", self.norm, ("auto", "batch", "group"))
+        _check_choices(self)
         _within("model.hidden", self.hidden, 1, MAX_HIDDEN)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout = {self.dropout} must lie in [0, 1)")
@@ -231,17 +264,21 @@ class ModelConfig:
             raise ConfigError("model.backbone must name a timm model")
 
 
-@dataclass(kw_only=True)
+@table
 class DPConfig:
     """Differential privacy (off by default; README "Privacy")."""
 
-    level: str = "off"
+    PREFIX: ClassVar[str] = "train.dp."
+
+    level: Literal["off", "sample", "client"] = setting(
+        "off", flag="--dp", help="off | sample (DP-SGD in each hospital) | client (DP-FedAvg)")
     """off; sample (DP-SGD inside each hospital: per-sample clipping and noise at every step, Poisson
     batches; protects each patch pair) or client (DP-FedAvg: each participant's update clipped, noise on the
     sum; protects a whole hospital)."""
-    noise_multiplier: float = 1.0
+    noise_multiplier: float = setting(1.0, flag="--noise-multiplier", help="DP noise multiplier sigma (default 1.0)")
     """sigma, in [0, 1e4]: the noise std is sigma times the clipping bound (ignored when target_epsilon > 0)."""
-    target_epsilon: float = 0.0
+    target_epsilon: float = setting(0.0, flag="--target-epsilon",
+                                    help="derive sigma so the run spends this epsilon (0 = use sigma)")
     """> 0: derive sigma so that the whole run spends this epsilon (per hospital for sample, for the
     federation for client); 0: use noise_multiplier."""
     max_grad_norm: float = 1.0
@@ -251,23 +288,20 @@ class DPConfig:
     delta: float = 1e-5
     """delta of the (epsilon, delta) guarantee, in (0, 0.1]; keep it below 1/(samples of a hospital) for
     sample, below 1/(hospitals) for client."""
-    accountant: str = "rdp"
+    accountant: Literal["rdp", "prv"] = "rdp"
     """Opacus's accountant: rdp (Renyi DP) or prv (privacy random variables, tighter)."""
     max_epsilon: float = 0.0
     """> 0: a budget. sample: a hospital whose next round would spend more sits out the rest of the run
     ("budget spent"); client: the run ends before such a round. 0 = no budget."""
-    noise_seed: str = "secret"
+    noise_seed: Literal["secret", "derived"] = "secret"
     """secret (noise from the OS's randomness: private, not reproducible) or derived (from the seed: runs
     and resumes repeat bit for bit, but anyone who knows the config can remove the noise: studies only)."""
-    method: str = "hooks"
+    method: Literal["hooks", "functorch"] = "hooks"
     """sample: how per-sample gradients are computed, hooks (per-layer rules, faster on CPU) or functorch
     (torch.func.vmap)."""
 
     def __post_init__(self) -> None:
-        _choice("train.dp.level", self.level, ("off", "sample", "client"))
-        _choice("train.dp.accountant", self.accountant, ("rdp", "prv"))
-        _choice("train.dp.noise_seed", self.noise_seed, ("secret", "derived"))
-        _choice("train.dp.method", self.method, ("hooks", "functorch"))
+        _check_choices(self)
         _within("train.dp.noise_multiplier", self.noise_multiplier, 0.0, 1e4)
         _within("train.dp.target_epsilon", self.target_epsilon, 0.0, 1e6)
         _within("train.dp.max_epsilon", self.max_epsilon, 0.0, 1e6)
@@ -280,20 +314,22 @@ class DPConfig:
         return self.level != "off"
 
 
-@dataclass(kw_only=True)
+@table
 class SecAggConfig:
     """Secure aggregation's fixed-point encoding and masks (README "Privacy")."""
+
+    PREFIX: ClassVar[str] = "train.secagg."
 
     clip: float = 8.0
     """Each rank's weighted update is clipped to [-clip, clip] per coordinate before quantization, in (0, 1e6]
     (Flower SecAgg+'s default 8); clipped coordinates are counted in the round's record."""
     levels: int = 2**22
     """Quantization levels over [-clip, clip]: a power of two with ranks * levels < 2**32 (Flower's 2**22)."""
-    wire: str = "int32"
+    wire: Literal["int64", "int32"] = "int32"
     """What the all-reduce carries: int32 (the masked values in place; the backend's int32 sum wraps modulo
     2**32, which is the arithmetic the masks need: checked by a probe all-reduce at start) or int64 (values in
     [0, 2**32) whose sum cannot overflow: twice the bytes, for a backend whose int32 sum does not wrap)."""
-    prg: str = "aes"
+    prg: Literal["aes", "device"] = "aes"
     """Mask generator: aes (AES-128-CTR, cryptographic) or device (torch's generator on the device:
     statistical, masks never leave the GPU)."""
 
@@ -302,103 +338,106 @@ class SecAggConfig:
         _within("train.secagg.levels", self.levels, 2, 2**31)
         if self.levels & (self.levels - 1):
             raise ConfigError(f"train.secagg.levels = {self.levels} must be a power of two")
-        _choice("train.secagg.wire", self.wire, ("int64", "int32"))
-        _choice("train.secagg.prg", self.prg, ("aes", "device"))
+        _check_choices(self)
 
 
-@dataclass(kw_only=True)
+@table
 class TrainConfig:
     """Local training and the federation around it (defaults: the paper's settings)."""
 
-    mode: str = "federated"
+    PREFIX: ClassVar[str] = "train."
+
+    mode: Literal["federated", "centralized"] = setting("federated", flag="--mode", help="federated | centralized")
     """federated (each rank hosts one or more hospitals) or centralized (all hospitals' data pooled)."""
-    rounds: int = 10
+    rounds: int = setting(10, flag="--rounds", help="communication rounds (paper: 10)", weights=False)
     """Communication rounds, 1..100000."""
-    local_epochs: int = 3
+    local_epochs: int = setting(3, flag="--local-epochs", help="local epochs per round (paper: 3)")
     """Local epochs per round (centralized: epochs between evaluations), 1..10000."""
-    batch_size: int = 16
+    batch_size: int = setting(16, flag="--batch-size", help="patch pairs per step and rank")
     """Patch pairs per optimizer step on each rank, 1..65536."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum), 1..65536."""
-    lr: float = 3e-4
+    lr: float = setting(3e-4, flag="--lr", help="Adam learning rate (paper: 3e-4)")
     """Adam learning rate, in (0, 10]."""
     weight_decay: float = 1e-4
     """Adam weight decay (L2), in [0, 10]."""
-    mu: float = 0.01
+    mu: float = setting(0.01, flag="--mu", help="FedProx proximal weight; 0 = FedAvg (paper: 0.01)")
     """FedProx proximal weight, in [0, 1e4]; 0 = plain FedAvg."""
-    mixup_alpha: float = 0.2
+    mixup_alpha: float = setting(0.2, flag="--mixup-alpha",
+                                 help="MixUp alpha; 0 disables it (needed under --dp sample)")
     """MixUp Beta(alpha, alpha), alpha in [0, 1000]; 0 disables MixUp."""
-    bn: str = "average"
+    bn: Literal["average", "local"] = setting("average", flag="--bn", help="average | local (FedBN)")
     """average (FedAvg of BatchNorm too) or local (FedBN)."""
-    clients_per_round: int = 0
+    clients_per_round: int = setting(0, flag="--clients-per-round",
+                                     help="hospitals trained per round, drawn from (seed, round); 0 = all")
     """Hospitals that train in each round, drawn from (seed, round) alone; 0 = all of them."""
-    algorithm: str = "fedavg"
+    algorithm: Literal["fedavg", "scaffold"] = setting("fedavg", flag="--algorithm",
+                                                       help="fedavg (FedProx with --mu > 0) | scaffold")
     """fedavg (with train.mu > 0: FedProx) or scaffold (control variates, option II of Karimireddy et al. 2020)."""
-    server_optimizer: str = "sgd"
+    server_optimizer: Literal["sgd", "avgm", "adam", "yogi", "adagrad"] = setting(
+        "sgd", flag="--server-optimizer", help="sgd (FedAvg with --server-lr 1) | avgm | adam | yogi | adagrad")
     """What every rank does with the aggregated mean: sgd (with server_lr 1: plain FedAvg), avgm, adam, yogi,
     adagrad (Reddi et al. 2021)."""
-    server_lr: float = 1.0
+    server_lr: float = setting(1.0, flag="--server-lr",
+                               help="server learning rate (default 1.0: with sgd, plain FedAvg)")
     """Server learning rate, in (0, 100]; 1 with sgd = FedAvg."""
     server_momentum: float = 0.9
     """avgm's momentum, in [0, 1)."""
-    server_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    server_betas: list[float] = setting([0.9, 0.99])
     """adam/yogi/adagrad's (beta1, beta2), each in [0, 1)."""
     server_tau: float = 1e-3
     """adam/yogi/adagrad's adaptivity tau, in (0, 1]."""
-    local_optimizer: str = "adam"
+    local_optimizer: Literal["adam", "sgd"] = "adam"
     """The hospitals' optimizer: adam (the paper's) or sgd."""
-    client_optimizer: str = "fresh"
+    client_optimizer: Literal["fresh", "persistent"] = "fresh"
     """fresh (a new optimizer every round, as in the paper) or persistent (each hospital keeps its optimizer's
     state between rounds, in its state store)."""
-    client_state_device: str = "cpu"
+    client_state_device: Literal["cpu", "device"] = setting("cpu", weights=False)
     """Where hospitals' persistent state lives between rounds: cpu (pinned host memory) or device."""
-    dropout: float = 0.0
+    dropout: float = setting(0.0, flag="--dropout", help="probability a client drops out of a round")
     """Probability that a client drops out of a round (seeded); it then contributes weight 0."""
-    straggler: float = 0.0
+    straggler: float = setting(0.0, flag="--straggler", help="probability a client stops early in a round")
     """Probability that a client stops after a random 1..local_epochs-1 epochs in a round."""
-    faulty_hospitals: list[str] = field(default_factory=list)
+    faulty_hospitals: list[str] = setting([])
     """Hospitals that dropout/straggler apply to; empty = every hospital."""
-    simulate_nan: list[str] = field(default_factory=list)
+    simulate_nan: list[str] = setting([])
     """Fault simulation: these hospitals' local updates turn NaN every round (the update guard must catch it)."""
-    simulate_crash: str = ""
+    simulate_crash: str = setting("", weights=False)
     """Fault simulation: "H2:3" kills hospital H2's process (SIGKILL) in the middle of round 3, once per run directory;
     "H1:3:POINT" kills it at POINT of round 3's commit sequence instead: before-checkpoint, checkpoint (during its
     write) or after-checkpoint (rank 0, the writer, is the one that matters there)."""
-    simulate_hang: str = ""
+    simulate_hang: str = setting("", weights=False)
     """Fault simulation: "H2:3" makes hospital H2 stop responding in round 3 (the timeout must name it)."""
-    seed: int = 0
+    seed: int = setting(0, flag="--seed", prepare="--seed", help="seed of every random draw")
     """Every random draw derives from (seed, round, client); 0..2**32-1 (4294967295)."""
-    device: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = setting("auto", flag="--device", help="auto | cuda | cpu")
     """auto (CUDA when present), cuda or cpu."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = setting("auto", flag="--precision", help="auto | bf16 | fp32")
     """auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."""
-    compile: bool = False
+    compile: bool = setting(False, flag="--compile", help="torch.compile the model (GPU)")
     """torch.compile the model (GPU runs)."""
-    timeout_s: float = 1800.0
+    timeout_s: float = setting(1800.0, weights=False)
     """Collective timeout, 1..1e7 seconds: a hung rank ends the run with an error instead of hanging it."""
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = setting(3, weights=False)
     """Round checkpoints kept in OUT/checkpoints (the latest is also OUT/checkpoint.pt), 1..10000."""
-    resume: bool = False
+    resume: bool = setting(False, flag="--resume", launch=True, help="expect to continue a run: warn if OUT has no "
+                           "checkpoint (a run on a directory with round checkpoints of the same config always "
+                           "continues after the last)")
     """Expect to continue a run: warn when OUT has no checkpoint. Continuing does not need it: a run on a
     directory with round checkpoints of the same config always continues after the last one."""
-    xai_per_grade: int = 2
+    xai_per_grade: int = setting(2, weights=False)
     """Grad-CAM panels per grade written by each hospital at the end (OUT/xai/<hospital>/), 0..1000; 0 = none."""
     dp: DPConfig = field(default_factory=DPConfig)
     """Differential privacy: the train.dp table."""
-    secure_aggregation: bool = False
+    secure_aggregation: bool = setting(False, flag="--secure-aggregation", help="sum the hospitals' contributions "
+                                       "with pairwise masks that cancel in the all-reduce")
     """Sum the hospitals' contributions with pairwise masks that cancel in the all-reduce (Bonawitz et al.
     2017, without dropout recovery): no rank sees another's contribution, only the sum."""
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     """Secure aggregation's encoding: the train.secagg table."""
 
     def __post_init__(self) -> None:
-        _choice("train.mode", self.mode, ("federated", "centralized"))
-        _choice("train.bn", self.bn, ("average", "local"))
-        _choice("train.algorithm", self.algorithm, ("fedavg", "scaffold"))
-        _choice("train.server_optimizer", self.server_optimizer, ("sgd", "avgm", "adam", "yogi", "adagrad"))
-        _choice("train.local_optimizer", self.local_optimizer, ("adam", "sgd"))
-        _choice("train.client_optimizer", self.client_optimizer, ("fresh", "persistent"))
-        _choice("train.client_state_device", self.client_state_device, ("cpu", "device"))
+        _check_choices(self)
         _within("train.clients_per_round", self.clients_per_round, 0, MAX_HOSPITALS)
         _within("train.server_lr", self.server_lr, 0.0, 100.0, inclusive=False)
         _within("train.server_tau", self.server_tau, 0.0, 1.0, inclusive=False)
@@ -408,8 +447,6 @@ class TrainConfig:
                 raise ConfigError(f"{name} = {value!r} must lie in [0, 1)")
         if len(self.server_betas) != 2:
             raise ConfigError(f"train.server_betas = {self.server_betas} must be two numbers (beta1, beta2)")
-        _choice("train.device", self.device, ("auto", "cuda", "cpu"))
-        _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         for name, high in (("rounds", MAX_COUNT), ("local_epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH),
                            ("grad_accum", MAX_BATCH), ("keep_checkpoints", MAX_CHECKPOINTS)):
             _within(f"train.{name}", getattr(self, name), 1, high)
@@ -433,17 +470,20 @@ class TrainConfig:
         _within("train.xai_per_grade", self.xai_per_grade, 0, MAX_XAI)
 
 
-@dataclass(kw_only=True)
+@table
 class RunConfig:
     """The whole run."""
 
-    out: str = "runs/latest"
+    PREFIX: ClassVar[str] = ""
+
+    out: str = setting("runs/latest", flag="--out", help="run directory (default runs/latest)", launch=True)
     """Run directory: config.json, metrics.jsonl, checkpoint.pt, tb/, final.json; must not be empty."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         if not str(self.out).strip():
             raise ConfigError(f"out = {self.out!r} must name a run directory")
         _check_privacy(self)
@@ -460,16 +500,24 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """Hash of what determines the trained weights (not the output folder or the resume flag)."""
+        """Hash of the settings that determine the trained weights (those declared ``weights=True``).
+
+        A run may be extended, retimed or restarted with any other setting changed (rounds, timeouts,
+        the output folder ...): resume compares this hash.
+        """
         tree = self.to_dict()
-        tree.pop("out")
-        # Settings that do not change the weights: a run may be extended, retimed or restarted with them changed.
-        for key in ("resume", "rounds", "xai_per_grade", "keep_checkpoints", "timeout_s", "simulate_crash",
-                    "simulate_hang", "client_state_device"):
-            tree["train"].pop(key)
-        tree["data"].pop("num_workers")
+        for s in SETTINGS:
+            if not s.weights:
+                _pop_dotted(tree, s.key)
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _pop_dotted(tree: dict[str, Any], key: str) -> None:
+    *path, name = key.split(".")
+    for part in path:
+        tree = tree[part]
+    del tree[name]
 
 
 def _check_privacy(cfg: RunConfig) -> None:
@@ -499,13 +547,23 @@ def _check_privacy(cfg: RunConfig) -> None:
         raise ConfigError("train.secure_aggregation applies to federated runs, not train.mode = centralized")
 
 
+#: Every leaf setting of the tree, in declaration order: the source of the flags, the digest and the study's keys.
+SETTINGS: tuple[Setting, ...] = declared(RunConfig)
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+def setting_of(key: str) -> Setting:
+    """The declaration of a dotted key (``"train.mu"``); KeyError names an unknown one."""
+    return _BY_KEY[key]
+
+
 def from_dict(tree: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from nested dicts, rejecting unknown keys by name."""
     return _build(RunConfig, tree, "")
 
 
 def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(tree) - known)
     if unknown:
@@ -547,6 +605,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     (or yes/no/on/off/1/0 written as a string); a numeric field also takes a string
     that spells a number. Lists take lists, or a comma-separated string.
     """
+    hint = plain_type(hint)  # a Literal is checked as its values' type here, its choices by the table
     origin = get_origin(hint)
     if origin is list:
         (inner,) = get_args(hint)
@@ -640,7 +699,7 @@ def field_type(key: str) -> Any:
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(cls):
             return None
-        hint = get_type_hints(cls).get(part)
+        hint = _hints(cls).get(part)
         if hint is None:
             return None
         if i == len(parts) - 1:
@@ -664,7 +723,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return key, raw
-    hint = field_type(key)
+    hint = plain_type(field_type(key))
     textual = hint is str or (get_origin(hint) is list and get_args(hint) == (str,))
     if textual and not isinstance(value, (str, list)):
         return key, raw  # a number, boolean or date written where text is expected: the text itself
@@ -689,7 +748,7 @@ def check_inputs(cfg: RunConfig) -> None:
 
     Raises:
         ConfigError: one line naming the field and the file.
-        ValueError: ``model.backbone`` is not a timm model (checked when weights are to be loaded into it).
+        UserError: ``model.backbone`` is not a timm model (checked when weights are to be loaded into it).
     """
     data = cfg.data
     if data.path and not Path(data.path).exists():
@@ -700,11 +759,11 @@ def check_inputs(cfg: RunConfig) -> None:
     if cfg.model.pretrained:
         from models import check_backbone, check_pretrained
 
-        check_backbone(cfg.model.backbone)  # ValueError naming model.backbone
+        check_backbone(cfg.model.backbone)  # a UserError naming model.backbone
         try:
             check_pretrained(cfg.model.backbone, cfg.model.scales, cfg.model.pretrained,
                              len(cfg.data.classes), cfg.model.hidden, cfg.norm)
-        except (ValueError, FileNotFoundError) as err:
+        except (UserError, FileNotFoundError) as err:
             raise ConfigError(f"model.pretrained: {err}") from None
 
 

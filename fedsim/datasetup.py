@@ -75,10 +75,18 @@ def num_hospitals(cfg: RunConfig, world_size: int) -> int:
 
 
 def synthetic_spec(cfg: RunConfig, hospitals: int) -> SyntheticSpec:
-    """The embedded dataset's spec for this config."""
+    """The embedded dataset's spec for this config.
+
+    Raises:
+        ConfigError: the generator cannot make what the settings ask (its bounds are tighter than the config's:
+            at most 99 hospitals, 333 patients per grade, 4096-pixel images).
+    """
     s = cfg.data.synthetic
-    return SyntheticSpec(num_hospitals=hospitals, patients_per_grade=s.patients_per_grade,
-                         images_per_patient=s.images_per_patient, image_size=s.image_size)
+    try:
+        return SyntheticSpec(num_hospitals=hospitals, patients_per_grade=s.patients_per_grade,
+                             images_per_patient=s.images_per_patient, image_size=s.image_size)
+    except ValueError as err:
+        raise ConfigError(f"the embedded synthetic data (data.path empty) cannot be made: {err}") from None
 
 
 def synthetic_root(cfg: RunConfig, spec: SyntheticSpec) -> Path:

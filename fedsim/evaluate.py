@@ -19,6 +19,7 @@ from fedsim.client import StepSettings, predict
 from fedsim.config import ConfigError, from_dict
 from fedsim.datasetup import cache_root, cache_spec, device_normalizer, synthetic_root, synthetic_spec
 from fedsim.dist import choose_backend
+from fedsim.errors import UserError
 from fedsim.logger import setup_logging, write_json
 from fedsim.report import format_report
 from models import build_model, check_backbone, state_mismatch
@@ -26,8 +27,8 @@ from models import build_model, check_backbone, state_mismatch
 log = logging.getLogger("fedsim.eval")
 
 
-class EvalError(RuntimeError):
-    """The evaluation cannot run (bad checkpoint, empty split)."""
+class EvalError(UserError, RuntimeError):
+    """The evaluation cannot run (bad checkpoint, empty split): bad input, one line."""
 
 
 #: Top-level keys of every test report: eval.json and final.json alike.
@@ -104,7 +105,7 @@ def load_checked(path: str | Path) -> tuple[dict[str, Any], Any, list[str]]:
         raise EvalError(f"checkpoint {path}: its config is not valid here: {err}") from None
     try:
         check_backbone(cfg.model.backbone)
-    except ValueError as err:
+    except UserError as err:
         raise EvalError(f"checkpoint {path}: {err}") from None
     return state, cfg, list(names)
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedsim.config import ConfigError, load_toml
+from fedsim.errors import UserError
 from fedsim.study.plan import PRESETS, STUDY_FLAGS, Plan, StudyError, build_plan, describe, select, variants
 from fedsim.study.results import write_results
 from fedsim.study.runner import run_all
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parse_cli(argv)
     try:
         plan = make_plan(args, extra)
-    except StudyError as err:
+    except UserError as err:  # StudyError above all: a bad option, one line
         print(f"experiments: error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:

@@ -7,17 +7,19 @@ import os
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from data.files import WriteError
-from fedsim.checkpoint import CheckpointError
 from fedsim.config import ConfigError, RunConfig, check_inputs
 from fedsim.dist import HungRanks, broadcast_object, init_distributed, teardown
+from fedsim.errors import UserError
 from fedsim.logger import report_error, setup_logging
 from fedsim.rundir import RunLock
 from models import check_backbone
 
 log = logging.getLogger("fedsim")
 
-#: Errors that mean "the input or the settings are wrong": one line, exit code 2 (FEDSIM_DEBUG=1: the traceback too).
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, CheckpointError, WriteError)
+#: Errors that mean "the input or the settings are wrong" (a UserError: ConfigError, DataError, CheckpointError ...;
+#: a data path that does not exist; a disk that is full or read-only): one line, exit code 2 (FEDSIM_DEBUG=1: the
+#: traceback too). Anything else is a bug and shows its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, WriteError)
 
 
 @record

@@ -16,6 +16,8 @@ import timm
 import torch
 from torch import nn
 
+from fedsim.errors import UserError, WeightsError
+
 log = logging.getLogger(__name__)
 
 STREAMS = {"dual": ("context", "detail"), "context": ("context",), "detail": ("detail",)}
@@ -24,11 +26,11 @@ NORMS = ("batch", "group")
 
 
 def check_backbone(name: str) -> None:
-    """Raise ValueError with a one-line message if timm does not know the model."""
+    """Raise UserError (a ValueError) with a one-line message if timm does not know the model."""
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0][:6]}*")[:8]
         hint = f" (similar: {', '.join(close)})" if close else ""
-        raise ValueError(f"model.backbone = {name!r} is not a timm model{hint}")
+        raise UserError(f"model.backbone = {name!r} is not a timm model{hint}")
 
 
 def group_norm(num_channels: int, **kwargs) -> nn.GroupNorm:
@@ -118,7 +120,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: it cannot be read as weights, or holds no state dict of tensors (one line).
+        WeightsError: it cannot be read as weights, or holds no state dict of tensors (one line).
     """
     path = Path(path)
     if not path.is_file():
@@ -132,12 +134,12 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to unpickle or parse means unusable weights
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"{path} cannot be read as weights ({type(err).__name__}: {first})") from None
+        raise WeightsError(f"{path} cannot be read as weights ({type(err).__name__}: {first})") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds no state dict of tensors")
+        raise WeightsError(f"{path} holds no state dict of tensors")
     return state
 
 
@@ -215,13 +217,13 @@ def load_pretrained(model: DualStreamNet, path: str | Path) -> None:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unreadable weights, or weights of another model: one line with the first
+        WeightsError: unreadable weights, or weights of another model: one line with the first
             missing and unexpected keys and shape mismatches, and their counts.
     """
     state = read_weights(path)
     problem = pretrained_mismatch(model, state)
     if problem:
-        raise ValueError(f"pretrained weights {path} {problem}")
+        raise WeightsError(f"pretrained weights {path} {problem}")
     if _is_dual_state(state):
         model.load_state_dict(state, strict=False)  # checked above: only batch counters may be absent
         log.info("loaded dual-stream weights from %s", path)
@@ -238,7 +240,7 @@ def check_pretrained(backbone: str, scales: str, path: str | Path, num_classes: 
     """Check, before any work, that the weights in ``path`` fit the network (built on the meta device: cheap).
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`load_pretrained`.
+        FileNotFoundError, WeightsError: as :func:`load_pretrained`; UserError: an unknown backbone.
     """
     check_backbone(backbone)
     state = read_weights(path)
@@ -246,4 +248,4 @@ def check_pretrained(backbone: str, scales: str, path: str | Path, num_classes: 
         model = DualStreamNet(backbone, scales, num_classes=num_classes, hidden=hidden, norm=norm)
     problem = pretrained_mismatch(model, state)
     if problem:
-        raise ValueError(f"pretrained weights {path} {problem}")
+        raise WeightsError(f"pretrained weights {path} {problem}")

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsim.config import ConfigError, DataConfig, RunConfig
+from fedsim.config import SETTINGS, ConfigError, DataConfig, RunConfig
+from fedsim.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ VARIANTS: tuple[tuple[str, str, dict[str, str]], ...] = (
 STUDY_FLAGS = {*BASE, "--seed", "--out", "--num-hospitals", "--config"}
 
 
-class StudyError(ValueError):
+class StudyError(UserError):
     """A bad study setting; reported as one line with exit code 2."""
 
 
@@ -155,7 +156,7 @@ def train_args(variant: Variant, seed: int, preset: Path, data: str | None, extr
 
 @functools.lru_cache(maxsize=1)
 def _train_cli() -> Any:
-    """train.py as a module, for its argument parsing (cheap: training imports are deferred)."""
+    """train.py as a module, for its argument parsing (cheap: it loads no torch before training)."""
     spec = importlib.util.spec_from_file_location("_fedsim_train_cli", TRAIN)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -177,7 +178,9 @@ def resolved_settings(args: Sequence[str]) -> dict[str, Any]:
     """The settings train.py would run with, as far as they differ from the config defaults.
 
     Only the differences count, so a setting added to the config later (with a
-    default) leaves the hashes, and with them the finished runs, valid.
+    default) leaves the hashes, and with them the finished runs, valid. Settings
+    declared ``launch=True`` (where a run writes, how it starts) are left out:
+    they do not make another run.
 
     Raises:
         ConfigError: When train.py would reject the arguments.
@@ -189,8 +192,9 @@ def resolved_settings(args: Sequence[str]) -> dict[str, Any]:
         raise ConfigError(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "bad arguments")
     defaults = _flatten(RunConfig().to_dict())
     settings = {k: v for k, v in _flatten(cfg.to_dict()).items() if defaults.get(k, object()) != v}
-    for key in ("out", "train.resume"):  # where a run writes and how it starts do not change its results
-        settings.pop(key, None)
+    for s in SETTINGS:
+        if s.launch:
+            settings.pop(s.key, None)
     return settings
 
 
