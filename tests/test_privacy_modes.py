@@ -126,15 +126,25 @@ def test_secure_aggregation_sends_uniform_integers_and_matches_plain_fedavg(tmp_
 
 # ---- DP-SGD ------------------------------------------------------------------------------------------------------
 
-def test_dp_sgd_run_charges_the_accountant_and_resumes_its_ledger(tmp_path):
-    # Prepare: noise derived from the seed, so that runs repeat bit for bit
-    cache = str(tmp_path / "cache")
-    dp_settings = dict(dp__level="sample", dp__noise_multiplier=1.1, dp__noise_seed="derived", dp__delta=1e-4)
-    whole = _config(str(tmp_path / "whole"), rounds=2, **dp_settings)
-    parts = _config(str(tmp_path / "parts"), rounds=1, **dp_settings)
+#: DP-SGD with noise derived from the seed, so that runs repeat bit for bit.
+DP_SGD = {"dp__level": "sample", "dp__noise_multiplier": 1.1, "dp__noise_seed": "derived", "dp__delta": 1e-4}
 
-    # Execute: two rounds at once, and one round then a second run that continues it
-    whole_run = run_ranks(_federate, 2, whole, cache, timeout=600)
+
+@pytest.fixture(scope="module")
+def dp_sgd_run(tmp_path_factory):
+    """Two rounds of DP-SGD on two hospitals: (its config, its final weights, the data cache)."""
+    folder = tmp_path_factory.mktemp("dp-sgd")
+    cache = str(folder / "cache")
+    whole = _config(str(folder / "whole"), rounds=2, **DP_SGD)
+    return whole, run_ranks(_federate, 2, whole, cache, timeout=600), cache
+
+
+def test_dp_sgd_run_charges_the_accountant_and_resumes_its_ledger(tmp_path, dp_sgd_run):
+    # Prepare
+    whole, whole_run, cache = dp_sgd_run
+    parts = _config(str(tmp_path / "parts"), rounds=1, **DP_SGD)
+
+    # Execute: one round, then a second run that continues it to the whole run's two
     run_ranks(_federate, 2, parts, cache, timeout=600)
     parts["train"]["rounds"] = 2
     resumed = run_ranks(_federate, 2, parts, cache, timeout=600)
@@ -160,18 +170,14 @@ def test_dp_sgd_run_charges_the_accountant_and_resumes_its_ledger(tmp_path):
     assert not any("running_mean" in key for key in state["model"])
 
 
-def test_dp_sgd_budget_stops_a_hospital(tmp_path):
-    # Prepare: a budget that one round fits and two do not
-    cache = str(tmp_path / "cache")
-    tree = _config(str(tmp_path / "run"), rounds=2, dp__level="sample", dp__noise_multiplier=1.1,
-                   dp__noise_seed="derived", dp__delta=1e-4)
-
-    # Execute: learn the first round's epsilon, then rerun with a budget just above it
-    run_ranks(_federate, 2, tree, cache, timeout=600)
-    first = _records(tree["out"])[0]["clients"]
+def test_dp_sgd_budget_stops_a_hospital(tmp_path, dp_sgd_run):
+    # Prepare: a budget just above what the first round spent, so that one round fits and two do not
+    whole, _, cache = dp_sgd_run
+    first = _records(whole["out"])[0]["clients"]
     budget = max(c["epsilon"] for c in first) * 1.01
-    limited = _config(str(tmp_path / "limited"), rounds=2, dp__level="sample", dp__noise_multiplier=1.1,
-                      dp__noise_seed="derived", dp__delta=1e-4, dp__max_epsilon=budget)
+    limited = _config(str(tmp_path / "limited"), rounds=2, dp__max_epsilon=budget, **DP_SGD)
+
+    # Execute
     run_ranks(_federate, 2, limited, cache, timeout=600)
 
     # Assert
