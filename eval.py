@@ -22,7 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", help="data to evaluate on (default: the data the run was trained on)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
                         help="patient-level split to evaluate (default test; 'all' for external data)")
-    parser.add_argument("--out", help="folder for eval.json and confusion_matrix.png (default: the checkpoint's folder)")
+    parser.add_argument("--out",
+                        help="folder for eval.json and confusion_matrix.png (default: the checkpoint's folder)")
     parser.add_argument("--device", default=device.default, choices=list(device.choices))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of patients for the CIs")

@@ -15,8 +15,9 @@ same cached patch pairs (random uint8, written by this script):
   then the same FedProx gradient and Adam step on the flat buffer.
 
 One thread by default: on a machine shared with other jobs, several OpenMP
-threads that wait for each other make every figure erratic. Throughput is patch pairs per second (a Poisson epoch sees n pairs in
-expectation); the slowdown is nonprivate over DP.
+threads that wait for each other make every figure erratic. Throughput is
+patch pairs per second (a Poisson epoch sees n pairs in expectation); the
+slowdown is nonprivate over DP.
 """
 from __future__ import annotations
 
@@ -33,13 +34,13 @@ from torch.utils.data import DataLoader, RandomSampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternating_times, cpu_model_name, machine, make_cache, write_json  # noqa: E402
-from data.cache import CachedPairs, collate_batch  # noqa: E402
-from fedsim import dp  # noqa: E402
-from fedsim.client import StepSettings, make_optimizer, prepare_inputs, train_epoch  # noqa: E402
-from fedsim.flat import flatten  # noqa: E402
-from fedsim.prox import add_proximal_grad_  # noqa: E402
-from models import DualStreamNet  # noqa: E402
+from common import alternating_times, cpu_model_name, machine, make_cache, write_json
+from data.cache import CachedPairs, collate_batch
+from fedsim import dp
+from fedsim.client import StepSettings, make_optimizer, prepare_inputs, train_epoch
+from fedsim.flat import flatten
+from fedsim.prox import add_proximal_grad_
+from models import DualStreamNet
 
 
 def group_norm_model(backbone: str) -> DualStreamNet:
@@ -94,8 +95,8 @@ def run(args) -> dict:
         rng = torch.Generator().manual_seed(0)
         loader = DataLoader(dataset, collate_fn=collate_batch,
                             batch_sampler=dp.PoissonBatchSampler(len(dataset), q, torch.Generator().manual_seed(1)))
-        epochs[f"dp_{method}"] = (lambda m=model, f=flat, o=optimizer, l=loader, a=anchor, e=engine, r=rng:
-                                  dp_epoch(m, f, o, l, a, e, settings, r))
+        epochs[f"dp_{method}"] = (lambda m=model, f=flat, o=optimizer, ld=loader, a=anchor, e=engine, r=rng:
+                                  dp_epoch(m, f, o, ld, a, e, settings, r))
 
     # Poisson epochs see a different number of pairs each time: pairs per second is counted per call.
     seen: dict[str, list[int]] = {name: [] for name in epochs}

@@ -30,7 +30,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, median_time, spawn_ranks, write_json  # noqa: E402
+from common import machine, median_time, spawn_ranks, write_json
 
 
 def _setup(rank: int, world: int, port: int, args, clients_per_rank: int, batches):

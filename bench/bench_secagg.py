@@ -38,7 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternating_times, cpu_model_name, machine, spawn_ranks, write_json  # noqa: E402
+from common import alternating_times, cpu_model_name, machine, spawn_ranks, write_json
 
 DUAL_RESNETRS50_STATE = 69_491_892  # floats in fedavg's reduced region of DualStreamNet("resnetrs50", "dual", 3)
 

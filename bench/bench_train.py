@@ -22,16 +22,17 @@ from torch.utils.data import DataLoader, RandomSampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternating_times, machine, make_cache, write_json  # noqa: E402
-from data.cache import CachedPairs, collate_batch  # noqa: E402
-from fedsim.client import StepSettings, autocast, make_optimizer, prepare_inputs, train_epoch  # noqa: E402
-from fedsim.flat import flatten  # noqa: E402
-from models import build_model  # noqa: E402
+from common import alternating_times, machine, make_cache, write_json
+from data.cache import CachedPairs, collate_batch
+from fedsim.client import StepSettings, autocast, make_optimizer, prepare_inputs, train_epoch
+from fedsim.flat import flatten
+from models import build_model
 
 
 def make_loader(dataset: CachedPairs, args) -> DataLoader:
     """One loader for the whole benchmark, as in training: workers start once and persist."""
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(0)),
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(0))
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                       collate_fn=collate_batch, num_workers=args.workers, pin_memory=args.device == "cuda",
                       persistent_workers=args.workers > 0, drop_last=True)
 
@@ -123,7 +124,8 @@ def main() -> None:
           f"{' compiled' if args.compile else ''}:")
     print(f"  plain PyTorch loop   {result['plain']:9.1f} pairs/s  (baseline)")
     print(f"  federated epoch      {result['federated']:9.1f} pairs/s  ratio {result['ratio']:.3f}")
-    print(f"  input pipeline alone {result['loader']:9.1f} pairs/s  {result['loader_headroom']:.1f}x the training step's consumption")
+    print(f"  input pipeline alone {result['loader']:9.1f} pairs/s  "
+          f"{result['loader_headroom']:.1f}x the training step's consumption")
     write_json(args.json, {"machine": machine(), "args": vars(args), "result": result})
 
 

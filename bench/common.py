@@ -5,17 +5,16 @@ import datetime as _dt
 import json
 import os
 import platform
-import subprocess
 import socket
 import statistics
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
-
 
 REPO = Path(__file__).resolve().parents[1]
 

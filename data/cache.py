@@ -24,9 +24,10 @@ import os
 import shutil
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -513,7 +514,8 @@ class CachedPairs(torch.utils.data.Dataset):
     def arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(context, detail) memory maps of every part, opened on first use."""
         if self._arrays is None:
-            self._arrays = [(np.load(f / "context.npy", mmap_mode="r")[:n], np.load(f / "detail.npy", mmap_mode="r")[:n])
+            self._arrays = [(np.load(f / "context.npy", mmap_mode="r")[:n],
+                             np.load(f / "detail.npy", mmap_mode="r")[:n])
                             for f, n in zip(self.folders, self.counts)]
         return self._arrays
 

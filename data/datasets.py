@@ -76,7 +76,7 @@ class SkipReport:
         if len(examples) < self.max_examples:
             examples.append(str(path))
 
-    def merge(self, other: "SkipReport") -> "SkipReport":
+    def merge(self, other: SkipReport) -> SkipReport:
         """Add another report's counts and examples into this one; returns self."""
         for reason, count in other.counts.items():
             self.counts[reason] = self.counts.get(reason, 0) + count

@@ -14,9 +14,10 @@ import logging
 import math
 import os
 import shutil
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
 try:
     import fcntl
@@ -153,10 +154,8 @@ def ensure_free_space(folder: str | Path, needed: int, what: str | Path | None =
 
 
 def _remove(path: Path) -> None:
-    try:
+    with suppress(OSError):
         path.unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 @contextmanager

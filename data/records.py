@@ -43,6 +43,6 @@ class ImageRecord:
         """``name``, or the file name when there is none."""
         return self.name or os.path.basename(self.path)
 
-    def with_(self, **changes) -> "ImageRecord":
+    def with_(self, **changes) -> ImageRecord:
         """A copy with some fields changed."""
         return replace(self, **changes)

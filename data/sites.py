@@ -32,10 +32,10 @@ import io
 import json
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -108,7 +108,7 @@ class SiteProfile:
     jpeg_quality: int = 0
 
     @classmethod
-    def for_hospital(cls, seed: int, hospital: str, strength: float) -> "SiteProfile":
+    def for_hospital(cls, seed: int, hospital: str, strength: float) -> SiteProfile:
         """The lab of ``hospital`` at ``strength`` (>= 0), fixed by ``(seed, hospital)``.
 
         Every hospital draws the same quantities from its own random stream, so

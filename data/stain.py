@@ -17,14 +17,13 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Union
 
 import numpy as np
 import torch
 
 from fedsim.errors import DataError
 
-ImageLike = Union[np.ndarray, torch.Tensor]
+ImageLike = np.ndarray | torch.Tensor
 
 #: Names accepted by ``build_normalizer``.
 NORMALIZERS: tuple[str, ...] = ("macenko", "reinhard", "none")
@@ -97,7 +96,7 @@ class _BatchNormalizer:
         self._local = threading.local()
         self._free_scratch = queue.SimpleQueue()
 
-    def fit(self, image: ImageLike | Sequence[ImageLike]) -> "_BatchNormalizer":
+    def fit(self, image: ImageLike | Sequence[ImageLike]) -> _BatchNormalizer:
         """Take the reference from an image, or from the pooled pixels of a list of images.
 
         Args:

@@ -51,10 +51,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -190,7 +190,7 @@ class StainProfile:
     vignette: float = 0.0
 
     @classmethod
-    def for_hospital(cls, seed: int, hospital: int) -> "StainProfile":
+    def for_hospital(cls, seed: int, hospital: int) -> StainProfile:
         """The profile of hospital number ``hospital`` (0 is ``H1``, nearest to standard H&E).
 
         The other labs differ in dye strengths along directions spread by the
@@ -214,7 +214,7 @@ class StainProfile:
             vignette=float(rng.uniform(0.0, 0.12 * spread)),
         )
 
-    def jittered(self, rng: np.random.Generator, amount: float = 0.05) -> "StainProfile":
+    def jittered(self, rng: np.random.Generator, amount: float = 0.05) -> StainProfile:
         """A slide of this lab: stain strengths varied by about ``amount`` (relative)."""
         return StainProfile(
             self.haematoxylin, self.eosin,

@@ -126,7 +126,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
+    except Exception as err:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or "model" not in state or "round" not in state:
         raise CheckpointError(f"checkpoint {path} does not hold a fedsim model state")
@@ -191,7 +191,7 @@ class BackgroundWriter:
     def _run(self, write) -> None:
         try:
             write()
-        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread by wait()
+        except BaseException as err:
             self._error = err
 
     def wait(self) -> float:

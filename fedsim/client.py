@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,7 +142,8 @@ def dual_stream_loss(model: nn.Module, batch, settings: StepSettings, rng: torch
     return _forward_loss(model, context, detail, labels, settings, rng), labels.shape[0]
 
 
-def _forward_loss(model: nn.Module, context, detail, labels, settings: StepSettings, rng: torch.Generator) -> torch.Tensor:
+def _forward_loss(model: nn.Module, context, detail, labels, settings: StepSettings,
+                  rng: torch.Generator) -> torch.Tensor:
     context, detail = prepare_inputs(context, detail, settings, rng)
     labels = labels.to(settings.device, non_blocking=True)
     context, detail, y_a, y_b, lam = mixup(context, detail, labels, settings.mixup_alpha, rng)

@@ -187,7 +187,8 @@ class DataConfig:
                                 "(data.sites): 0 = off, 1 = a typical spread")
     """Simulated lab differences per hospital (stain vectors, dye strength, light, blur, JPEG); 0 = off, 1 = typical."""
     stain_on_device: bool = False
-    """Normalize each patch batch on the training device instead of once in the cache (the cache then holds raw pixels)."""
+    """Normalize each patch batch on the training device instead of once in the cache (the cache then holds
+    raw pixels)."""
     cache_dir: str = ""
     """Where decoded, normalized patch pairs are cached; empty = $FEDSIM_CACHE or ~/.cache/fedsim."""
     num_workers: int = setting(0, flag="--workers", help="DataLoader workers per rank", weights=False)
@@ -230,7 +231,8 @@ class DataConfig:
         try:
             re.compile(self.patient_regex)
         except re.error as err:
-            raise ConfigError(f"data.patient_regex = {self.patient_regex!r} is not a regular expression: {err}") from None
+            raise ConfigError(f"data.patient_regex = {self.patient_regex!r} "
+                              f"is not a regular expression: {err}") from None
 
 
 @table
@@ -458,7 +460,8 @@ class TrainConfig:
             raise ConfigError(f"train.timeout_s = {self.timeout_s!r} must be at most 1e7 seconds")
         for name in ("simulate_crash", "simulate_hang"):
             value = getattr(self, name)
-            points = "training|before-checkpoint|checkpoint|after-checkpoint" if name == "simulate_crash" else "training"
+            crash_points = "training|before-checkpoint|checkpoint|after-checkpoint"
+            points = crash_points if name == "simulate_crash" else "training"
             if value and not re.fullmatch(rf"[^:]+:[1-9][0-9]*(:({points}))?", value):
                 raise ConfigError(f"train.{name} = {value!r} must look like HOSPITAL:ROUND, e.g. H2:3"
                                   + (" (or HOSPITAL:ROUND:POINT, POINT one of " + points.replace("|", ", ") + ")"

@@ -12,14 +12,28 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.cache import (CachedPairs, CacheSpec, build_hospital, default_cache_root, fitted_normalizer, split_folder,
-                        split_specs)
+from data.cache import (
+    CachedPairs,
+    CacheSpec,
+    build_hospital,
+    default_cache_root,
+    fitted_normalizer,
+    split_folder,
+    split_specs,
+)
 from data.datasets import SkipReport, load_records
 from data.patches import PatchSpec
 from data.records import ImageRecord
 from data.sites import write_site_profiles
-from data.splits import (count_table, hospital_names, missing_splits, partition, resolve_partition, split_by_patient,
-                         write_splits_csv)
+from data.splits import (
+    count_table,
+    hospital_names,
+    missing_splits,
+    partition,
+    resolve_partition,
+    split_by_patient,
+    write_splits_csv,
+)
 from data.synthetic import SyntheticSpec, default_root, generate
 from fedsim.config import ConfigError, RunConfig, save
 from fedsim.dist import DistInfo, barrier
@@ -125,7 +139,8 @@ def plan_data(cfg: RunConfig, info: DistInfo, out: Path) -> DataPlan:
     check_against_data(cfg, records, hospitals)
     trained = _trained_on(cfg, hospitals)
     if info.is_main:
-        log.info("data: %d images, classes %s\n%s", len(records), ", ".join(class_names), count_table(records, class_names))
+        log.info("data: %d images, classes %s\n%s", len(records), ", ".join(class_names),
+                 count_table(records, class_names))
     mine_idx = hosted_by(info.rank, info.world_size, len(hospitals)) if cfg.train.mode == "federated" else \
         list(range(info.rank, len(hospitals), info.world_size))
     mine = [_cache_hospital(cfg, records, hospitals[i], i, info) for i in mine_idx]
@@ -169,7 +184,8 @@ def _trained_on(cfg: RunConfig, hospitals: list[str]) -> list[str]:
     if cfg.train.mode != "centralized":
         raise ConfigError("data.only_hospital needs train.mode = centralized (it trains one hospital alone)")
     if only not in hospitals:
-        raise ConfigError(f"data.only_hospital = {only!r} is not a hospital of this data; choose one of: {', '.join(hospitals)}")
+        raise ConfigError(f"data.only_hospital = {only!r} is not a hospital of this data; "
+                          f"choose one of: {', '.join(hospitals)}")
     return [only]
 
 
@@ -203,7 +219,8 @@ def _folder(cfg: RunConfig, records: list[ImageRecord], hospital: str, split: st
     return split_folder(_of(records, hospital, split), cache_spec(cfg, split), cache_root(cfg), f"{hospital}-{split}")
 
 
-def _cache_hospital(cfg: RunConfig, records: list[ImageRecord], hospital: str, index: int, info: DistInfo) -> HospitalData:
+def _cache_hospital(cfg: RunConfig, records: list[ImageRecord], hospital: str, index: int,
+                    info: DistInfo) -> HospitalData:
     data = HospitalData(hospital, index)
     data.folders = build_hospital(records, hospital, cache_specs(cfg), cache_root(cfg), data.report,
                                   progress=info.local_rank == 0)

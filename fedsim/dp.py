@@ -105,7 +105,8 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
 
 def noise_for_epsilon(target_epsilon: float, sample_rate: float, steps: int, delta: float,
                       accountant: str = "rdp", tolerance: float = 0.01) -> float:
-    """The smallest noise multiplier (to ``tolerance`` in epsilon) whose ``steps`` steps spend at most ``target_epsilon``.
+    """The smallest noise multiplier (to ``tolerance`` in epsilon) whose ``steps`` steps spend at most
+    ``target_epsilon``.
 
     Opacus's ``get_noise_multiplier`` (a bisection): ``epsilon(result, ...) <= target_epsilon`` and within
     ``tolerance`` of it.
@@ -195,7 +196,10 @@ class PrivacyLedger:
                                   self.accountant)
 
     def state_dict(self) -> dict:
-        """A plain dict: ``{"delta", "accountant", "records": [{"round", "noise_multiplier", "sample_rate", "steps"}]}``."""
+        """A plain dict.
+
+        ``{"delta", "accountant", "records": [{"round", "noise_multiplier", "sample_rate", "steps"}]}``.
+        """
         return {"delta": self.delta, "accountant": self.accountant, "records": [dict(r) for r in self.records]}
 
     @classmethod
@@ -570,6 +574,7 @@ def client_sample_rate(clients_per_round: int, num_hospitals: int) -> float:
 
 def client_epsilon(noise_multiplier: float, clients_per_round: int, num_hospitals: int, rounds: int, delta: float,
                    accountant: str = "rdp") -> float:
-    """epsilon of a hospital under DP-FedAvg: the same accountant with q = clients per round / hospitals, steps = rounds."""
+    """epsilon of a hospital under DP-FedAvg: the same accountant with q = clients per round / hospitals,
+    steps = rounds."""
     return epsilon(noise_multiplier, client_sample_rate(clients_per_round, num_hospitals), rounds, delta, accountant)
 

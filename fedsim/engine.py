@@ -27,8 +27,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ class Faults:
     straggler: float = 0.0
     only: tuple[str, ...] = ()
 
-    def draw(self, seed: int, round_index: int, client: "Client", local_epochs: int) -> tuple[str, int]:
+    def draw(self, seed: int, round_index: int, client: Client, local_epochs: int) -> tuple[str, int]:
         """(status, epochs): ``dropped`` with 0 epochs, ``straggler`` with 1..E-1, else ``trained`` with E."""
         if self.only and client.name not in self.only:
             return "trained", local_epochs
@@ -304,7 +305,7 @@ class Engine:
                 buf.copy_(value)
 
     def _train_client(self, r: int, client: Client, status: str, epochs: int, start: torch.Tensor, weight: float,
-                      anchor_norm: float, validate, after_epoch, clock: "_Clock") -> tuple[ClientOutcome, float]:
+                      anchor_norm: float, validate, after_epoch, clock: _Clock) -> tuple[ClientOutcome, float]:
         s, flat = self.settings, self.flat
         if self._dirty:  # an earlier client of this round changed the model
             self._restore(start)

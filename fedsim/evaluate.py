@@ -229,7 +229,7 @@ def summaries(dataset: CachedPairs, probs, labels, idx, class_names, n_boot: int
     out: dict[str, Any] = {}
     for level, data in levels(dataset, probs, labels, idx).items():
         meta = data["meta"]
-        by = lambda key: [m[key] for m in meta]  # noqa: E731
+        by = lambda key, meta=meta: [m[key] for m in meta]  # noqa: E731
         out[level] = metrics.summarize(data["y"], data["probs"], list(class_names), magnifications=by("magnification"),
                                        hospitals=by("hospital"), patients=by("patient"), n_boot=n_boot, seed=seed)
         if counts:

@@ -24,10 +24,24 @@ from fedsim import checkpoint, plots
 from fedsim.aggregate import allreduce_mean_, fedavg
 from fedsim.client import StepSettings, make_optimizer, predict, train_epoch
 from fedsim.config import ConfigError, RunConfig
-from fedsim.datasetup import (DataPlan, HospitalData, device_normalizer, plan_data, write_data_report,
-                              write_hospital_report, write_run_files)
-from fedsim.dist import (DistInfo, HungRanks, broadcast_object, broadcast_weights, gather_figures, share_figures,
-                         wait_for_all)
+from fedsim.datasetup import (
+    DataPlan,
+    HospitalData,
+    device_normalizer,
+    plan_data,
+    write_data_report,
+    write_hospital_report,
+    write_run_files,
+)
+from fedsim.dist import (
+    DistInfo,
+    HungRanks,
+    broadcast_object,
+    broadcast_weights,
+    gather_figures,
+    share_figures,
+    wait_for_all,
+)
 from fedsim.engine import Client, Engine, EngineSettings, Faults
 from fedsim.evaluate import final_report, image_level, summaries
 from fedsim.flat import flatten
@@ -441,7 +455,8 @@ class Federation:
             cm = np.asarray(final["image"]["confusion_matrix"])
             plots.save_confusion_matrix_png(cm, self.plan.class_names, self.out / "confusion_matrix.png",
                                             title="final global model, test split, image level")
-            self.logger.confusion_matrix("global/test_confusion_matrix", cm, self.plan.class_names, self.cfg.train.rounds)
+            self.logger.confusion_matrix("global/test_confusion_matrix", cm, self.plan.class_names,
+                                         self.cfg.train.rounds)
             log.info("final test accuracy %.3f (image level) over %d images; per hospital %s",
                      final["accuracy"], final["n_images"],
                      ", ".join(f"{name} {acc:.3f}" if acc is not None else f"{name} -"

@@ -24,6 +24,7 @@ flat gradient buffer, so the proximal gradient is a single fused update.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 

@@ -12,7 +12,7 @@ models that are not flattened.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -40,7 +40,7 @@ class RunLock:
         self._fd: int | None = None
         self._lease = False
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         """Take the run directory or raise :class:`RunDirBusy` naming its owner.
 
         Raises:

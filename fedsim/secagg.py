@@ -394,7 +394,8 @@ class SecureAggregation:
     def _check_tensor(self, tensor: torch.Tensor) -> None:
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32 or tensor.dim() != 1:
             raise ValueError(f"secure_sum_ needs a 1-d float32 tensor, got "
-                             f"{getattr(tensor, 'dtype', type(tensor).__name__)} of shape {tuple(getattr(tensor, 'shape', ()))}")
+                             f"{getattr(tensor, 'dtype', type(tensor).__name__)} "
+                             f"of shape {tuple(getattr(tensor, 'shape', ()))}")
         if not tensor.is_contiguous():
             raise ValueError("secure_sum_ needs a contiguous tensor (e.g. fedsim.flat's reduced region)")
         if tensor.numel() > _MAX_ELEMENTS:
@@ -477,12 +478,11 @@ class SecureAggregation:
         dist.all_reduce(send, op=dist.ReduceOp.SUM, group=self.group)
         for start in range(0, tensor.numel(), chunk):
             end = min(start + chunk, tensor.numel())
-            total = send[start:end].to(torch.int64).sub_(plan.total_center).bitwise_and_(_MASK32)  # Σ(q - zero) mod 2^32
+            # Σ(q - zero) mod 2^32
+            total = send[start:end].to(torch.int64).sub_(plan.total_center).bitwise_and_(_MASK32)
             total.sub_(torch.where(total >= MODULUS // 2, MODULUS, 0))  # the signed sum, |Σ| < 2^31
-            if plan.exact_dequantize:
-                value = total.to(torch.float32).mul_(plan.step)  # |Σ| <= 2^24 and a power-of-two step: exact
-            else:
-                value = total.double().mul_(plan.step)
+            # float32 where exact (|Σ| <= 2^24 and a power-of-two step), float64 otherwise
+            value = total.to(torch.float32).mul_(plan.step) if plan.exact_dequantize else total.double().mul_(plan.step)
             tensor[start:end].copy_(value)
         self.last_clipped, self.last_nan = int(clipped.item()), int(nans.item())
         self.last_timings = {}  # phases would need device syncs

@@ -132,7 +132,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure to unpickle or parse means unusable weights
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise WeightsError(f"{path} cannot be read as weights ({type(err).__name__}: {first})") from None
     for key in ("model", "state_dict"):

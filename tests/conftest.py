@@ -80,7 +80,7 @@ def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         queue.put((rank, fn(rank, world, *args)))
-    except BaseException as err:  # noqa: BLE001 - report any failure to the parent
+    except BaseException as err:
         queue.put((rank, err))
         raise
     finally:

@@ -124,7 +124,8 @@ def test_flat_buffer_backs_every_tensor_and_training_keeps_views():
     for p in model.parameters():
         assert gstart <= p.grad.data_ptr() < gstart + flat.grad.numel() * 4
     assert flat.param_grads.abs().sum() > 0
-    np.testing.assert_array_equal(flat.params[: model[0].weight.numel()].numpy(), model[0].weight.detach().flatten().numpy())
+    np.testing.assert_array_equal(flat.params[: model[0].weight.numel()].numpy(),
+                                  model[0].weight.detach().flatten().numpy())
 
 
 def test_channels_last_views_keep_values():

@@ -25,7 +25,7 @@ from scipy.stats import chi2_contingency
 from data.benchmark import controls as C
 from data.benchmark.__main__ import main
 from data.benchmark.dataset import MANIFEST_COLUMNS, read_manifest_rows, render_dataset
-from data.benchmark.design import (HELDOUT, SINGLE_COMPONENT_BOUND, ceiling, centre_box, grade_of, preset)
+from data.benchmark.design import HELDOUT, SINGLE_COMPONENT_BOUND, ceiling, centre_box, grade_of, preset
 from data.benchmark.hospitals import plan, profiles
 from data.datasets import load_records
 from data.images import load_rgb
@@ -191,7 +191,10 @@ def test_same_seed_same_bytes_and_fixed_test_split(tmp_path):
     trains = [k for k in first if "_train_" in k]
     assert tests and all(other.get(k) == first[k] for k in tests)
     assert sum(other.get(k) != first[k] for k in trains) > len(trains) // 2
-    test_rows = lambda files: [line for line in files["manifest.csv"].decode().splitlines() if ",test," in line]
+
+    def test_rows(files):
+        return [line for line in files["manifest.csv"].decode().splitlines() if ",test," in line]
+
     assert test_rows(first) == test_rows(other)
     assert not list(tmp_path.glob(".*partial*"))
 

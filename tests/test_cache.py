@@ -1,4 +1,5 @@
-"""The patch cache and the synthetic dataset: hospitals that yield nothing, and several processes filling one cache at once."""
+"""The patch cache and the synthetic dataset: hospitals that yield nothing, and several processes filling
+one cache at once."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -23,7 +24,7 @@ def _generate(root: str, start, results) -> None:
     start.wait()
     try:
         results.put(str(generate(root, SPEC, progress=False)))
-    except BaseException as err:  # noqa: BLE001 - the parent judges
+    except BaseException as err:
         results.put(f"{type(err).__name__}: {err}")
 
 
@@ -32,7 +33,7 @@ def _cache(data: str, root: str, start, results) -> None:
     start.wait()
     try:
         results.put(str(build_split(records, PATCHES, Path(root), SkipReport(), name="h", progress=False)))
-    except BaseException as err:  # noqa: BLE001 - the parent judges
+    except BaseException as err:
         results.put(f"{type(err).__name__}: {err}")
 
 

@@ -5,8 +5,7 @@ import os
 
 import pytest
 
-from fedsim.config import (ConfigError, RunConfig, check_inputs, from_dict, load_toml, parse_assignment, resolve,
-                           save)
+from fedsim.config import ConfigError, RunConfig, check_inputs, from_dict, load_toml, parse_assignment, resolve, save
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -169,7 +168,7 @@ def test_non_utf8_preset_names_the_file_and_line(tmp_path):
     preset.write_bytes(b"\xef\xbb\xbf" + 'out = "runs/x"\n\n# d\xe9mo\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match=r"is not UTF-8 \(line 3: byte 0xe9\)"):
         load_toml(preset)
-    preset.write_bytes(b"\xef\xbb\xbf" + 'out = "runs/x"\n'.encode())
+    preset.write_bytes(b"\xef\xbb\xbf" + b'out = "runs/x"\n')
     assert load_toml(preset) == {"out": "runs/x"}
 
 

@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader
 
 pytest.importorskip("opacus")  # the optional dependency of fedsim.dp (accountants, per-layer rules)
 
-from fedsim import dp  # noqa: E402
-from fedsim.flat import flatten  # noqa: E402
-from fedsim.prox import add_proximal_grad_  # noqa: E402
-from models import DualStreamNet  # noqa: E402
+from fedsim import dp
+from fedsim.flat import flatten
+from fedsim.prox import add_proximal_grad_
+from models import DualStreamNet
 
 Z = 5.0  # standard errors allowed to every statistical check
 
@@ -251,7 +251,8 @@ def test_per_sample_gradients_are_clipped_and_summed(tiny_case, method):
         factors = (clip / norms).clamp(max=1.0)
         _assert_close_per_tensor(flat, flat.param_grads, (reference * factors[:, None]).sum(0), tol)
         with torch.no_grad():
-            assert float(loss) == pytest.approx(float(F.cross_entropy(model(*inputs), labels, reduction="sum")), rel=tol)
+            want = float(F.cross_entropy(model(*inputs), labels, reduction="sum"))
+            assert float(loss) == pytest.approx(want, rel=tol)
         flat.zero_grad()
         engine.backward(tuple(x[:0] for x in inputs), labels[:0])  # an empty batch adds nothing
         assert not flat.param_grads.any()
@@ -314,7 +315,8 @@ def test_conv_rule_matches_autograd(groups, stride, dilation, padding, bias, sid
     out = conv(x)
     grad_out = torch.randn_like(out)
     if channels_last:
-        x, grad_out = x.contiguous(memory_format=torch.channels_last), grad_out.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     got = dp.conv2d_grad_sample(conv, [x], grad_out)
     for i in range(3):
         want = torch.autograd.grad(conv(x[i:i + 1]), list(conv.parameters()), grad_out[i:i + 1])
@@ -361,7 +363,7 @@ def _check_std(values: torch.Tensor, std: float) -> None:
     The relative standard error of a sample std is 1/sqrt(2n); n >= 31,250 makes 2% at least 5 of them.
     """
     n = values.numel()
-    assert 0.02 >= Z / math.sqrt(2 * n), "too few draws for a 2% check"
+    assert Z / math.sqrt(2 * n) <= 0.02, "too few draws for a 2% check"
     values = values.double()
     assert abs(float(values.mean())) <= Z * std / math.sqrt(n)
     assert float(values.std()) == pytest.approx(std, rel=min(0.02, Z / math.sqrt(2 * n)))

@@ -11,6 +11,7 @@ import torch
 
 from conftest import REPO, SMALL, evaluate, torchrun, train_single
 
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
@@ -64,7 +65,8 @@ def test_tensorboard_has_every_clients_drift_for_every_round(demo_run):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for hospital in ("H1", "H2", "H3"):
-        for figure in ("drift", "rel_drift", "divergence", "cosine", "train_loss", "prox", "val_acc_local", "val_acc_global"):
+        for figure in ("drift", "rel_drift", "divergence", "cosine", "train_loss", "prox", "val_acc_local",
+                       "val_acc_global"):
             tag = f"client/{hospital}/{figure}"
             assert tag in tags, tag
             assert [e.step for e in events.Scalars(tag)] == [0, 1]
@@ -166,7 +168,8 @@ def test_paper_preset_trains_on_a_tree_without_hospitals_by_default(demo_run, tm
     assert run.returncode == 0, run.stderr[-3000:]
     assert "data.partition = auto: iid (no hospital column: a stratified split into 3 hospitals)" in run.stderr
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["partition"] == "iid"
-    assert sorted(json.loads((tmp_path / "run" / "final.json").read_text())["per_hospital_accuracy"]) == ["H1", "H2", "H3"]
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert sorted(final["per_hospital_accuracy"]) == ["H1", "H2", "H3"]
 
 
 def _one_hospital(tmp_path, setting: str):

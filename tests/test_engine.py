@@ -13,6 +13,7 @@ from fedsim.flat import flatten
 from fedsim.strategies import ServerOptimizer
 
 EPS32 = 2.0**-24
+NO_FAULTS = Faults()  # frozen: safe to share as a default
 
 
 @pytest.fixture()
@@ -83,7 +84,7 @@ def _mse(model, batch, settings, rng):
     return ((model(x).squeeze(1) - y) ** 2).mean(), len(y)
 
 
-def _engine(data, algorithm: str, lr: float, per_round: int = 0, faults: Faults = Faults()):
+def _engine(data, algorithm: str, lr: float, per_round: int = 0, faults: Faults = NO_FAULTS):
     model = nn.Linear(3, 1, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[0.5, -0.25, 1.0]]))

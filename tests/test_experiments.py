@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 from PIL import Image
 
+from conftest import REPO
 from fedsim import experiments as ex
 from fedsim.plots import METRIC_COLORS
 from fedsim.study import plan as study_plan
@@ -347,7 +347,8 @@ def test_results_files_from_finished_runs(tmp_path, monkeypatch):
     dual = [r for r in rows if r["variant"] == "dual"]
     fedprox = [r for r in rows if r["variant"] == "fedprox"]
     assert [r["accuracy"] for r in dual] == [r["accuracy"] for r in fedprox]
-    assert float(fedprox[1]["accuracy"]) == pytest.approx(0.813) and float(fedprox[2]["grade3_recall"]) == pytest.approx(0.8)
+    assert float(fedprox[1]["accuracy"]) == pytest.approx(0.813)
+    assert float(fedprox[2]["grade3_recall"]) == pytest.approx(0.8)
     assert all(r["status"] == "ok" for r in rows)
     # markdown: a table per group, the paired comparisons with the paired t-test's numbers
     text = (tmp_path / "results.md").read_text()

@@ -170,7 +170,8 @@ def test_straggler_does_partial_work(cache, tmp_path):
     assert clients["H1"]["status"] == "straggler" and 1 <= clients["H1"]["epochs"] <= 2
     assert clients["H2"]["epochs"] == 3
     # Partial work is still aggregated.
-    assert _rounds(tmp_path / "run")[0]["global"]["samples_aggregated"] == sum(c["num_samples"] for c in clients.values())
+    aggregated = _rounds(tmp_path / "run")[0]["global"]["samples_aggregated"]
+    assert aggregated == sum(c["num_samples"] for c in clients.values())
 
 
 def test_nan_client_is_excluded_and_global_stays_finite(cache, tmp_path):
@@ -322,6 +323,7 @@ def test_a_crashed_rank_is_reported_as_crashed_not_as_a_timeout(tmp_path):
         p.start()
     for p in procs:
         p.join(timeout=120)
-    outcome = json.loads(open(path).read())
+    with open(path) as fh:
+        outcome = json.loads(fh.read())
     assert outcome["crashed"] and outcome["ranks"] == [1]
     assert "rank(s) [1] left the group after" in outcome["message"]

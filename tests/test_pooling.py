@@ -25,7 +25,8 @@ def test_single_site_counts_reproduce_summarize():
     # Execute
     direct = metrics.summarize(y, probs, NAMES, magnifications=mags, patients=patients, n_boot=200, seed=5)
     counts = metrics.count_summary(y, pred, 3, magnifications=mags, patients=patients, n_boot=200, seed=5)
-    pooled = metrics.summary_from_counts(counts["confusion_matrix"], NAMES, per_magnification=counts["per_magnification"],
+    pooled = metrics.summary_from_counts(counts["confusion_matrix"], NAMES,
+                                         per_magnification=counts["per_magnification"],
                                          per_hospital_accuracy={}, bootstrap=counts["bootstrap"])
 
     # Assert: the same numbers, CIs included (same resamples)
@@ -43,7 +44,8 @@ def test_two_sites_pool_like_the_concatenated_samples():
     # Execute
     pooled = metrics.summary_from_counts(
         sum(np.asarray(c["confusion_matrix"]) for c in counts), NAMES,
-        per_magnification={m: sum(np.asarray(c["per_magnification"][m]) for c in counts) for m in ("4x", "10x", "20x", "40x")},
+        per_magnification={m: sum(np.asarray(c["per_magnification"][m]) for c in counts)
+                           for m in ("4x", "10x", "20x", "40x")},
         per_hospital_accuracy={"A": 0.5}, bootstrap=sum(np.asarray(c["bootstrap"]) for c in counts))
 
     # Assert: point figures equal those of all samples together; the CI brackets the estimate

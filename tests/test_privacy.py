@@ -47,9 +47,9 @@ def _manifest_with_broken_images(folder) -> str:
     Its header opens, so the scan of the data keeps it; decoding fails in the hospital's own cache build,
     whose skip report then holds its path.
     """
+    from data.synthetic import generate
     from fedsim.config import from_dict
     from fedsim.datasetup import synthetic_root, synthetic_spec
-    from data.synthetic import generate
 
     spec = synthetic_spec(from_dict(CONFIG), 2)
     manifest = generate(synthetic_root(from_dict(CONFIG), spec), spec, progress=False)
@@ -59,7 +59,8 @@ def _manifest_with_broken_images(folder) -> str:
         row["path"] = str(manifest.parent / row["path"])
     for hospital in ("H1", "H2"):
         row = next(r for r in rows if r["hospital"] == hospital)  # its copy joins that patient's split
-        whole = open(row["path"], "rb").read()
+        with open(row["path"], "rb") as fh:
+            whole = fh.read()
         broken = folder / f"patient-of-{hospital}_broken.jpg"
         broken.write_bytes(whole[: len(whole) // 3])
         rows.append({**row, "path": str(broken)})
@@ -75,7 +76,8 @@ def _federate_and_record(rank: int, world: int, out: str, cache: str, data: str)
     os.environ["FEDSIM_CACHE"] = cache
     sent = []
     originals = {name: getattr(dist, name) for name in
-                 ("all_reduce", "broadcast", "all_gather", "gather_object", "all_gather_object", "broadcast_object_list")}
+                 ("all_reduce", "broadcast", "all_gather", "gather_object", "all_gather_object",
+                  "broadcast_object_list")}
 
     def spy(name):
         def call(*args, **kwargs):
@@ -90,8 +92,8 @@ def _federate_and_record(rank: int, world: int, out: str, cache: str, data: str)
     for name in originals:
         setattr(dist, name, spy(name))
     from fedsim.config import from_dict
-    from fedsim.federation import Federation
     from fedsim.dist import init_distributed
+    from fedsim.federation import Federation
 
     cfg = from_dict({**CONFIG, "out": out, "data": {**CONFIG["data"], "path": data}})
     federation = Federation(cfg, init_distributed("cpu", 120))

@@ -98,7 +98,7 @@ def test_secure_aggregation_sends_uniform_integers_and_matches_plain_fedavg(tmp_
 
     from fedsim.secagg import max_abs_error
 
-    for weights, sent, plaintexts in secure:
+    for _weights, sent, plaintexts in secure:
         tensors = [(name, t) for name, t in sent if not isinstance(t, str)]
         # Small ones: the int32 wrap probe at start (192 values), the round's sum of weights and counters.
         large = [(name, t) for name, t in tensors if t.size > 1024]

@@ -30,7 +30,7 @@ def _scenarios(rank: int, world: int) -> dict:
     for name, fn in SCENARIOS.items():
         try:
             out[name] = fn(rank, world)
-        except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test reading it
+        except (Exception, pytest.fail.Exception):
             out[name] = RuntimeError(f"rank {rank}, scenario {name!r}:\n{traceback.format_exc()}")  # picklable
     return out
 

@@ -281,8 +281,8 @@ def _label_skew(records: list[ImageRecord]) -> float:
     """Mean share of each hospital's training patients that its commonest grade has."""
     grades = patient_grades(records)
     shares = []
-    for hospital, patients in _patients_by([r for r in records if r.split == "train"],
-                                           "hospital").items():
+    for _hospital, patients in _patients_by([r for r in records if r.split == "train"],
+                                            "hospital").items():
         counts = Counter(grades[p] for p in patients)
         shares.append(max(counts.values()) / len(patients))
     return sum(shares) / len(shares)

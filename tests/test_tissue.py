@@ -1,7 +1,6 @@
 """Tests of data.tissue: Otsu threshold, tissue masks and windowed tissue fractions."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from skimage.filters import threshold_otsu
@@ -15,7 +14,6 @@ from data.tissue import (
     tissue_mask,
     window_tissue_fraction,
 )
-
 
 
 @pytest.fixture(scope="module")

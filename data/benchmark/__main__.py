@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from data.benchmark.dataset import Progress, check_destination, render_dataset
 from data.benchmark.design import PRESETS, geometry, preset

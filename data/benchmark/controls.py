@@ -90,7 +90,7 @@ class ControlData:
     hospital: np.ndarray      # names
     split: np.ndarray
 
-    def take(self, keep: np.ndarray) -> "ControlData":
+    def take(self, keep: np.ndarray) -> ControlData:
         return ControlData(*(getattr(self, f)[keep] for f in self.__dataclass_fields__))
 
 

@@ -15,11 +15,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
-from data.benchmark.design import (BENCHMARK_VERSION, HELDOUT, MAGNIFICATION, BenchmarkSpec, Tile, ceiling,
-                                   geometry)
+from data.benchmark.design import BENCHMARK_VERSION, HELDOUT, MAGNIFICATION, BenchmarkSpec, Tile, ceiling, geometry
 from data.benchmark.hospitals import HospitalProfile, plan, profiles
 from data.benchmark.render import tile_jpeg
 from data.files import write_atomic, write_json, write_with

@@ -162,7 +162,7 @@ class BenchmarkSpec:
         """Training hospitals, ``H1`` ..."""
         return tuple(f"H{i + 1}" for i in range(self.hospitals))
 
-    def with_(self, **changes) -> "BenchmarkSpec":
+    def with_(self, **changes) -> BenchmarkSpec:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 

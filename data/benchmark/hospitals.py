@@ -33,8 +33,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from data.benchmark.design import (HELDOUT, LEVELS, SHARE_STREAM, SITE_STREAM, BenchmarkSpec, Tile,
-                                   balanced_levels, hospital_code, make_tiles, skewed_levels)
+from data.benchmark.design import (
+    HELDOUT,
+    LEVELS,
+    SHARE_STREAM,
+    SITE_STREAM,
+    BenchmarkSpec,
+    Tile,
+    balanced_levels,
+    hospital_code,
+    make_tiles,
+    skewed_levels,
+)
 from data.sites import STANDARD_EOSIN, STANDARD_HAEMATOXYLIN, rotate_vector, unit_vector
 from data.splits import apportion
 

@@ -189,7 +189,8 @@ def resolved_settings(args: Sequence[str]) -> dict[str, Any]:
         with contextlib.redirect_stderr(io.StringIO()) as err:
             cfg = _train_cli().parse_args(list(args))
     except SystemExit:
-        raise ConfigError(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "bad arguments")
+        message = err.getvalue().strip()
+        raise ConfigError(message.splitlines()[-1] if message else "bad arguments") from None
     defaults = _flatten(RunConfig().to_dict())
     settings = {k: v for k, v in _flatten(cfg.to_dict()).items() if defaults.get(k, object()) != v}
     for s in SETTINGS:
