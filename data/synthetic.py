@@ -60,6 +60,7 @@ import numpy as np
 from PIL import Image
 
 from data.files import exclusive, write_atomic
+from data.limits import check_int
 from data.records import GRADE_NAMES, MAGNIFICATIONS
 from data.sites import STANDARD_EOSIN, STANDARD_HAEMATOXYLIN, rotate_vector, unit_vector
 
@@ -121,12 +122,12 @@ class SyntheticSpec:
         # Configs arrive as lists from JSON/TOML; a tuple keeps the spec hashable.
         if isinstance(self.magnifications, list):
             object.__setattr__(self, "magnifications", tuple(self.magnifications))
-        _check_int("num_hospitals", self.num_hospitals, 1, 99)
-        _check_int("patients_per_grade", self.patients_per_grade, 1, 999 // len(GRADE_NAMES))
-        _check_int("images_per_patient", self.images_per_patient, 1, 999)
-        _check_int("image_size", self.image_size, 64, 4096)
-        _check_int("seed", self.seed, 0, 2**63 - 1)
-        _check_int("jpeg_quality", self.jpeg_quality, 1, 100)
+        check_int("SyntheticSpec.num_hospitals", self.num_hospitals, 1, 99)
+        check_int("SyntheticSpec.patients_per_grade", self.patients_per_grade, 1, 999 // len(GRADE_NAMES))
+        check_int("SyntheticSpec.images_per_patient", self.images_per_patient, 1, 999)
+        check_int("SyntheticSpec.image_size", self.image_size, 64, 4096)
+        check_int("SyntheticSpec.seed", self.seed, 0, 2**63 - 1)
+        check_int("SyntheticSpec.jpeg_quality", self.jpeg_quality, 1, 100)
         mags = self.magnifications
         if (not isinstance(mags, tuple) or not mags
                 or any(m not in MAGNIFICATIONS for m in mags) or len(set(mags)) != len(mags)):
@@ -138,13 +139,6 @@ class SyntheticSpec:
         out = asdict(self)
         out["magnifications"] = list(self.magnifications)
         return out
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    """Raise ValueError naming the spec field unless ``low <= value <= high``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"SyntheticSpec.{name} must be an integer in [{low}, {high}]; "
-                         f"got {value!r}")
 
 
 def spec_document(spec: SyntheticSpec) -> dict:

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from data.limits import check_int
+
 #: Bumped whenever rendering changes, so nothing compares datasets of two renderers.
 BENCHMARK_VERSION = 1
 LEVELS = (0, 1, 2)
@@ -130,16 +132,16 @@ class BenchmarkSpec:
     def __post_init__(self) -> None:
         if isinstance(self.sizes, list):
             object.__setattr__(self, "sizes", tuple(self.sizes))
-        _check_int("hospitals", self.hospitals, 1, 26)
+        check_int("hospitals", self.hospitals, 1, 26)
         if len(self.sizes) != self.hospitals or not all(math.isfinite(s) and s > 0 for s in self.sizes):
             raise ValueError(f"sizes must hold {self.hospitals} positive shares (one per hospital); got {self.sizes!r}")
         for name, low in (("train", 1), ("val", 0), ("test", 0), ("heldout", 0)):
-            _check_int(name, getattr(self, name), low, 100_000)
-        _check_int("detail", self.detail, 8, 1024)
-        _check_int("context", self.context, 8, 4096)
-        _check_int("jitter", self.jitter, 0, 1024)
-        _check_int("seed", self.seed, 0, 2**63 - 1)
-        _check_int("test_seed", self.test_seed, 0, 2**63 - 1)
+            check_int(name, getattr(self, name), low, 100_000)
+        check_int("detail", self.detail, 8, 1024)
+        check_int("context", self.context, 8, 4096)
+        check_int("jitter", self.jitter, 0, 1024)
+        check_int("seed", self.seed, 0, 2**63 - 1)
+        check_int("test_seed", self.test_seed, 0, 2**63 - 1)
         if not 2.0 <= self.nucleus_radius <= 32.0:
             raise ValueError(f"nucleus_radius must lie in [2, 32] px; got {self.nucleus_radius!r}")
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
@@ -171,12 +173,6 @@ class BenchmarkSpec:
         out = asdict(self)
         out["sizes"] = list(self.sizes)
         return out
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    """Raise ValueError naming the field unless ``low <= value <= high``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
 
 
 PRESETS: dict[str, BenchmarkSpec] = {
