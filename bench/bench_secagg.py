@@ -63,10 +63,10 @@ def _passes(agg, buffer: torch.Tensor, args) -> dict[str, float]:
     """Seconds of each pass of one secure sum over the whole buffer, one process, no communication."""
     from fedsim import secagg
 
-    plan = secagg._Plan(agg.world_size, secagg.DEFAULT_CLIP, secagg.DEFAULT_LEVELS)
+    plan = secagg.Grid(agg.world_size, secagg.DEFAULT_CLIP, secagg.DEFAULT_LEVELS)
     x = buffer.numpy()
-    chunk = secagg._DEVICE_BLOCK if args.prg == "device" else secagg._HOST_CHUNK
-    work = secagg._HostScratch(chunk, plan)
+    chunk = secagg.DEVICE_BLOCK if args.prg == "device" else secagg.HOST_CHUNK
+    work = secagg.HostScratch(chunk, plan)
     wide = torch.full((x.size,), 12345, dtype=torch.int64).numpy()
     narrow = np.full(x.size, 12345, np.uint32)
     peers = list(agg._secrets.values())
@@ -78,7 +78,7 @@ def _passes(agg, buffer: torch.Tensor, args) -> dict[str, float]:
             work.quantize(x[s:e], plan)
 
     def keystream():
-        streams = [secagg._stream(args.prg, p, 2**40 + i, buffer.device) for i, p in enumerate(peers)]
+        streams = [secagg.mask_stream(args.prg, p, 2**40 + i, buffer.device) for i, p in enumerate(peers)]
         for s, e in spans:
             for st in streams:
                 st.take_host(e - s, work.keystream)

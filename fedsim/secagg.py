@@ -87,7 +87,6 @@ all-reduce moves twice fedavg's bytes with the int64 wire, as many with int32.
 from __future__ import annotations
 
 import hashlib
-import math
 import numbers
 import sys
 import time
@@ -97,131 +96,22 @@ import torch
 import torch.distributed as dist
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-DEFAULT_CLIP = 8.0
-DEFAULT_LEVELS = 2**22
-MODULUS = 2**32
+from fedsim.fixedpoint import DEFAULT_CLIP, DEFAULT_LEVELS, MODULUS, Grid, HostScratch, check_parameters, max_abs_error
+from fedsim.masks import CHECK_ELEMENTS, DEVICE_BLOCK, HOST_CHUNK, TORCH_CHUNK, mask_stream
+
+__all__ = ["DEFAULT_CLIP", "DEFAULT_LEVELS", "MODULUS", "PRGS", "WIRES", "SecureAggregation", "check_parameters",
+           "max_abs_error"]
+
 PRGS = ("aes", "device")
 WIRES = ("int64", "int32")
 
 _VERSION = 1
 _MASK32 = MODULUS - 1
-_HOST_CHUNK = 1 << 18  # elements per chunk on the host: 1 MiB float32, so the passes stay in cache
-_TORCH_CHUNK = 1 << 22  # elements per chunk of the torch engine (CUDA tensors) with AES masks
-_DEVICE_BLOCK = 1 << 20  # elements per reseeded block of the "device" PRG (its chunk size too)
 _CHECK_ROUND = 2**64 - 1  # reserved round index of the construction check; never a real round
-_CHECK_ELEMENTS = 4096
 _MAX_ELEMENTS = 4 * (2**32 - 2)  # one AES-GCM counter stream: 2^32 - 2 blocks of 4 masks
-_F32_MAX_EXP = 127  # largest binary exponent of a finite float32
-_F32_MIN_NORMAL_EXP = -126
-
-
-def _is_power_of_two(value: float) -> bool:
-    return value > 0 and math.isfinite(value) and math.frexp(value)[0] == 0.5
-
-
-class _Plan:
-    """Quantization grid and arithmetic for one (world size, clip, levels); validated on construction.
-
-    Two paths, chosen from the parameters (the same on every rank):
-
-    - exact: when the step ``2·clip/levels`` is a power of two (clip is) and
-      ``levels <= 2^23``, one float32 addition ``x + (base + clip)`` rounds to the grid
-      (``base = step·2^23``: float32 spacing in ``[base, 2·base)`` is the step), and the
-      bit pattern of the result is ``bits(base) + q``. When also ``W·levels/2 <= 2^24``,
-      the dequantized sum ``Σq'·step`` is exact in float32. No rounding but the
-      quantization's own.
-    - float64 otherwise: the same grid computed in float64, then rounded to float32;
-      :func:`max_abs_error` accounts for each rounding.
-    """
-
-    def __init__(self, world: int, clip: float, levels: int):
-        check_parameters(world, clip, levels)
-        self.world = int(world)
-        self.clip = float(clip)
-        self.levels = levels = int(levels)
-        self.step = 2.0 * self.clip / levels  # exact: levels is a power of two
-        self.scale = levels / (2.0 * self.clip)  # float64; exact when clip is a power of two
-        self.zero = levels // 2  # the integer that stands for 0.0
-        pow2 = _is_power_of_two(self.step)
-        self.exact_quantize = pow2 and levels <= 2**23
-        self.exact_dequantize = pow2 and world * levels // 2 <= 2**24
-        if self.exact_quantize:
-            base = self.step * 2.0**23
-            self.base32 = np.float32(base)
-            self.bias32 = np.float32(base + self.clip)  # x + bias rounds x + clip to the grid
-            self.low32 = np.float32(base)
-            self.high32 = np.float32(base + 2.0 * self.clip)
-            offset = int(self.base32.view(np.uint32))  # bits(base + k·step) = bits(base) + k
-        else:
-            offset = 0
-        # What each rank's sent value holds besides q - zero and the masks; the decode removes W of them.
-        self.center = (offset + self.zero) % MODULUS
-        self.total_center = self.world * self.center % MODULUS
-
-
-def check_parameters(world_size: int, clip: float, levels: int) -> None:
-    """Raise ``ValueError`` unless (world size, clip, levels) make a sum that cannot wrap modulo 2^32.
-
-    clip must be finite and > 0 (and fit float32 for W ranks), levels a power of two >= 2 with
-    ``world_size · levels < 2^32``: the sum of W quantized values, each in ``[0, levels]``, stays below
-    the modulus, so removing the masks modulo 2^32 gives the exact integer sum.
-    """
-    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    world_size = int(world_size)
-    if isinstance(clip, bool) or not isinstance(clip, numbers.Real):
-        raise ValueError(f"clip must be a number > 0, got {clip!r}")
-    clip = float(clip)
-    if not math.isfinite(clip) or clip <= 0:
-        raise ValueError(f"clip must be finite and > 0, got {clip!r}")
-    if isinstance(levels, bool) or not isinstance(levels, numbers.Integral):
-        raise ValueError(f"levels must be an int power of two >= 2, got {levels!r}")
-    levels = int(levels)
-    if levels < 2 or levels & (levels - 1):
-        raise ValueError(f"levels must be a power of two >= 2, got {levels}")
-    if world_size * levels >= MODULUS:
-        largest = 1 << (((MODULUS - 1) // world_size).bit_length() - 1)
-        raise ValueError(
-            f"levels={levels} with {world_size} ranks: the sum of quantized values reaches "
-            f"world_size*levels = {world_size * levels}, which must stay below 2**32 = {MODULUS} or it wraps; "
-            f"use levels <= {largest} (2**{largest.bit_length() - 1}) for {world_size} ranks"
-        )
-    if math.frexp(world_size * clip)[1] > _F32_MAX_EXP:
-        raise ValueError(f"clip={clip} with {world_size} ranks: the sum could exceed float32's range")
-    if math.frexp(2.0 * clip / levels)[1] - 1 < _F32_MIN_NORMAL_EXP:
-        raise ValueError(f"clip={clip} with levels={levels}: the quantization step is below float32's normal range")
-
-
-def max_abs_error(world_size: int, clip: float = DEFAULT_CLIP, levels: int = DEFAULT_LEVELS) -> float:
-    """The worst-case absolute error, per element, of :meth:`SecureAggregation.secure_sum_` for inputs in range.
-
-    Each rank rounds ``x`` (with ``|x| <= clip``) to the nearest point of a grid of step
-    ``step = 2·clip/levels``: an error of at most half a step. The modular sum of the quantized
-    values is exact (``W·levels < 2^32``), so the W errors add up to at most ``W·step/2 =
-    W·clip/levels``: the bound, attained when every rank sits on a half step on the same side
-    (the tests do this). For the defaults (8, 2^22) and 3 ranks: 3·2^-19 ≈ 5.72e-6.
-
-    When the exact float32 path does not apply (clip not a power of two, ``levels > 2^23``, or
-    ``W·levels/2 > 2^24``, see :class:`_Plan`), float64 arithmetic adds at most
-    ``levels·2^-52`` steps per rank to the rounding (the products and the sum that form
-    ``x·levels/(2·clip) + levels/2``), and the dequantization ``Σq'·step`` in float64 then
-    float32 adds at most ``W·clip·(2^-52 + 2^-24)`` (2^-52 only when the step is not a power of
-    two); this branch is padded by a factor 1 + 2^-40 for the rounding of the bound itself.
-    Elements outside ``[-clip, clip]`` are off by their clipping too (counted, not bounded).
-    """
-    plan = _Plan(world_size, clip, levels)
-    if plan.exact_quantize and plan.exact_dequantize:
-        return world_size * plan.step / 2  # exact: powers of two times a small integer
-    per_rank = 0.5 if plan.exact_quantize else 0.5 + levels * 2.0**-52
-    bound = world_size * per_rank * plan.step
-    if not plan.exact_dequantize:
-        product = 0.0 if _is_power_of_two(plan.step) else 2.0**-52
-        bound += world_size * plan.clip * (product + 2.0**-24)
-    return bound * (1 + 2.0**-40)
 
 
 class SecureAggregation:
@@ -291,7 +181,7 @@ class SecureAggregation:
     def _protocol(self) -> dict:
         """What every rank must agree on for the masks to cancel."""
         return {"version": _VERSION, "prg": self.prg, "wire": self.wire, "device": self.device.type,
-                "block": _DEVICE_BLOCK if self.prg == "device" else None, "byteorder": sys.byteorder}
+                "block": DEVICE_BLOCK if self.prg == "device" else None, "byteorder": sys.byteorder}
 
     def _agree(self, private_key: X25519PrivateKey) -> dict[int, bytes]:
         public = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -325,8 +215,8 @@ class SecureAggregation:
         """Compare, pair by pair, a hash of the mask of a reserved round: catches key or PRG disagreement."""
         digests = {}
         for peer, secret in self._secrets.items():
-            stream = _stream(self.prg, secret, _CHECK_ROUND, self.device)
-            mask = stream.take_host(_CHECK_ELEMENTS) if self.prg == "aes" else stream.take_torch(_DEVICE_BLOCK).cpu()
+            stream = mask_stream(self.prg, secret, _CHECK_ROUND, self.device)
+            mask = stream.take_host(CHECK_ELEMENTS) if self.prg == "aes" else stream.take_torch(DEVICE_BLOCK).cpu()
             digests[peer] = hashlib.blake2b(np.ascontiguousarray(np.asarray(mask)).tobytes(), digest_size=16).digest()
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, digests, group=self.control_group)
@@ -368,7 +258,7 @@ class SecureAggregation:
             ValueError: bad parameters, tensor or round index; raised before any communication (on every
                 rank alike, when all pass the same arguments).
         """
-        plan = _Plan(self.world_size, clip, levels)
+        plan = Grid(self.world_size, clip, levels)
         self._check_tensor(tensor)
         if isinstance(round_index, bool) or not isinstance(round_index, numbers.Integral) \
                 or not 0 <= int(round_index) < _CHECK_ROUND:
@@ -378,7 +268,7 @@ class SecureAggregation:
             raise ValueError(f"round_index {round_index} was already used: reusing masks would reveal the "
                              f"difference of two contributions")
         self._used_rounds.add(round_index)
-        streams = [(+1 if self.rank < peer else -1, _stream(self.prg, secret, round_index, tensor.device))
+        streams = [(+1 if self.rank < peer else -1, mask_stream(self.prg, secret, round_index, tensor.device))
                    for peer, secret in sorted(self._secrets.items())]
         with torch.no_grad():
             if tensor.device.type == "cpu" and not self._torch_engine_on_cpu:
@@ -413,13 +303,13 @@ class SecureAggregation:
             self._send = torch.empty(tensor.numel(), dtype=torch.int64, device=tensor.device)
         return self._send
 
-    def _host_sum(self, tensor: torch.Tensor, plan: _Plan, streams: list) -> None:
+    def _host_sum(self, tensor: torch.Tensor, plan: Grid, streams: list) -> None:
         """CPU tensors: numpy uint32 arithmetic (wraps modulo 2^32 by definition) on cache-sized chunks."""
         x = tensor.detach().numpy()
         send = self._wire_tensor(tensor)
         wire = send.numpy().view(np.uint32) if self.wire == "int32" else send.numpy()
-        chunk = _DEVICE_BLOCK if self.prg == "device" else _HOST_CHUNK
-        work = _HostScratch(chunk, plan)
+        chunk = DEVICE_BLOCK if self.prg == "device" else HOST_CHUNK
+        work = HostScratch(chunk, plan)
         clipped = nans = 0
         started = time.perf_counter()
         for start in range(0, x.size, chunk):
@@ -446,11 +336,11 @@ class SecureAggregation:
         self.last_timings = {"encode": encoded - started, "all_reduce": reduced - encoded,
                              "decode": time.perf_counter() - reduced}
 
-    def _torch_sum(self, tensor: torch.Tensor, plan: _Plan, streams: list) -> None:
+    def _torch_sum(self, tensor: torch.Tensor, plan: Grid, streams: list) -> None:
         """CUDA tensors (and, for tests, CPU ones): int64 torch arithmetic on the device, no host syncs."""
         device = tensor.device
         send = self._wire_tensor(tensor)
-        chunk = _DEVICE_BLOCK if self.prg == "device" else _TORCH_CHUNK
+        chunk = DEVICE_BLOCK if self.prg == "device" else TORCH_CHUNK
         clipped = torch.zeros((), dtype=torch.int64, device=device)
         nans = torch.zeros((), dtype=torch.int64, device=device)
         for start in range(0, tensor.numel(), chunk):
@@ -486,144 +376,3 @@ class SecureAggregation:
             tensor[start:end].copy_(value)
         self.last_clipped, self.last_nan = int(clipped.item()), int(nans.item())
         self.last_timings = {}  # phases would need device syncs
-
-
-class _HostScratch:
-    """Per-call cache-sized buffers of the host engine."""
-
-    def __init__(self, chunk: int, plan: _Plan):
-        self.f32 = np.empty(chunk, np.float32)
-        self.f64 = None if plan.exact_quantize and plan.exact_dequantize else np.empty(chunk, np.float64)
-        self.u32 = np.empty(chunk, np.uint32)
-        self.keystream = np.empty(chunk, np.uint32)
-        self._step32 = np.float32(plan.step)
-        self._total_center = np.uint32(plan.total_center)
-
-    def quantize(self, x: np.ndarray, plan: _Plan) -> tuple[np.ndarray, int, int]:
-        """(q + offset as uint32, clipped count, NaN count) of a chunk; see :class:`_Plan`."""
-        n = x.size
-        in_range = -plan.clip <= float(x.min()) and float(x.max()) <= plan.clip  # NaN: False
-        clipped = nans = 0
-        if not in_range:
-            nan = np.isnan(x)
-            nans = int(np.count_nonzero(nan))
-            limit = np.float64(plan.clip)  # compared in float64: clip need not be a float32
-            clipped = int(np.count_nonzero(x > limit)) + int(np.count_nonzero(x < -limit))
-        if plan.exact_quantize:
-            u = self.f32[:n]
-            np.add(x, plan.bias32, out=u)  # one correctly rounded float32 add: the grid point, ties to even
-            if not in_range:
-                np.clip(u, plan.low32, plan.high32, out=u)
-                if nans:
-                    u[nan] = plan.bias32
-            return u.view(np.uint32), clipped, nans
-        u = self.f64[:n]
-        np.multiply(x, np.float64(plan.scale), out=u)
-        np.add(u, np.float64(plan.zero), out=u)
-        if not in_range:
-            np.clip(u, 0.0, float(plan.levels), out=u)
-            if nans:
-                u[nan] = plan.zero
-        np.rint(u, out=u)
-        acc = self.u32[:n]
-        np.copyto(acc, u, casting="unsafe")  # integers in [0, levels]: exact
-        return acc, clipped, nans
-
-    def dequantize(self, total: np.ndarray, out: np.ndarray, plan: _Plan) -> None:
-        """``out = Σ(q - zero)·step`` from a chunk of the all-reduced sums (int64, or uint32 bits of the int32 wire)."""
-        n = total.size
-        acc = self.u32[:n]
-        if total.dtype != np.uint32:
-            np.copyto(acc, total, casting="unsafe")  # int64 to unsigned: modulo 2^32 by definition
-            total = acc
-        np.subtract(total, self._total_center, out=acc)  # Σ(q - zero) modulo 2^32
-        signed = acc.view(np.int32)  # the same bits as int32: the signed sum, |Σ| < 2^31
-        if plan.exact_dequantize:  # exact: |Σ| <= 2^24, power-of-two step
-            wide = self.f32[:n]
-            np.copyto(wide, signed, casting="unsafe")
-            np.multiply(wide, self._step32, out=out)
-        else:
-            wide = self.f64[:n]
-            np.multiply(signed, np.float64(plan.step), out=wide)
-            np.copyto(out, wide, casting="same_kind")
-
-
-def _stream(prg: str, secret: bytes, round_index: int, device: torch.device):
-    cls = _AesStream if prg == "aes" else _DeviceStream
-    return cls(secret, round_index, torch.device(device))
-
-
-class _AesStream:
-    """Masks of one pair and round: an AES-128 counter-mode keystream as uint32, keyed by the pair secret.
-
-    The counter block is (round index, 64 bits) || (32 zero bits) || (block number + 2, 32 bits), i.e.
-    AES-GCM's counter mode with the round as IV: the keystream is taken from OpenSSL's GCM encryption of
-    zeros (the tag is discarded), whose VAES code is about twice as fast as its plain CTR here. Streams of
-    different rounds never overlap, and the stream is the same however it is cut into chunks.
-    """
-
-    _zeros = np.zeros(4 * max(_HOST_CHUNK, _TORCH_CHUNK, _DEVICE_BLOCK, _CHECK_ELEMENTS), np.uint8)
-
-    def __init__(self, secret: bytes, round_index: int, device: torch.device):
-        nonce = round_index.to_bytes(8, "big") + bytes(4)
-        self._encryptor = Cipher(algorithms.AES(secret[:16]), modes.GCM(nonce)).encryptor()
-        self._device = device
-        self._pinned: torch.Tensor | None = None
-
-    def take_host(self, n: int, out: np.ndarray | None = None) -> np.ndarray:
-        """The next ``n`` masks as uint32, written into ``out`` (``n`` first elements) when given."""
-        out = np.empty(n, np.uint32) if out is None else out[:n]
-        self._encryptor.update_into(self._zeros[: 4 * n], out.view(np.uint8))
-        return out
-
-    def take_torch(self, n: int) -> torch.Tensor:
-        """The next ``n`` masks as int32 bit patterns on the device (added into int64, reduced modulo 2^32)."""
-        device = self._device
-        if device.type == "cpu":
-            return torch.from_numpy(self.take_host(n).view(np.int32))
-        if self._pinned is None or self._pinned.numel() < n:
-            self._pinned = torch.empty(max(n, _TORCH_CHUNK), dtype=torch.int32, pin_memory=True)
-        host = self._pinned[:n]
-        self.take_host(n, host.numpy().view(np.uint32))
-        return host.to(device)  # blocking: the pinned buffer is reused next chunk
-
-
-class _DeviceStream:
-    """Masks of one pair and round from ``torch.randint`` on ``device``, reseeded every ``_DEVICE_BLOCK``
-    elements with BLAKE2b(secret, round, block) so that every block is drawn the same way on both ranks."""
-
-    def __init__(self, secret: bytes, round_index: int, device: torch.device):
-        self._secret = secret[16:]
-        self._round = round_index.to_bytes(8, "big")
-        self._device = torch.device(device)
-        self._generator = torch.Generator(device=self._device)
-        self._block = 0
-        self._buffer: torch.Tensor | None = None
-        self._used = 0
-
-    def _next_block(self) -> None:
-        digest = hashlib.blake2b(self._secret + self._round + self._block.to_bytes(8, "big"), digest_size=8)
-        self._generator.manual_seed(int.from_bytes(digest.digest(), "big"))
-        self._buffer = torch.randint(0, MODULUS, (_DEVICE_BLOCK,), generator=self._generator,
-                                     dtype=torch.int64, device=self._device)
-        self._block += 1
-        self._used = 0
-
-    def take_torch(self, n: int) -> torch.Tensor:
-        """The next ``n`` masks as int64 in ``[0, 2^32)`` on the device."""
-        parts = []
-        while n:
-            if self._buffer is None or self._used == _DEVICE_BLOCK:
-                self._next_block()
-            take = min(n, _DEVICE_BLOCK - self._used)
-            parts.append(self._buffer[self._used : self._used + take])
-            self._used += take
-            n -= take
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def take_host(self, n: int, out: np.ndarray | None = None) -> np.ndarray:
-        """The next ``n`` masks as uint32 (CPU generator only)."""
-        values = self.take_torch(n).numpy()
-        out = np.empty(n, np.uint32) if out is None else out[:n]
-        np.copyto(out, values, casting="unsafe")  # values in [0, 2^32): exact
-        return out

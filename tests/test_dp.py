@@ -23,6 +23,7 @@ pytest.importorskip("opacus")  # the optional dependency of fedsim.dp (accountan
 
 from fedsim import dp
 from fedsim.flat import flatten
+from fedsim.grad_sample import conv2d_grad_sample
 from fedsim.prox import add_proximal_grad_
 from models import DualStreamNet
 
@@ -317,7 +318,7 @@ def test_conv_rule_matches_autograd(groups, stride, dilation, padding, bias, sid
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-    got = dp.conv2d_grad_sample(conv, [x], grad_out)
+    got = conv2d_grad_sample(conv, [x], grad_out)
     for i in range(3):
         want = torch.autograd.grad(conv(x[i:i + 1]), list(conv.parameters()), grad_out[i:i + 1])
         for param, expected in zip(conv.parameters(), want):

@@ -295,14 +295,14 @@ def _disagree(rank: int, world: int):
     with pytest.raises(ValueError, match="same prg"):
         SecureAggregation(prg="device" if rank == 0 else "aes")
     # A rank whose masks do not match its peers' (e.g. a PRG whose stream differs between devices).
-    real = secagg._stream
+    real = secagg.mask_stream
     if rank == 1:
-        secagg._stream = lambda prg, secret, round_index, device: real(prg, secret[::-1], round_index, device)
+        secagg.mask_stream = lambda prg, secret, round_index, device: real(prg, secret[::-1], round_index, device)
     try:
         with pytest.raises(RuntimeError, match=r"rank pairs \[\(0, 1\), \(1, 2\)\] derived different masks"):
             SecureAggregation()
     finally:
-        secagg._stream = real
+        secagg.mask_stream = real
     return True
 
 
@@ -372,17 +372,17 @@ def test_mask_streams_are_counter_based_and_fresh_per_round_and_block():
     cpu = torch.device("cpu")
 
     # Execute + Assert: AES-CTR gives the same stream however it is cut, another one per round
-    whole = secagg._stream("aes", secret, 5, cpu).take_host(10_000)
-    stream = secagg._stream("aes", secret, 5, cpu)
+    whole = secagg.mask_stream("aes", secret, 5, cpu).take_host(10_000)
+    stream = secagg.mask_stream("aes", secret, 5, cpu)
     pieces = np.concatenate([stream.take_host(n) for n in (1, 999, 4096, 4904)])
     np.testing.assert_array_equal(pieces, whole)
-    assert not np.array_equal(secagg._stream("aes", secret, 6, cpu).take_host(10_000), whole)
+    assert not np.array_equal(secagg.mask_stream("aes", secret, 6, cpu).take_host(10_000), whole)
     # The device PRG: reseeded per block, so two blocks differ; also the same however it is cut
-    block = secagg._DEVICE_BLOCK
-    stream = secagg._stream("device", secret, 5, cpu)
+    block = secagg.DEVICE_BLOCK
+    stream = secagg.mask_stream("device", secret, 5, cpu)
     first, second = stream.take_torch(block), stream.take_torch(block)
     assert not torch.equal(first, second)
     assert int(first.min()) >= 0 and int(first.max()) < 2**32
-    again = secagg._stream("device", secret, 5, cpu)
+    again = secagg.mask_stream("device", secret, 5, cpu)
     np.testing.assert_array_equal(torch.cat([again.take_torch(3), again.take_torch(2 * block - 3)]).numpy(),
                                   torch.cat([first, second]).numpy())
