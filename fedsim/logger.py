@@ -81,6 +81,10 @@ def print_error(prefix: str, err: BaseException) -> None:
     print(f"{prefix}: {err}", file=sys.stderr)
 
 
+#: How long a rank other than 0 waits before it exits on a settings error that rank 0 reports.
+_SETTINGS_ERROR_WAIT_S = 10.0
+
+
 def report_error(prefix: str, err: BaseException, rank: str = "0", every_rank: bool = False) -> None:
     """The one-line error of a run, printed once, and recorded for torchrun's failure summary.
 
@@ -95,6 +99,11 @@ def report_error(prefix: str, err: BaseException, rank: str = "0", every_rank: b
         label = prefix if rank in ("0", "-") or shared else f"{prefix} (rank {rank})"
         print_error(label, err)
     _record_for_torchrun(f"{prefix}: {err}")
+    if shared and rank not in ("0", "-") and os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        # Let rank 0 fail first: torchrun stops the other ranks at the first failure it sees, and a rank
+        # that exits before rank 0 has printed would take the only copy of the line with it. When rank 0
+        # exits, torchrun ends this wait; without it (rank 0 on another node, say) this rank exits after it.
+        time.sleep(_SETTINGS_ERROR_WAIT_S)
 
 
 def _record_for_torchrun(line: str) -> None:
