@@ -157,6 +157,8 @@ class Engine:
         self.server = server or ServerOptimizer()
         self.loss_fn, self.show_progress = loss_fn, show_progress
         self.privacy = privacy
+        self._refreshed: tuple[int, ...] | None = None  # model version when the snapshot was last refreshed
+        self._before_refresh: Callable[[], None] | None = None
         self.num_clients = len(counts)
         self.control: torch.Tensor | None = None  # SCAFFOLD's server control variate c
         if settings.algorithm == "scaffold":
@@ -403,7 +405,7 @@ class Engine:
             self._pieces = _chunk_pieces(flat, _PASS)
             self._layers = flat.layer_slices(global_only=True)
         with torch.no_grad():
-            if getattr(self, "_refreshed", None) == self._model_version() and self._sample_matches():
+            if self._refreshed == self._model_version() and self._sample_matches():
                 first, stop = flat.global_slice.start, flat.global_slice.stop
                 self._start[:first].copy_(flat.data[:first])
                 self._start[stop:].copy_(flat.data[stop:])
@@ -447,7 +449,7 @@ class Engine:
 
     def _release_snapshot(self) -> None:
         """Before the snapshot's global region is overwritten: let readers of :meth:`state_views` finish."""
-        if getattr(self, "_before_refresh", None) is not None:
+        if self._before_refresh is not None:
             self._before_refresh()
 
     def state_views(self) -> dict[str, torch.Tensor] | None:
@@ -456,7 +458,7 @@ class Engine:
         now (before the first round, or after a write to the model) or lives on a GPU (it must be copied to
         the host anyway). The views hold until the next round calls ``before_refresh``: a checkpoint written
         from them must be on disk by then."""
-        if self.flat.device.type != "cpu" or getattr(self, "_refreshed", None) != self._model_version() \
+        if self.flat.device.type != "cpu" or self._refreshed != self._model_version() \
                 or not self._sample_matches():
             return None
         flat, base, size = self.flat.data, self.flat.data.data_ptr(), self.flat.data.element_size()
