@@ -6,6 +6,7 @@ A checkpoint that is missing, corrupt, lacks its config or class names, or whose
 the model its config describes is refused with one line (exit code 2) before any data is read; any
 other exception is a bug and shows its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate a fedsim checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train.py")
     parser.add_argument("--data", help="data to evaluate on (default: the data the run was trained on)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
-                        help="patient-level split to evaluate (default test; 'all' for external data)")
-    parser.add_argument("--out",
-                        help="folder for eval.json and confusion_matrix.png (default: the checkpoint's folder)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test", "all"],
+        help="patient-level split to evaluate (default test; 'all' for external data)",
+    )
+    parser.add_argument(
+        "--out", help="folder for eval.json and confusion_matrix.png (default: the checkpoint's folder)"
+    )
     parser.add_argument("--device", default=device.default, choices=list(device.choices))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of patients for the CIs")

@@ -5,6 +5,7 @@
 See README.md for every flag and output. Parsing and checking the settings loads no torch:
 ``--help`` and a bad setting answer at once; training imports come after them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Federated training of the dual-stream grading network.")
     p.add_argument("--config", help="TOML preset (configs/paper.toml, configs/demo.toml)")
     add_flags(p, SETTINGS)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config field, e.g. --set data.context_fov=640 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config field, e.g. --set data.context_fov=640 (repeatable)",
+    )
     return p
 
 

@@ -11,6 +11,7 @@ fedsim's ``Macenko`` (default and ``stride=1``), and prints the mean absolute
 difference in grey levels, per tissue-fraction group. Crops on which
 torchstain raises are counted, not compared.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,9 @@ def main() -> int:
         except Exception:  # torchstain's own failure modes: empty percentiles, eigen-solver errors
             failed += 1
             continue
-        diffs = {name: np.abs(norm.normalize_image(crop).astype(np.int16) - expected).mean()
-                 for name, norm in ours.items()}
+        diffs = {
+            name: np.abs(norm.normalize_image(crop).astype(np.int16) - expected).mean() for name, norm in ours.items()
+        }
         rows.append((float(tissue_mask(crop).mean()), diffs))
     print(f"{len(rows)} crops of {args.size} px compared, torchstain failed on {failed}")
     for low in GROUPS:

@@ -7,6 +7,7 @@ raw all-reduce of a flat buffer with as many elements are timed alternately in
 the same processes, and the ratio of medians is printed. For reference, a loop
 of one all-reduce per tensor and a pack/all-reduce/unpack are timed too.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -19,6 +19,7 @@ threads that wait for each other make every figure erratic. Throughput is
 patch pairs per second (a Poisson epoch sees n pairs in expectation); the
 slowdown is nonprivate over DP.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,24 +80,41 @@ def run(args) -> dict:
     plain_opt = make_optimizer(plain_model, 3e-4, 1e-4)
     plain_anchor = plain_flat.global_params.detach().clone()
     plain_rng = torch.Generator().manual_seed(0)
-    plain_loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_batch, drop_last=True,
-                              sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(0)))
-    epochs["nonprivate"] = lambda: train_epoch(plain_model, plain_flat, plain_opt, plain_loader, plain_anchor,
-                                               settings, plain_rng).samples
+    plain_loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        collate_fn=collate_batch,
+        drop_last=True,
+        sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(0)),
+    )
+    epochs["nonprivate"] = lambda: (
+        train_epoch(plain_model, plain_flat, plain_opt, plain_loader, plain_anchor, settings, plain_rng).samples
+    )
     engines = []
     for method in args.methods:
         model = copy.deepcopy(base)
         flat = flatten(model)
-        engine = dp.DPSGD(model, flat, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=q * args.samples,
-                          generator=dp.noise_generator(device, 0), method=method)
+        engine = dp.DPSGD(
+            model,
+            flat,
+            max_grad_norm=1.0,
+            noise_multiplier=1.0,
+            expected_batch_size=q * args.samples,
+            generator=dp.noise_generator(device, 0),
+            method=method,
+        )
         engines.append(engine)
         optimizer = make_optimizer(model, 3e-4, 1e-4)
         anchor = flat.global_params.detach().clone()
         rng = torch.Generator().manual_seed(0)
-        loader = DataLoader(dataset, collate_fn=collate_batch,
-                            batch_sampler=dp.PoissonBatchSampler(len(dataset), q, torch.Generator().manual_seed(1)))
-        epochs[f"dp_{method}"] = (lambda m=model, f=flat, o=optimizer, ld=loader, a=anchor, e=engine, r=rng:
-                                  dp_epoch(m, f, o, ld, a, e, settings, r))
+        loader = DataLoader(
+            dataset,
+            collate_fn=collate_batch,
+            batch_sampler=dp.PoissonBatchSampler(len(dataset), q, torch.Generator().manual_seed(1)),
+        )
+        epochs[f"dp_{method}"] = lambda m=model, f=flat, o=optimizer, ld=loader, a=anchor, e=engine, r=rng: dp_epoch(
+            m, f, o, ld, a, e, settings, r
+        )
 
     # Poisson epochs see a different number of pairs each time: pairs per second is counted per call.
     seen: dict[str, list[int]] = {name: [] for name in epochs}
@@ -109,10 +127,15 @@ def run(args) -> dict:
         engine.close()
     rates = {name: [n / t for n, t in zip(seen[name][1:], ts)] for name, ts in times.items()}  # [0] = warm-up
     med = {name: float(np.median(v)) for name, v in rates.items()}
-    result = {"pairs_per_s": med, "runs_pairs_per_s": rates,
-              "slowdown": {name: med["nonprivate"] / med[name] for name in med if name != "nonprivate"},
-              "samples_per_epoch": args.samples, "sample_rate": q, "steps_per_epoch": dp.steps_per_epoch(q),
-              "num_params": plain_flat.num_params}
+    result = {
+        "pairs_per_s": med,
+        "runs_pairs_per_s": rates,
+        "slowdown": {name: med["nonprivate"] / med[name] for name in med if name != "nonprivate"},
+        "samples_per_epoch": args.samples,
+        "sample_rate": q,
+        "steps_per_epoch": dp.steps_per_epoch(q),
+        "num_params": plain_flat.num_params,
+    }
     return result
 
 
@@ -125,8 +148,12 @@ def main() -> None:
     parser.add_argument("--detail", type=int, default=48, help="detail patch side")
     parser.add_argument("--samples", type=int, default=None, help="patch pairs per epoch (n)")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: steadiest on a shared machine; 0 = torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: steadiest on a shared machine; 0 = torch's default)",
+    )
     parser.add_argument("--methods", default="functorch,hooks", help="per-sample gradient engines, comma-separated")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -138,8 +165,10 @@ def main() -> None:
     args.threads = torch.get_num_threads()
     result = run(args)
     info = {**machine(), "cpu_model": cpu_model_name()}
-    print(f"{args.backbone} dual (GroupNorm, {result['num_params']:,} parameters), {args.context}/{args.detail} px, "
-          f"batch {args.batch_size} (Poisson q={result['sample_rate']:.4f}), CPU, {args.threads} thread(s)")
+    print(
+        f"{args.backbone} dual (GroupNorm, {result['num_params']:,} parameters), {args.context}/{args.detail} px, "
+        f"batch {args.batch_size} (Poisson q={result['sample_rate']:.4f}), CPU, {args.threads} thread(s)"
+    )
     print(f"  {info['cpu_model']}, {info['date']}")
     pairs = result["pairs_per_s"]
     print(f"  non-private fedsim epoch  {pairs['nonprivate']:8.1f} pairs/s  (baseline)")

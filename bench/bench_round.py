@@ -15,6 +15,7 @@ hospitals per rank, each taking one Adam step on a two-pair batch from the
 global model (fresh optimizers, FedAvg: no state that persists), and reports
 each rank's peak resident memory as a multiple of the model state.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,11 @@ def _timing_rank(rank: int, world: int, port: int, args, queue) -> None:
         if rank == 0:
             _checkpoint(model, engine, folder, writer, r)
 
-    timings = {"raw_allreduce": lambda: dist.all_reduce(raw), "fedavg": lambda: fedavg(model, 100 + rank),
-               "round": engine_round}
+    timings = {
+        "raw_allreduce": lambda: dist.all_reduce(raw),
+        "fedavg": lambda: fedavg(model, 100 + rank),
+        "round": engine_round,
+    }
     result = {name: [] for name in timings}
     for _ in range(args.rounds):  # alternate, so drift in machine load hits all alike
         for name, fn in timings.items():
@@ -87,8 +91,13 @@ def _timing_rank(rank: int, world: int, port: int, args, queue) -> None:
     writer.wait()
     phases = dict(engine.timings)
     if rank == 0:
-        queue.put({"numel": flat.reduced.numel(), "phases_last_round": phases,
-                   **{k: sorted(v)[len(v) // 2] for k, v in result.items()}})
+        queue.put(
+            {
+                "numel": flat.reduced.numel(),
+                "phases_last_round": phases,
+                **{k: sorted(v)[len(v) // 2] for k, v in result.items()},
+            }
+        )
     dist.destroy_process_group()
 
 
@@ -96,9 +105,12 @@ def _memory_rank(rank: int, world: int, port: int, args, queue) -> None:
     from fedsim.client import dual_stream_loss
 
     size, pairs = 32, 2  # BatchNorm needs two values per channel in training
-    batch = (torch.randint(0, 255, (pairs, 3, size, size), dtype=torch.uint8),
-             torch.randint(0, 255, (pairs, 3, size, size), dtype=torch.uint8), torch.zeros(pairs, dtype=torch.long),
-             torch.arange(pairs))
+    batch = (
+        torch.randint(0, 255, (pairs, 3, size, size), dtype=torch.uint8),
+        torch.randint(0, 255, (pairs, 3, size, size), dtype=torch.uint8),
+        torch.zeros(pairs, dtype=torch.long),
+        torch.arange(pairs),
+    )
     model, flat, engine = _setup(rank, world, port, args, args.hospitals_per_rank, [batch])
     engine.loss_fn = dual_stream_loss
     state_bytes = flat.data.numel() * flat.data.element_size()
@@ -125,21 +137,36 @@ def main() -> None:
     args.rounds = args.rounds or (5 if args.quick else 9)
     timing = _spawn(_timing_rank, args.ranks, args)[0]
     mib = timing["numel"] * 4 / 2**20
-    print(f"{args.ranks} gloo ranks, {args.backbone} dual state {timing['numel']:,} floats ({mib:.0f} MiB), "
-          "no local work:")
+    print(
+        f"{args.ranks} gloo ranks, {args.backbone} dual state {timing['numel']:,} floats ({mib:.0f} MiB), "
+        "no local work:"
+    )
     print(f"  raw all-reduce   {timing['raw_allreduce'] * 1e3:8.1f} ms  (baseline)")
     for name in ("fedavg", "round"):
         print(f"  {name:16s} {timing[name] * 1e3:8.1f} ms  ratio {timing[name] / timing['raw_allreduce']:.3f}")
-    print("  engine phases of the last round (s): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in timing["phases_last_round"].items()))
+    print(
+        "  engine phases of the last round (s): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in timing["phases_last_round"].items())
+    )
     memory = []
     if args.hospitals_per_rank > 0:
         memory = sorted(_spawn(_memory_rank, args.ranks, args), key=lambda m: m["rank"])
         for m in memory:
-            print(f"  rank {m['rank']}: {args.hospitals_per_rank} hospitals, peak RSS {m['peak_rss'] / 2**20:.0f} MiB "
-                  f"= {m['peak_rss'] / m['state_bytes']:.2f}x the model state ({m['state_bytes'] / 2**20:.0f} MiB)")
-    write_json(args.json, {"machine": machine(), "backbone": args.backbone, "ranks": args.ranks,
-                           "timing": timing, "memory": memory, "hospitals_per_rank": args.hospitals_per_rank})
+            print(
+                f"  rank {m['rank']}: {args.hospitals_per_rank} hospitals, peak RSS {m['peak_rss'] / 2**20:.0f} MiB "
+                f"= {m['peak_rss'] / m['state_bytes']:.2f}x the model state ({m['state_bytes'] / 2**20:.0f} MiB)"
+            )
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "backbone": args.backbone,
+            "ranks": args.ranks,
+            "timing": timing,
+            "memory": memory,
+            "hospitals_per_rank": args.hospitals_per_rank,
+        },
+    )
 
 
 if __name__ == "__main__":

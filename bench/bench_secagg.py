@@ -21,6 +21,7 @@ is split: the module's own phase timer (encode / all-reduce / decode, medians
 over the rounds, all ranks contending as in a real round), and, on rank 0 alone
 while the others wait, each pass of the encode and decode over the whole buffer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,8 +103,14 @@ def _passes(agg, buffer: torch.Tensor, args) -> dict[str, float]:
         for s, e in spans:
             work.dequantize(narrow[s:e], out[s:e], plan)
 
-    fns = {"quantize": quantize, f"keystream x{len(peers)}": keystream, f"add masks x{len(peers)}": add_masks,
-           "widen (int64 wire)": widen, "decode (int64 wire)": decode_int64, "decode (int32 wire)": decode_int32}
+    fns = {
+        "quantize": quantize,
+        f"keystream x{len(peers)}": keystream,
+        f"add masks x{len(peers)}": add_masks,
+        "widen (int64 wire)": widen,
+        "decode (int64 wire)": decode_int64,
+        "decode (int32 wire)": decode_int32,
+    }
     times = alternating_times(fns, repeats=3)
     return {name: statistics.median(v) for name, v in times.items()}
 
@@ -133,6 +140,7 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
                 flat.reduced.mul_(counts[rank] / sum(counts))
             aggs[wire].secure_sum_(flat.reduced, next(rounds))
             phases[wire].append(aggs[wire].last_timings)
+
         return call
 
     fns = {"raw_allreduce": lambda: dist.all_reduce(raw), "fedavg": lambda: fedavg(model, counts[rank])}
@@ -144,10 +152,12 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
             start = time.process_time()
             fn()
             cpu[name].append(time.process_time() - start)
+
         return call
 
-    times = alternating_times({name: cpu_timed(name, fn) for name, fn in fns.items()}, repeats=args.rounds,
-                              sync=dist.barrier)
+    times = alternating_times(
+        {name: cpu_timed(name, fn) for name, fn in fns.items()}, repeats=args.rounds, sync=dist.barrier
+    )
     result = {name: statistics.median(v) for name, v in times.items()}
     mine = {name: statistics.median(v[1:]) for name, v in cpu.items()}  # the first call was the warm-up
     every: list = [None] * world
@@ -192,16 +202,22 @@ def main() -> None:
         for wire, phases in r["phases"].items():
             t = r[f"secure_fedavg_{wire}"]
             c = r["cpu_all_ranks"]
-            print(f"  secure fedavg, {wire}  {t * 1e3:8.1f} ms  ratio to fedavg {t / r['fedavg']:.2f}  "
-                  f"to raw all-reduce {t / r['raw_allreduce']:.2f}  (CPU time, all ranks: "
-                  f"{c[f'secure_fedavg_{wire}']:.2f} s vs fedavg {c['fedavg']:.2f} s, "
-                  f"ratio {c[f'secure_fedavg_{wire}'] / c['fedavg']:.2f})")
-            print("      phases (median, all ranks busy): "
-                  + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items()))
+            print(
+                f"  secure fedavg, {wire}  {t * 1e3:8.1f} ms  ratio to fedavg {t / r['fedavg']:.2f}  "
+                f"to raw all-reduce {t / r['raw_allreduce']:.2f}  (CPU time, all ranks: "
+                f"{c[f'secure_fedavg_{wire}']:.2f} s vs fedavg {c['fedavg']:.2f} s, "
+                f"ratio {c[f'secure_fedavg_{wire}'] / c['fedavg']:.2f})"
+            )
+            print(
+                "      phases (median, all ranks busy): "
+                + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items())
+            )
         print(f"  elements clipped by the last secure sum (rank 0): {r['clipped']}")
         if "passes_rank0_alone" in r:
-            print("  passes over the buffer, rank 0 alone: "
-                  + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["passes_rank0_alone"].items()))
+            print(
+                "  passes over the buffer, rank 0 alone: "
+                + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["passes_rank0_alone"].items())
+            )
     info = {**machine(), "cpu_model": cpu_model_name(), "started": started}
     print(f"machine: {info['cpu_model']}, {info['cores']} cores, torch {info['torch']}, {info['date']}")
     write_json(args.json, {"machine": info, "prg": args.prg, "results": results})

@@ -14,6 +14,7 @@ medians are compared. "Two plain loops at once" runs the floor's loop in two
 processes, each on half of every round's participants, with no communication:
 the speed-up the machine itself gives two processes, the bound for 2 ranks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,12 @@ def _datasets(args):
     from torch.utils.data import TensorDataset
 
     gen = torch.Generator().manual_seed(0)
-    return {f"H{k + 1}": TensorDataset(torch.randn(args.samples, 3, 64, 64, generator=gen),
-                                       torch.randint(0, 2, (args.samples,), generator=gen))
-            for k in range(args.hospitals)}
+    return {
+        f"H{k + 1}": TensorDataset(
+            torch.randn(args.samples, 3, 64, 64, generator=gen), torch.randint(0, 2, (args.samples,), generator=gen)
+        )
+        for k in range(args.hospitals)
+    }
 
 
 def _model():
@@ -98,8 +102,14 @@ def parallel_floor(world: int, args) -> float:
 
 
 def _fedsim_rank(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -111,8 +121,9 @@ def _fedsim_rank(rank: int, world: int, port: int, args, queue) -> None:
     model = _model()
     dist.barrier()
     started = time.perf_counter()
-    fedsim.federate(model, datasets, rounds=args.rounds, local_epochs=1, batch_size=16, lr=3e-4,
-                    clients_per_round=args.per_round)
+    fedsim.federate(
+        model, datasets, rounds=args.rounds, local_epochs=1, batch_size=16, lr=3e-4, clients_per_round=args.per_round
+    )
     dist.barrier()
     elapsed = time.perf_counter() - started
     if rank == 0:
@@ -143,13 +154,19 @@ def main() -> None:
         times["two_plain_loops"].append(parallel_floor(2, args))
         times["fedsim_2_ranks"].append(fedsim_run(2, args))
     medians = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    print(f"{args.hospitals} hospitals, {args.per_round} per round, {args.rounds} rounds, resnet10t 3x64x64, "
-          f"{args.samples} samples each, batch 16:")
+    print(
+        f"{args.hospitals} hospitals, {args.per_round} per round, {args.rounds} rounds, resnet10t 3x64x64, "
+        f"{args.samples} samples each, batch 16:"
+    )
     for name, value in medians.items():
-        print(f"  {name:15s} {value:7.2f} s  {value / args.rounds:6.3f} s/round  "
-              f"ratio to the floor {value / medians['floor']:.3f}")
-    print(f"  fedsim on 2 ranks vs two plain loops at once (what the cores give): "
-          f"{medians['fedsim_2_ranks'] / medians['two_plain_loops']:.3f}")
+        print(
+            f"  {name:15s} {value:7.2f} s  {value / args.rounds:6.3f} s/round  "
+            f"ratio to the floor {value / medians['floor']:.3f}"
+        )
+    print(
+        f"  fedsim on 2 ranks vs two plain loops at once (what the cores give): "
+        f"{medians['fedsim_2_ranks'] / medians['two_plain_loops']:.3f}"
+    )
     for name in ("flwr", "pfl"):
         try:
             __import__(name)

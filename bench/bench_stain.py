@@ -12,6 +12,7 @@ are medians over the rounds: on a shared machine absolute figures are noisy,
 their ratio less so. When torchstain is installed (it is not a dependency), its torch
 Macenko backend, one image at a time, is timed as an outside reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,9 +76,14 @@ def bench_one(name: str, make, batch: torch.Tensor, singles: int, repeats: int) 
     """Batched and one-by-one patches/s of one normalizer on one batch."""
     norm = make()
     loop_batch = batch[:singles]
-    times = alternating_times({"batched": lambda: norm.normalize(batch),
-                               "single": lambda: [norm.normalize(loop_batch[i : i + 1]) for i in range(singles)]},
-                              repeats, torch.cuda.synchronize if batch.is_cuda else None)
+    times = alternating_times(
+        {
+            "batched": lambda: norm.normalize(batch),
+            "single": lambda: [norm.normalize(loop_batch[i : i + 1]) for i in range(singles)],
+        },
+        repeats,
+        torch.cuda.synchronize if batch.is_cuda else None,
+    )
     batched, single = times["batched"], times["single"]
     batched_pps = batch.shape[0] / statistics.median(batched)
     single_pps = singles / statistics.median(single)
@@ -110,8 +116,12 @@ def bench_torchstain(batch: torch.Tensor, repeats: int) -> dict | None:
     times = alternating_times({"torchstain": loop}, repeats)["torchstain"]
     from importlib.metadata import version
 
-    return {"method": f"torchstain {version('torchstain')} torch", "size": int(batch.shape[-1]),
-            "single_patches_per_s": round(len(images) / statistics.median(times), 1), "single_seconds": times}
+    return {
+        "method": f"torchstain {version('torchstain')} torch",
+        "size": int(batch.shape[-1]),
+        "single_patches_per_s": round(len(images) / statistics.median(times), 1),
+        "single_seconds": times,
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -125,7 +135,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=int, default=None, help="chunk size (default: the class default)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
     parser.add_argument(
-        "--methods", nargs="+", default=list(LABELS), choices=list(LABELS),
+        "--methods",
+        nargs="+",
+        default=list(LABELS),
+        choices=list(LABELS),
         help="what to time (exact: Macenko with stride 1; skipped by --quick)",
     )
     args = parser.parse_args()

@@ -7,6 +7,7 @@ script) through the same DataLoader, with the same model and batch size, in
 the same process; their samples/s and the ratio are printed. On CUDA the
 figures use bf16 autocast and channels-last, as training does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,16 @@ from models import build_model
 def make_loader(dataset: CachedPairs, args) -> DataLoader:
     """One loader for the whole benchmark, as in training: workers start once and persist."""
     sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(0))
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                      collate_fn=collate_batch, num_workers=args.workers, pin_memory=args.device == "cuda",
-                      persistent_workers=args.workers > 0, drop_last=True)
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        collate_fn=collate_batch,
+        num_workers=args.workers,
+        pin_memory=args.device == "cuda",
+        persistent_workers=args.workers > 0,
+        drop_last=True,
+    )
 
 
 def loader_epoch(batches, settings: StepSettings) -> int:
@@ -68,8 +76,9 @@ def run(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="fedsim-bench-"))
     dataset = CachedPairs([make_cache(tmp, args.samples, args.context, args.detail)])
     model = build_model(args.backbone, "dual", 3).to(device)
-    settings = StepSettings(device, torch.bfloat16 if cuda else None, cuda, mu=0.01, mixup_alpha=0.2,
-                            augment=True, grad_accum=1)
+    settings = StepSettings(
+        device, torch.bfloat16 if cuda else None, cuda, mu=0.01, mixup_alpha=0.2, augment=True, grad_accum=1
+    )
     flat = flatten(model, channels_last=cuda)
     forward = torch.compile(model) if args.compile else model
     if cuda:
@@ -91,8 +100,12 @@ def run(args) -> dict:
     times = alternating_times({name: counting(name) for name in epochs}, args.repeats, sync)
     result = {name: [samples[name] / t for t in ts] for name, ts in times.items()}
     med = {k: float(np.median(v)) for k, v in result.items()}
-    return {**med, "ratio": med["federated"] / med["plain"], "loader_headroom": med["loader"] / med["federated"],
-            "samples_per_epoch": args.samples}
+    return {
+        **med,
+        "ratio": med["federated"] / med["plain"],
+        "loader_headroom": med["loader"] / med["federated"],
+        "samples_per_epoch": args.samples,
+    }
 
 
 def main() -> None:
@@ -120,12 +133,16 @@ def main() -> None:
     if not cuda:
         torch.set_num_threads(max(1, torch.get_num_threads()))
     result = run(args)
-    print(f"{args.backbone} dual, {args.context}/{args.detail} px, batch {args.batch_size}, {args.device}"
-          f"{' compiled' if args.compile else ''}:")
+    print(
+        f"{args.backbone} dual, {args.context}/{args.detail} px, batch {args.batch_size}, {args.device}"
+        f"{' compiled' if args.compile else ''}:"
+    )
     print(f"  plain PyTorch loop   {result['plain']:9.1f} pairs/s  (baseline)")
     print(f"  federated epoch      {result['federated']:9.1f} pairs/s  ratio {result['ratio']:.3f}")
-    print(f"  input pipeline alone {result['loader']:9.1f} pairs/s  "
-          f"{result['loader_headroom']:.1f}x the training step's consumption")
+    print(
+        f"  input pipeline alone {result['loader']:9.1f} pairs/s  "
+        f"{result['loader_headroom']:.1f}x the training step's consumption"
+    )
     write_json(args.json, {"machine": machine(), "args": vars(args), "result": result})
 
 

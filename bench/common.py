@@ -1,4 +1,5 @@
 """Helpers shared by the benchmarks: machine description, timing, JSON output."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -38,9 +39,13 @@ def load_rgb_image(path: Path) -> np.ndarray:
 
 def machine() -> dict:
     """What ran the benchmark."""
-    info = {"host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "torch": torch.__version__,
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    info = {
+        "host": socket.gethostname(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -62,8 +67,9 @@ def median_time(fn: Callable[[], None], repeats: int, warmup: int = 1, sync: Cal
     return statistics.median(times)
 
 
-def alternating_times(fns: dict[str, Callable[[], object]], repeats: int,
-                      sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+def alternating_times(
+    fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
     """Wall times of each of ``fns`` over ``repeats`` rounds, calling them in turn in every round.
 
     One warm-up call each first. Taking turns makes a change in machine load
@@ -116,8 +122,17 @@ def make_cache(folder: Path, count: int, context: int, detail: int) -> Path:
     rng = np.random.default_rng(0)
     np.save(folder / "context.npy", rng.integers(0, 256, (count, context, context, 3), dtype=np.uint8))
     np.save(folder / "detail.npy", rng.integers(0, 256, (count, detail, detail, 3), dtype=np.uint8))
-    meta = [{"image": i // 4, "path": f"img{i // 4}", "label": int(i % 3), "magnification": "20x",
-             "patient": f"p{i // 8}", "hospital": "H1"} for i in range(count)]
+    meta = [
+        {
+            "image": i // 4,
+            "path": f"img{i // 4}",
+            "label": int(i % 3),
+            "magnification": "20x",
+            "patient": f"p{i // 8}",
+            "hospital": "H1",
+        }
+        for i in range(count)
+    ]
     (folder / "patches.json").write_text(json.dumps({"count": count, "patches": meta}))
     return folder
 

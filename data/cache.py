@@ -14,6 +14,7 @@ process; a changed, truncated or missing file makes it *corrupt*:
 :func:`build_split` names it in a warning and rebuilds it, :class:`CachedPairs`
 (which has no records to rebuild from) refuses it with :class:`CorruptCache`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,8 +90,9 @@ class CacheSpec:
         The hospital shapes the pixels (site profiles) and the patient and
         magnification are stored beside them for evaluation, so all count.
         """
-        h = hashlib.sha256(json.dumps([CACHE_VERSION, asdict(self), _stamp(self.stain_reference)],
-                                      sort_keys=True).encode())
+        h = hashlib.sha256(
+            json.dumps([CACHE_VERSION, asdict(self), _stamp(self.stain_reference)], sort_keys=True).encode()
+        )
         for rec in records:
             h.update(json.dumps([*astuple(rec), _stamp(rec.path)]).encode() + b"\n")
         return h.hexdigest()[:16]
@@ -105,11 +107,22 @@ def _stamp(path: str) -> list[int] | None:
     return st and [st.st_size, st.st_mtime_ns]
 
 
-def split_specs(patch: PatchSpec, train_patches: int, eval_patches: int, stain: str = "macenko",
-                stain_reference: str = "", seed: int = 0, site_shift: float = 0.0) -> dict[str, CacheSpec]:
+def split_specs(
+    patch: PatchSpec,
+    train_patches: int,
+    eval_patches: int,
+    stain: str = "macenko",
+    stain_reference: str = "",
+    seed: int = 0,
+    site_shift: float = 0.0,
+) -> dict[str, CacheSpec]:
     """The spec of each split: ``train_patches`` pairs per training image, ``eval_patches`` per val/test image."""
-    return {split: CacheSpec(patch, train_patches if split == "train" else eval_patches, stain, stain_reference,
-                             seed, site_shift) for split in ("train", "val", "test")}
+    return {
+        split: CacheSpec(
+            patch, train_patches if split == "train" else eval_patches, stain, stain_reference, seed, site_shift
+        )
+        for split in ("train", "val", "test")
+    }
 
 
 def split_folder(records: Sequence[ImageRecord], spec: CacheSpec, root: Path, name: str = "") -> Path:
@@ -117,8 +130,14 @@ def split_folder(records: Sequence[ImageRecord], spec: CacheSpec, root: Path, na
     return Path(root) / f"{name or 'split'}-{spec.digest(records)}"
 
 
-def build_split(records: Sequence[ImageRecord], spec: CacheSpec, root: Path, report: SkipReport,
-                name: str = "", progress: bool = True) -> Path:
+def build_split(
+    records: Sequence[ImageRecord],
+    spec: CacheSpec,
+    root: Path,
+    report: SkipReport,
+    name: str = "",
+    progress: bool = True,
+) -> Path:
     """Cache one hospital's split (reusing a complete, sound entry) and return its folder.
 
     An entry whose files no longer match the digests of its ``DONE`` manifest
@@ -172,8 +191,11 @@ def _build(records: Sequence[ImageRecord], spec: CacheSpec, folder: Path, name: 
         for small in _FILES:
             files[small] = _digest_file(tmp / small)
         count = int(files[_ARRAYS[0]]["shape"][0])
-        write_json(tmp / "DONE", {"version": CACHE_VERSION, "digest": "crc32", "block": DIGEST_BLOCK,
-                                  "count": count, "files": files}, indent=None)
+        write_json(
+            tmp / "DONE",
+            {"version": CACHE_VERSION, "digest": "crc32", "block": DIGEST_BLOCK, "count": count, "files": files},
+            indent=None,
+        )
         shutil.rmtree(folder, ignore_errors=True)  # a corrupt entry, or a build that never ended
         os.replace(tmp, folder)
     except OSError as err:
@@ -188,8 +210,14 @@ def _build(records: Sequence[ImageRecord], spec: CacheSpec, folder: Path, name: 
     _VERIFIED[_key(folder)] = _signature(folder)  # its digests were taken while writing: no need to read it back
 
 
-def build_hospital(records: Sequence[ImageRecord], hospital: str, specs: dict[str, CacheSpec], root: Path,
-                   report: SkipReport, progress: bool = True) -> dict[str, Path]:
+def build_hospital(
+    records: Sequence[ImageRecord],
+    hospital: str,
+    specs: dict[str, CacheSpec],
+    root: Path,
+    report: SkipReport,
+    progress: bool = True,
+) -> dict[str, Path]:
     """Cache every split of one hospital; a split without images is left out (logged).
 
     Raises:
@@ -208,8 +236,9 @@ def build_hospital(records: Sequence[ImageRecord], hospital: str, specs: dict[st
         report.merge(local)
         if split == "train" and not _patch_count(folders[split]):
             reasons = "; ".join(f"{r}: {n}" for r, n in sorted(local.counts.items())) or "no tissue found"
-            raise DataError(f"hospital {hospital}: none of its {len(chosen)} training images gave a patch pair "
-                             f"({reasons})")
+            raise DataError(
+                f"hospital {hospital}: none of its {len(chosen)} training images gave a patch pair ({reasons})"
+            )
     return folders
 
 
@@ -217,8 +246,9 @@ def _patch_count(folder: Path) -> int:
     return int(json.loads((folder / "patches.json").read_text())["count"])
 
 
-def _write_arrays(records: Sequence[ImageRecord], spec: CacheSpec, folder: Path, report: SkipReport,
-                  name: str, progress: bool) -> dict[str, dict]:
+def _write_arrays(
+    records: Sequence[ImageRecord], spec: CacheSpec, folder: Path, report: SkipReport, name: str, progress: bool
+) -> dict[str, dict]:
     """Stream every image's pairs into ``context.npy`` / ``detail.npy`` and write ``patches.json``.
 
     Ordinary writes, not a memory map, so a full disk is an error and not a
@@ -229,21 +259,36 @@ def _write_arrays(records: Sequence[ImageRecord], spec: CacheSpec, folder: Path,
     normalizer = fitted_normalizer(spec.stain, spec.stain_reference)
     meta = []
     with atomic_writer(folder / _ARRAYS[0]) as context_file, atomic_writer(folder / _ARRAYS[1]) as detail_file:
-        outputs = (_ArrayWriter(context_file, (p.context_size, p.context_size, 3), capacity),
-                   _ArrayWriter(detail_file, (p.detail_size, p.detail_size, 3), capacity))
-        for index, rec in enumerate(tqdm(records, desc=f"caching {name}", disable=None if progress else True,
-                                         leave=False)):
+        outputs = (
+            _ArrayWriter(context_file, (p.context_size, p.context_size, 3), capacity),
+            _ArrayWriter(detail_file, (p.detail_size, p.detail_size, 3), capacity),
+        )
+        for index, rec in enumerate(
+            tqdm(records, desc=f"caching {name}", disable=None if progress else True, leave=False)
+        ):
             pairs = _image_pairs(rec, spec, normalizer, report)
             if pairs is None:
                 continue
             for output, array in zip(outputs, pairs):
                 output.append(array)
-            meta.extend([{"image": index, "path": rec.path, "label": rec.label, "magnification": rec.magnification,
-                          "patient": rec.patient, "hospital": rec.hospital}] * len(pairs[0]))
+            meta.extend(
+                [
+                    {
+                        "image": index,
+                        "path": rec.path,
+                        "label": rec.label,
+                        "magnification": rec.magnification,
+                        "patient": rec.patient,
+                        "hospital": rec.hospital,
+                    }
+                ]
+                * len(pairs[0])
+            )
         files = {file: output.finish() for file, output in zip(_ARRAYS, outputs)}
     degenerate = int(getattr(normalizer, "num_degenerate", 0))
-    write_json(folder / "patches.json", {"count": len(meta), "stain_degenerate": degenerate, "patches": meta},
-               indent=None)
+    write_json(
+        folder / "patches.json", {"count": len(meta), "stain_degenerate": degenerate, "patches": meta}, indent=None
+    )
     return files
 
 
@@ -254,8 +299,14 @@ def _npy_header(shape: Sequence[int], length: int | None = None) -> bytes:
     more rows than were written then keeps its place).
     """
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                                               "fortran_order": False, "shape": tuple(int(n) for n in shape)})
+    np.lib.format.write_array_header_1_0(
+        buf,
+        {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+            "fortran_order": False,
+            "shape": tuple(int(n) for n in shape),
+        },
+    )
     head = buf.getvalue()
     if length is not None and len(head) != length:
         if len(head) > length or length - 10 > 0xFFFF:
@@ -315,8 +366,13 @@ class _ArrayWriter:
         self.handle.write(header)
         self.handle.seek(0, os.SEEK_END)
         size = self.offset + self.rows * int(np.prod(self.row_shape))
-        return {"bytes": size, "offset": self.offset, "header": zlib.crc32(header),
-                "shape": [self.rows, *self.row_shape], "crc32": self.digest.finish()}
+        return {
+            "bytes": size,
+            "offset": self.offset,
+            "header": zlib.crc32(header),
+            "shape": [self.rows, *self.row_shape],
+            "crc32": self.digest.finish(),
+        }
 
 
 def _digest_file(path: Path) -> dict:
@@ -333,8 +389,10 @@ def _key(folder: Path) -> str:
 def _signature(folder: Path) -> tuple | None:
     """Size, modification time and inode of every file of an entry (None if one is missing)."""
     try:
-        return tuple((st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
-                     for st in (os.stat(folder / f) for f in ("DONE", *_FILES, *_ARRAYS)))
+        return tuple(
+            (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+            for st in (os.stat(folder / f) for f in ("DONE", *_FILES, *_ARRAYS))
+        )
     except OSError:
         return None
 
@@ -361,8 +419,10 @@ def _fault(folder: Path) -> str | None:
         manifest = json.loads(raw)
         version, block = manifest["version"], int(manifest["block"])
         listed = ((name, manifest["files"][name]) for name in (*_FILES, *_ARRAYS))
-        entries = [_Digest(name, int(e["bytes"]), int(e.get("offset", 0)), e.get("header"),
-                           [int(c) for c in e["crc32"]]) for name, e in listed]
+        entries = [
+            _Digest(name, int(e["bytes"]), int(e.get("offset", 0)), e.get("header"), [int(c) for c in e["crc32"]])
+            for name, e in listed
+        ]
     except (ValueError, TypeError, KeyError, AttributeError):
         return "DONE is not a manifest of this cache"
     if version != CACHE_VERSION:
@@ -514,9 +574,10 @@ class CachedPairs(torch.utils.data.Dataset):
     def arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(context, detail) memory maps of every part, opened on first use."""
         if self._arrays is None:
-            self._arrays = [(np.load(f / "context.npy", mmap_mode="r")[:n],
-                             np.load(f / "detail.npy", mmap_mode="r")[:n])
-                            for f, n in zip(self.folders, self.counts)]
+            self._arrays = [
+                (np.load(f / "context.npy", mmap_mode="r")[:n], np.load(f / "detail.npy", mmap_mode="r")[:n])
+                for f, n in zip(self.folders, self.counts)
+            ]
         return self._arrays
 
     def __len__(self) -> int:
@@ -530,8 +591,12 @@ class CachedPairs(torch.utils.data.Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         ctx, det = self._gather(idx)
         # NHWC memory viewed as NCHW: a free channels-last view, no copy.
-        return (torch.from_numpy(ctx).permute(0, 3, 1, 2), torch.from_numpy(det).permute(0, 3, 1, 2),
-                self.labels[idx], torch.from_numpy(idx))
+        return (
+            torch.from_numpy(ctx).permute(0, 3, 1, 2),
+            torch.from_numpy(det).permute(0, 3, 1, 2),
+            self.labels[idx],
+            torch.from_numpy(idx),
+        )
 
     def _gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         arrays = self.arrays()

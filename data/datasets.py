@@ -5,6 +5,7 @@ folder>/]<images>`` as CRC-HGD ships, and a CSV manifest. Both yield
 :class:`~data.records.ImageRecord` lists plus a :class:`SkipReport` that says what
 was left out and why.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -40,8 +41,11 @@ _GRADE_NUMBERS = {"1": 0, "2": 1, "3": 2, "i": 0, "ii": 1, "iii": 2}
 _GRADE_PREFIXES = frozenset({"grade", "gr", "g"})
 _DIFF_WORDS = {
     "well": 0,
-    "moderately": 1, "moderate": 1, "mod": 1,
-    "poorly": 2, "poor": 2,
+    "moderately": 1,
+    "moderate": 1,
+    "mod": 1,
+    "poorly": 2,
+    "poor": 2,
 }
 # Folders that archive tools and operating systems leave behind.
 _IGNORED_DIRS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN"})
@@ -93,8 +97,7 @@ class SkipReport:
     def to_dict(self) -> dict:
         """JSON-ready form: ``{"total": n, "reasons": {reason: {count, examples}}}``."""
         reasons = {
-            r: {"count": self.counts[r], "examples": list(self.examples.get(r, []))}
-            for r in sorted(self.counts)
+            r: {"count": self.counts[r], "examples": list(self.examples.get(r, []))} for r in sorted(self.counts)
         }
         return {"total": self.total, "reasons": reasons}
 
@@ -229,8 +232,9 @@ def resolve_classes(classes: Sequence[str]) -> tuple[str, ...]:
             first = given[index]
             if first == name:
                 raise DataError(f"class name {name!r} is given twice; name each class once")
-            raise DataError(f"class names {first!r} and {name!r} both mean "
-                             f"{ALL_CLASS_NAMES[index]!r}; name each class once")
+            raise DataError(
+                f"class names {first!r} and {name!r} both mean {ALL_CLASS_NAMES[index]!r}; name each class once"
+            )
         given[index] = name
     if not given:
         raise DataError("no classes requested")
@@ -292,8 +296,7 @@ def _walk_files(root: Path) -> Iterator[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames
-                             if not d.startswith(".") and d not in _IGNORED_DIRS)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _IGNORED_DIRS)
         for name in sorted(filenames):
             if not name.startswith("."):
                 yield Path(dirpath) / name
@@ -336,8 +339,7 @@ def _warn_unmatched(records: Sequence[ImageRecord], patient_regex: str | None) -
     """Log when a patient pattern was given but missed some files."""
     missed = sum(1 for r in records if not r.patient)
     if patient_regex and missed:
-        logger.warning("patient_regex %r matched no id in %d of %d images",
-                       patient_regex, missed, len(records))
+        logger.warning("patient_regex %r matched no id in %d of %d images", patient_regex, missed, len(records))
 
 
 def scan_tree(
@@ -386,7 +388,7 @@ def scan_tree(
         elif problem:
             report.add(path, problem)
         else:
-            mag = _magnification_of(parts[:pos] + parts[pos + 1:])
+            mag = _magnification_of(parts[:pos] + parts[pos + 1 :])
             patient = patient_from_name(path, patient_regex, "/".join(parts))
             records.append(ImageRecord(str(path), label_of[index], mag, patient, name="/".join(parts)))
     for (reason, folder), count in sorted(folder_skips.items()):
@@ -419,16 +421,20 @@ def _manifest_text(csv_path: Path) -> str:
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         raise DataError(f"manifest {csv_path} is not UTF-8 (line 1): it is UTF-16; save it as UTF-8")
     if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
+        data = data[len(codecs.BOM_UTF8) :]
     nul = data.find(b"\0")
     if nul >= 0:
-        raise DataError(f"manifest {csv_path} holds a NUL byte (line {_line_at(data, nul)}): "
-                         "it is not UTF-8 text (UTF-16? a binary file?); save it as UTF-8")
+        raise DataError(
+            f"manifest {csv_path} holds a NUL byte (line {_line_at(data, nul)}): "
+            "it is not UTF-8 text (UTF-16? a binary file?); save it as UTF-8"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"manifest {csv_path} is not UTF-8 (line {_line_at(data, err.start)}): "
-                         f"byte 0x{data[err.start]:02x} ({err.reason}); save it as UTF-8") from None
+        raise DataError(
+            f"manifest {csv_path} is not UTF-8 (line {_line_at(data, err.start)}): "
+            f"byte 0x{data[err.start]:02x} ({err.reason}); save it as UTF-8"
+        ) from None
 
 
 def _header(csv_path: Path, row: list[str], line: int) -> list[str]:
@@ -441,16 +447,19 @@ def _header(csv_path: Path, row: list[str], line: int) -> list[str]:
     first: dict[str, str] = {}
     for written, column in zip(row, columns):
         if column in first:
-            spellings = (f"as {first[column].strip()!r} and {written.strip()!r}, "
-                         if first[column].strip() != written.strip() else "")
-            raise DataError(f"manifest {csv_path} names the column {column!r} twice "
-                             f"({spellings}line {line}); keep one of them")
+            spellings = (
+                f"as {first[column].strip()!r} and {written.strip()!r}, "
+                if first[column].strip() != written.strip()
+                else ""
+            )
+            raise DataError(
+                f"manifest {csv_path} names the column {column!r} twice ({spellings}line {line}); keep one of them"
+            )
         if column:
             first[column] = written
     for required in _REQUIRED_COLUMNS:
         if required not in columns:
-            raise DataError(f"manifest {csv_path} lacks the required column {required!r} "
-                             f"(found: {', '.join(columns)})")
+            raise DataError(f"manifest {csv_path} lacks the required column {required!r} (found: {', '.join(columns)})")
     return columns
 
 
@@ -478,14 +487,14 @@ def _read_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
             elif columns is None:
                 columns = _header(csv_path, row, start)
             else:
-                rows.append((reader.line_num, {k: (row[i].strip() if i < len(row) else "")
-                                               for i, k in enumerate(columns) if k}))
+                rows.append(
+                    (reader.line_num, {k: (row[i].strip() if i < len(row) else "") for i, k in enumerate(columns) if k})
+                )
             start = reader.line_num + 1
     except csv.Error as err:
         text = str(err)
         if "field larger than field limit" in text:
-            text = (f"a field is longer than {csv.field_size_limit()} characters "
-                    "(an unclosed quote?)")
+            text = f"a field is longer than {csv.field_size_limit()} characters (an unclosed quote?)"
         raise DataError(f"manifest {csv_path} is not valid CSV (line {start}): {text}") from None
     if columns is None:
         raise DataError(f"manifest {csv_path} is empty")
@@ -512,8 +521,9 @@ def _parse_magnification(text: str, written_path: str) -> str:
     return _magnification_of(Path(written_path).parts or ("",))
 
 
-def _manifest_record(row: dict[str, str], folder: Path, label_of: dict[int, int]
-                     ) -> tuple[ImageRecord | None, str, bool]:
+def _manifest_record(
+    row: dict[str, str], folder: Path, label_of: dict[int, int]
+) -> tuple[ImageRecord | None, str, bool]:
     """One manifest row as a record, or ``(None, reason, _)``; the flag is an int label."""
     written = row.get("path", "")
     index, was_int = _parse_label(row.get("label", ""))
@@ -533,8 +543,9 @@ def _manifest_record(row: dict[str, str], folder: Path, label_of: dict[int, int]
     if problem:
         return None, problem, was_int
     mag = _parse_magnification(row.get("magnification", ""), written)
-    record = ImageRecord(str(path), label_of[index], mag, row.get("patient", ""),
-                         row.get("hospital", ""), split, name=written)
+    record = ImageRecord(
+        str(path), label_of[index], mag, row.get("patient", ""), row.get("hospital", ""), split, name=written
+    )
     return record, "", was_int
 
 
@@ -579,15 +590,18 @@ def read_manifest(
         seen.add(record.path)
         records.append(record)
     if int_labels and 0 not in int_labels and len(GRADE_NAMES) in int_labels:
-        logger.warning("manifest %s: integer labels never use 0 but use %d; labels are 0-based "
-                       "(0 = %s)", csv_path, len(GRADE_NAMES), ALL_CLASS_NAMES[0])
+        logger.warning(
+            "manifest %s: integer labels never use 0 but use %d; labels are 0-based (0 = %s)",
+            csv_path,
+            len(GRADE_NAMES),
+            ALL_CLASS_NAMES[0],
+        )
     records.sort(key=lambda r: r.path)
     logger.info("read %d images of %d classes from %s", len(records), len(names), csv_path)
     return records, report, names
 
 
-def verify_records(records: Iterable[ImageRecord], report: SkipReport,
-                   min_size: int = 0) -> list[ImageRecord]:
+def verify_records(records: Iterable[ImageRecord], report: SkipReport, min_size: int = 0) -> list[ImageRecord]:
     """Keep the records whose image header opens; count the others in ``report``.
 
     Only headers are read (fast), so truncated pixel data is found later, when the
@@ -640,8 +654,7 @@ def load_records(
     else:
         records, report, names = scan_tree(path, classes, patient_regex)
     if patient_regex:
-        records = [r if r.patient else r.with_(patient=patient_from_name(r.path, patient_regex))
-                   for r in records]
+        records = [r if r.patient else r.with_(patient=patient_from_name(r.path, patient_regex)) for r in records]
     if verify:
         records = verify_records(records, report)
     # Leaving out classes on purpose is routine; anything else deserves attention.

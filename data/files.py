@@ -6,6 +6,7 @@ is flushed and fsync'd, then renamed over the target. On any failure the
 temporary file is removed, and a full disk or a read-only folder becomes a
 :class:`WriteError` with one line that names the file.
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,9 +29,13 @@ log = logging.getLogger(__name__)
 _WARNED = False
 _MIB = 2**20
 #: Errors of the storage rather than of the program: they become one line naming the file.
-_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                   errno.EPERM: "operation not permitted"}
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
 
 
 class WriteError(OSError):

@@ -3,6 +3,7 @@
 Every failure is reported as :class:`BadImage` with a short reason, so callers can
 count skipped files without knowing anything about Pillow's exception types.
 """
+
 from __future__ import annotations
 
 import logging

@@ -2,6 +2,7 @@
 
 Kept in a module that imports nothing, so that reading the settings does not load numpy or Pillow.
 """
+
 from __future__ import annotations
 
 #: Largest simulated lab difference (``data.site_shift``): at 4 stains turn by up to 32 degrees and JPEG

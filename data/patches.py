@@ -6,6 +6,7 @@ The detail patch is ``detail_size`` native pixels. The context patch covers
 no resizing). Centres are drawn where the detail window is mostly tissue;
 images smaller than the context field are reflect-padded.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ class NoTissue(Exception):
     """The image has no tissue to sample patches from."""
 
 
-def sample_centres(rgb: np.ndarray, count: int, spec: PatchSpec, rng: np.random.Generator,
-                   mask: np.ndarray | None = None) -> np.ndarray:
+def sample_centres(
+    rgb: np.ndarray, count: int, spec: PatchSpec, rng: np.random.Generator, mask: np.ndarray | None = None
+) -> np.ndarray:
     """``count`` (row, col) centres whose detail window holds at least ``min_tissue`` tissue.
 
     Falls back to the most tissue-rich centres when too few qualify; raises

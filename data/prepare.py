@@ -6,6 +6,7 @@ Training with the same data settings and ``--set data.cache_dir=CACHE`` then
 reads the cache instead of decoding images (``train.py`` also builds it on
 first use; this command is for preparing it once, e.g. on a login node).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,9 @@ def prepare(args: argparse.Namespace) -> dict:
         print(f"site profiles (--site-shift {d.site_shift:g}):")
         print("\n".join(write_site_profiles(out / "site_profiles.json", hospital_names(records), seed, d.site_shift)))
     patch = PatchSpec(d.context_size, d.detail_size, d.context_fov, d.min_tissue)
-    specs = split_specs(patch, d.patches_per_image, d.eval_patches_per_image, d.stain, d.stain_reference, seed,
-                        d.site_shift)
+    specs = split_specs(
+        patch, d.patches_per_image, d.eval_patches_per_image, d.stain, d.stain_reference, seed, d.site_shift
+    )
     for hospital in hospital_names(records):
         hospital_report = SkipReport()
         folders = build_hospital(records, hospital, specs, out, hospital_report)

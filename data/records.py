@@ -1,4 +1,5 @@
 """The record of one image, shared by every loader, split and partition function."""
+
 from __future__ import annotations
 
 import os

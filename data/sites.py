@@ -26,6 +26,7 @@ change at all; strength 1 is a typical spread between labs; 4 is the most
 allowed. Any strength above 0 re-encodes as JPEG (quality 95 at the
 smallest strengths).
 """
+
 from __future__ import annotations
 
 import io
@@ -177,9 +178,11 @@ class SiteProfile:
         """One line for logs."""
         turn_h = _angle(self.haematoxylin, STANDARD_HAEMATOXYLIN)
         turn_e = _angle(self.eosin, STANDARD_EOSIN)
-        return (f"H turned {turn_h:.1f} deg x{self.h_gain:.2f}, E turned {turn_e:.1f} deg x{self.e_gain:.2f}, "
-                f"light x{self.brightness:.2f}, blur {self.blur_sigma:.2f} px, "
-                f"JPEG {'off' if not self.jpeg_quality else f'q{self.jpeg_quality}'}")
+        return (
+            f"H turned {turn_h:.1f} deg x{self.h_gain:.2f}, E turned {turn_e:.1f} deg x{self.e_gain:.2f}, "
+            f"light x{self.brightness:.2f}, blur {self.blur_sigma:.2f} px, "
+            f"JPEG {'off' if not self.jpeg_quality else f'q{self.jpeg_quality}'}"
+        )
 
     def to_dict(self) -> dict:
         """The profile as plain JSON-ready values."""

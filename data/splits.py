@@ -4,6 +4,7 @@ CRC-HGD holds about ten images per patient, so every assignment here moves whole
 patients: an image-level split would put near-duplicate views of one patient on
 both sides and inflate test scores.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,8 +30,7 @@ logger = logging.getLogger(__name__)
 
 #: ``auto`` resolves to ``natural`` or ``iid`` (see :func:`resolve_partition`).
 PARTITION_METHODS: tuple[str, ...] = ("auto", "natural", "iid", "dirichlet")
-SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "class_name", "magnification", "patient",
-                                  "hospital", "split")
+SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "class_name", "magnification", "patient", "hospital", "split")
 # Dirichlet draws tried before moving patients by hand to fill empty hospitals.
 _MAX_DRAWS = 10
 # Unsplit records count as training data, e.g. when partitioning before splitting.
@@ -52,8 +52,7 @@ def hospital_names(records: Iterable[ImageRecord]) -> list[str]:
     return sorted({r.hospital for r in records if r.hospital}, key=natural_key)
 
 
-def with_patients(records: Sequence[ImageRecord], patient_regex: str | None = None
-                  ) -> list[ImageRecord]:
+def with_patients(records: Sequence[ImageRecord], patient_regex: str | None = None) -> list[ImageRecord]:
     """Fill in missing patient ids.
 
     Ids come from ``patient_regex`` on the file stem when given; otherwise (or when
@@ -67,9 +66,13 @@ def with_patients(records: Sequence[ImageRecord], patient_regex: str | None = No
             patient, fallback = record.path, fallback + 1
         out.append(record if patient == record.patient else record.with_(patient=patient))
     if fallback:
-        logger.warning("%d of %d images have no patient id; each is treated as its own "
-                       "patient, so images of one patient may straddle splits or hospitals "
-                       "(set patient_regex or a manifest patient column)", fallback, len(out))
+        logger.warning(
+            "%d of %d images have no patient id; each is treated as its own "
+            "patient, so images of one patient may straddle splits or hospitals "
+            "(set patient_regex or a manifest patient column)",
+            fallback,
+            len(out),
+        )
     return out
 
 
@@ -121,8 +124,7 @@ def _split_counts(total: int, shares: Sequence[float]) -> list[int]:
 def _check_fractions(fractions: Sequence[float]) -> list[float]:
     """Validate train/val/test fractions and scale them to sum to one."""
     if len(fractions) != len(SPLITS):
-        raise DataError(f"fractions needs {len(SPLITS)} values (train, val, test), "
-                         f"got {fractions}")
+        raise DataError(f"fractions needs {len(SPLITS)} values (train, val, test), got {fractions}")
     if not all(math.isfinite(f) and f >= 0 for f in fractions) or fractions[0] <= 0:
         raise DataError(f"fractions must be finite and >= 0 with a positive train share, got {fractions}")
     total = float(sum(fractions))
@@ -136,8 +138,7 @@ def _keep_given_splits(records: list[ImageRecord]) -> list[ImageRecord]:
         raise DataError(f"unknown split values {bad}; expected one of {SPLITS}")
     leaking = [p for p, rs in _by_patient(records).items() if len({r.split for r in rs}) > 1]
     if leaking:
-        logger.warning("given splits put %d patients in more than one split (e.g. %s)",
-                       len(leaking), leaking[0])
+        logger.warning("given splits put %d patients in more than one split (e.g. %s)", len(leaking), leaking[0])
     logger.info("keeping the split given with the data")
     return records
 
@@ -174,8 +175,9 @@ def split_by_patient(
     if records and given == len(records):
         return _keep_given_splits(records)
     if given:
-        raise DataError(f"{given} of {len(records)} records already have a split; "
-                         "give a split for all of them or for none")
+        raise DataError(
+            f"{given} of {len(records)} records already have a split; give a split for all of them or for none"
+        )
     shares = _check_fractions(fractions)
     grades = patient_grades(records)
     # Stratify within each hospital when hospitals are known, so that every
@@ -187,13 +189,12 @@ def split_by_patient(
         random.Random(f"split:{seed}:{hospital}:{grade}").shuffle(patients)
         start = 0
         for split, count in zip(SPLITS, _split_counts(len(patients), shares)):
-            split_of.update((p, split) for p in patients[start:start + count])
+            split_of.update((p, split) for p in patients[start : start + count])
             start += count
     out = [r.with_(split=split_of[r.patient]) for r in records]
     for split in SPLITS:
         chosen = [r for r in out if r.split == split]
-        logger.info("split %s: %d patients, %d images", split,
-                    len({r.patient for r in chosen}), len(chosen))
+        logger.info("split %s: %d patients, %d images", split, len({r.patient for r in chosen}), len(chosen))
     return out
 
 
@@ -215,31 +216,33 @@ def _split_rank(split: str) -> int:
     return 1 + (SPLITS.index(split) if split in SPLITS else len(SPLITS))
 
 
-def _natural_partition(records: list[ImageRecord], num_hospitals: int,
-                       method: str = "natural") -> list[ImageRecord]:
+def _natural_partition(records: list[ImageRecord], num_hospitals: int, method: str = "natural") -> list[ImageRecord]:
     """Keep the hospitals given with the data, checking that they fit."""
     missing = sum(1 for r in records if not r.hospital)
     if missing:
-        raise DataError(f"natural partition needs a hospital on every record; "
-                         f"{missing} of {len(records)} have none")
+        raise DataError(f"natural partition needs a hospital on every record; {missing} of {len(records)} have none")
     names = hospital_names(records)
     if len(names) != num_hospitals:
-        hint = (f"; partition = auto keeps the hospitals of the data: ask for {len(names)} "
-                "hospitals, or choose iid or dirichlet" if method == "auto" else "")
-        raise DataError(f"natural partition found {len(names)} hospitals ({', '.join(names)}) "
-                         f"but num_hospitals is {num_hospitals}{hint}")
+        hint = (
+            f"; partition = auto keeps the hospitals of the data: ask for {len(names)} "
+            "hospitals, or choose iid or dirichlet"
+            if method == "auto"
+            else ""
+        )
+        raise DataError(
+            f"natural partition found {len(names)} hospitals ({', '.join(names)}) "
+            f"but num_hospitals is {num_hospitals}{hint}"
+        )
     shared = [p for p, rs in _by_patient(records).items() if len({r.hospital for r in rs}) > 1]
     if shared:
-        logger.warning("%d patients appear in more than one hospital (e.g. %s)",
-                       len(shared), shared[0])
+        logger.warning("%d patients appear in more than one hospital (e.g. %s)", len(shared), shared[0])
     for name in names:
         if not any(r.hospital == name and r.split in _TRAINING for r in records):
             logger.warning("hospital %s has no training images", name)
     return records
 
 
-def _deal_iid(grades: dict[str, int], splits: dict[str, str], num_hospitals: int,
-              seed: int) -> dict[str, int]:
+def _deal_iid(grades: dict[str, int], splits: dict[str, str], num_hospitals: int, seed: int) -> dict[str, int]:
     """Round-robin over shuffled patients, group by group (split, then grade).
 
     Training patients are dealt first and the turn carries over between groups, so
@@ -257,8 +260,9 @@ def _deal_iid(grades: dict[str, int], splits: dict[str, str], num_hospitals: int
     return owner
 
 
-def _dirichlet_draw(grades: dict[str, int], splits: dict[str, str], num_hospitals: int,
-                    alpha: float, rng: np.random.Generator) -> dict[str, int]:
+def _dirichlet_draw(
+    grades: dict[str, int], splits: dict[str, str], num_hospitals: int, alpha: float, rng: np.random.Generator
+) -> dict[str, int]:
     """One label-skewed assignment: per grade, hospital shares ~ Dir(alpha).
 
     The same shares cut the grade's training, validation and test patients, so a
@@ -273,7 +277,7 @@ def _dirichlet_draw(grades: dict[str, int], splits: dict[str, str], num_hospital
             patients = [patients[i] for i in rng.permutation(len(patients))]
             start = 0
             for hospital, count in enumerate(apportion(len(patients), shares)):
-                owner.update((p, hospital) for p in patients[start:start + count])
+                owner.update((p, hospital) for p in patients[start : start + count])
                 start += count
     return owner
 
@@ -286,8 +290,7 @@ def _train_counts(owner: dict[str, int], splits: dict[str, str], num_hospitals: 
     return counts
 
 
-def _fill_empty(owner: dict[str, int], splits: dict[str, str],
-                num_hospitals: int) -> dict[str, int]:
+def _fill_empty(owner: dict[str, int], splits: dict[str, str], num_hospitals: int) -> dict[str, int]:
     """Move training patients from the fullest hospital to those without any.
 
     Deterministic: the donor is the hospital with most training patients (lowest
@@ -304,8 +307,9 @@ def _fill_empty(owner: dict[str, int], splits: dict[str, str],
     return owner
 
 
-def _deal_dirichlet(grades: dict[str, int], splits: dict[str, str], num_hospitals: int,
-                    alpha: float, seed: int) -> dict[str, int]:
+def _deal_dirichlet(
+    grades: dict[str, int], splits: dict[str, str], num_hospitals: int, alpha: float, seed: int
+) -> dict[str, int]:
     """Label-skewed assignment in which every hospital has a training patient.
 
     Redraws a few times, then moves patients by hand (small alpha with many
@@ -342,9 +346,11 @@ def resolve_partition(records: Sequence[ImageRecord], method: str) -> str:
         return "natural"
     if named == 0:
         return "iid"
-    raise DataError(f"partition = auto: {len(records) - named} of {len(records)} records have no "
-                     "hospital; give a hospital for all of them (natural) or for none, "
-                     "or choose iid or dirichlet")
+    raise DataError(
+        f"partition = auto: {len(records) - named} of {len(records)} records have no "
+        "hospital; give a hospital for all of them (natural) or for none, "
+        "or choose iid or dirichlet"
+    )
 
 
 def partition(
@@ -392,8 +398,7 @@ def partition(
     splits = {p: _majority(r.split for r in rs) for p, rs in _by_patient(records).items()}
     training = sum(1 for s in splits.values() if s in _TRAINING)
     if training < num_hospitals:
-        raise DataError(f"{num_hospitals} hospitals need as many training patients; "
-                         f"there are {training}")
+        raise DataError(f"{num_hospitals} hospitals need as many training patients; there are {training}")
     if method == "iid":
         owner = _deal_iid(grades, splits, num_hospitals, seed)
     else:
@@ -412,36 +417,40 @@ def count_table(records: Sequence[ImageRecord], class_names: Sequence[str] | Non
         Lines joined by newlines: one row per (hospital, split), then a total row.
     """
     labels = sorted({r.label for r in records} | set(range(len(class_names or ()))))
-    titles = [class_names[i] if class_names and i < len(class_names) else f"label {i}"
-              for i in labels]
+    titles = [class_names[i] if class_names and i < len(class_names) else f"label {i}" for i in labels]
     mags = [m for m in (*MAGNIFICATIONS, UNKNOWN) if any(r.magnification == m for r in records)]
     mags += sorted({r.magnification for r in records} - set(mags))
     header = ["hospital", "split", *titles, *mags, "images", "patients"]
-    keys = sorted({(r.hospital, r.split) for r in records},
-                  key=lambda k: (natural_key(k[0]), _split_rank(k[1]), k[1]))
-    rows = [_count_row(k[0] or "-", k[1] or "-",
-                       [r for r in records if (r.hospital, r.split) == k], labels, mags)
-            for k in keys]
+    keys = sorted({(r.hospital, r.split) for r in records}, key=lambda k: (natural_key(k[0]), _split_rank(k[1]), k[1]))
+    rows = [
+        _count_row(k[0] or "-", k[1] or "-", [r for r in records if (r.hospital, r.split) == k], labels, mags)
+        for k in keys
+    ]
     rows.append(_count_row("all", "", list(records), labels, mags))
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w)
-                       for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-             for row in [header, *rows]]
+    lines = [
+        "  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        for row in [header, *rows]
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
-def _count_row(hospital: str, split: str, records: list[ImageRecord], labels: list[int],
-               mags: list[str]) -> list:
+def _count_row(hospital: str, split: str, records: list[ImageRecord], labels: list[int], mags: list[str]) -> list:
     """One row of :func:`count_table`."""
     by_label = Counter(r.label for r in records)
     by_mag = Counter(r.magnification for r in records)
-    return [hospital, split, *(by_label[i] for i in labels), *(by_mag[m] for m in mags),
-            len(records), len({r.patient for r in records})]
+    return [
+        hospital,
+        split,
+        *(by_label[i] for i in labels),
+        *(by_mag[m] for m in mags),
+        len(records),
+        len({r.patient for r in records}),
+    ]
 
 
-def write_splits_csv(records: Sequence[ImageRecord], path: str | os.PathLike,
-                     class_names: Sequence[str]) -> None:
+def write_splits_csv(records: Sequence[ImageRecord], path: str | os.PathLike, class_names: Sequence[str]) -> None:
     """Write records to CSV (columns :data:`SPLIT_COLUMNS`) atomically.
 
     The file is written next to its destination and moved into place
@@ -456,10 +465,8 @@ def write_splits_csv(records: Sequence[ImageRecord], path: str | os.PathLike,
     rows = []
     for r in _sorted(records):
         if not 0 <= r.label < len(class_names):
-            raise DataError(f"label {r.label} of {r.path} has no class name "
-                             f"in {tuple(class_names)}")
-        rows.append([r.path, r.label, class_names[r.label], r.magnification, r.patient,
-                     r.hospital, r.split])
+            raise DataError(f"label {r.label} of {r.path} has no class name in {tuple(class_names)}")
+        rows.append([r.path, r.label, class_names[r.label], r.magnification, r.patient, r.hospital, r.split])
     with atomic_writer(path) as handle:
         text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
         writer = csv.writer(text)
@@ -490,9 +497,11 @@ def read_splits_csv(path: str | os.PathLike) -> tuple[list[ImageRecord], tuple[s
     for row in rows:
         label = int(row["label"])
         if names.setdefault(label, row["class_name"]) != row["class_name"]:
-            raise DataError(f"{path}: label {label} named both {names[label]!r} "
-                             f"and {row['class_name']!r}")
-        records.append(ImageRecord(row["path"], label, row["magnification"] or UNKNOWN,
-                                   row["patient"], row["hospital"], row["split"]))
+            raise DataError(f"{path}: label {label} named both {names[label]!r} and {row['class_name']!r}")
+        records.append(
+            ImageRecord(
+                row["path"], label, row["magnification"] or UNKNOWN, row["patient"], row["hospital"], row["split"]
+            )
+        )
     count = max(names, default=-1) + 1
     return _sorted(records), tuple(names.get(i, f"label {i}") for i in range(count))

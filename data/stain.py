@@ -9,6 +9,7 @@ Images on which a method is not defined (background only, a single colour, too
 few tissue pixels, a degenerate stain estimate) come back unchanged and are
 counted in the normalizer's ``num_degenerate``; no output is ever NaN.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -601,7 +602,11 @@ def _percentiles(values: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:
 
 
 def _masked_percentiles(
-    values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor, q_low: float, bound: float,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    count: torch.Tensor,
+    q_low: float,
+    bound: float,
     scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Percentiles ``q_low`` and ``100 - q_low`` (q_low < 50) of each row of ``values`` (B, N) over its

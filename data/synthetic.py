@@ -43,6 +43,7 @@ camera white balance, focus, vignetting) fixed by ``(seed, hospital)``; ``H1``
 stays close to standard H&E. Each patient's slide varies a little around its
 lab's profile.
 """
+
 from __future__ import annotations
 
 import csv
@@ -129,10 +130,16 @@ class SyntheticSpec:
         check_int("SyntheticSpec.seed", self.seed, 0, 2**63 - 1)
         check_int("SyntheticSpec.jpeg_quality", self.jpeg_quality, 1, 100)
         mags = self.magnifications
-        if (not isinstance(mags, tuple) or not mags
-                or any(m not in MAGNIFICATIONS for m in mags) or len(set(mags)) != len(mags)):
-            raise ValueError(f"SyntheticSpec.magnifications must be a non-empty tuple of distinct "
-                             f"values from {MAGNIFICATIONS}; got {mags!r}")
+        if (
+            not isinstance(mags, tuple)
+            or not mags
+            or any(m not in MAGNIFICATIONS for m in mags)
+            or len(set(mags)) != len(mags)
+        ):
+            raise ValueError(
+                f"SyntheticSpec.magnifications must be a non-empty tuple of distinct "
+                f"values from {MAGNIFICATIONS}; got {mags!r}"
+            )
 
     def to_dict(self) -> dict:
         """The spec as plain JSON-ready values."""
@@ -211,10 +218,13 @@ class StainProfile:
     def jittered(self, rng: np.random.Generator, amount: float = 0.05) -> StainProfile:
         """A slide of this lab: stain strengths varied by about ``amount`` (relative)."""
         return StainProfile(
-            self.haematoxylin, self.eosin,
+            self.haematoxylin,
+            self.eosin,
             h_strength=self.h_strength * float(np.exp(rng.normal(0.0, amount))),
             e_strength=self.e_strength * float(np.exp(rng.normal(0.0, amount))),
-            background=self.background, sharpness=self.sharpness, vignette=self.vignette,
+            background=self.background,
+            sharpness=self.sharpness,
+            vignette=self.vignette,
         )
 
 
@@ -230,30 +240,30 @@ def _signed(rng: np.random.Generator, low: float, high: float) -> float:
 class _Architecture:
     """How glands are built at one architecture grade (Grades I and II)."""
 
-    spacing: float            # distance between gland centres, in gland radii
-    jitter: float             # centre jitter, in grid steps
-    radius_cv: float          # spread of gland sizes
+    spacing: float  # distance between gland centres, in gland radii
+    jitter: float  # centre jitter, in grid steps
+    radius_cv: float  # spread of gland sizes
     aspect: tuple[float, float]  # range of long/short axis ratios
-    wobble: float             # boundary irregularity
-    wall: float               # epithelial wall thickness, fraction of the radius
-    layers: int               # rows of nuclei along the wall (stratification)
-    disorder: float           # loss of nuclear polarity: orientation noise in radians
-    cribriform: float         # probability that a gland is cribriform
-    debris: float             # eosinophilic debris in lumens ("dirty necrosis")
+    wobble: float  # boundary irregularity
+    wall: float  # epithelial wall thickness, fraction of the radius
+    layers: int  # rows of nuclei along the wall (stratification)
+    disorder: float  # loss of nuclear polarity: orientation noise in radians
+    cribriform: float  # probability that a gland is cribriform
+    debris: float  # eosinophilic debris in lumens ("dirty necrosis")
 
 
 @dataclass(frozen=True)
 class _NuclearLook:
     """How tumour nuclei look at one nuclear grade; lengths at 40x and 800 px."""
 
-    radius: float             # mean area-equivalent radius
-    radius_cv: float          # pleomorphism of size
-    elongation: float         # mean long/short axis ratio
-    elongation_cv: float      # pleomorphism of shape
-    roughness: float          # boundary irregularity
-    density: float            # haematoxylin concentration (hyperchromasia)
-    chromatin: float          # amplitude of chromatin clumping
-    mitoses: float            # fraction drawn as mitotic figures
+    radius: float  # mean area-equivalent radius
+    radius_cv: float  # pleomorphism of size
+    elongation: float  # mean long/short axis ratio
+    elongation_cv: float  # pleomorphism of shape
+    roughness: float  # boundary irregularity
+    density: float  # haematoxylin concentration (hyperchromasia)
+    chromatin: float  # amplitude of chromatin clumping
+    mitoses: float  # fraction drawn as mitotic figures
 
 
 _GLANDULAR = (
@@ -294,8 +304,7 @@ def _noise(rng: np.random.Generator, size: int, cells: float) -> np.ndarray:
     return np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC))
 
 
-def _layered_noise(rng: np.random.Generator, size: int,
-                   octaves: Sequence[tuple[float, float]]) -> np.ndarray:
+def _layered_noise(rng: np.random.Generator, size: int, octaves: Sequence[tuple[float, float]]) -> np.ndarray:
     """A weighted sum of smooth noises, as ``sum(weight * _noise(rng, size, cells))``.
 
     The coarse layers are summed on the finest layer's small grid and the sum
@@ -328,8 +337,14 @@ def _fibres(rng: np.random.Generator, size: int, unit: float) -> tuple[np.ndarra
     c, s = math.cos(theta), math.sin(theta)
     k_along, k_across, mid = along / span, across / span, half / 2.0
     # Output (x, y) -> grid (along, across): a rotation, a scaling and a shift.
-    affine = (c * k_along, s * k_along, along / 2.0 - mid * (c + s) * k_along,
-              -s * k_across, c * k_across, across / 2.0 - mid * (c - s) * k_across)
+    affine = (
+        c * k_along,
+        s * k_along,
+        along / 2.0 - mid * (c + s) * k_along,
+        -s * k_across,
+        c * k_across,
+        across / 2.0 - mid * (c - s) * k_across,
+    )
     grid = Image.fromarray(rng.random((across, along), dtype=np.float32))
     turned = grid.transform((half, half), Image.AFFINE, affine, resample=Image.BILINEAR)
     return np.asarray(turned.resize((size, size), Image.BICUBIC)), theta
@@ -402,12 +417,12 @@ class _Glands(_Table):
 
     x: np.ndarray
     y: np.ndarray
-    a: np.ndarray             # semi-axis along ``angle``
-    b: np.ndarray             # the other semi-axis
+    a: np.ndarray  # semi-axis along ``angle``
+    b: np.ndarray  # the other semi-axis
     angle: np.ndarray
-    harmonics: np.ndarray     # (N, 2, K): cosine and sine weights of boundary harmonics 2..K+1
-    wall: np.ndarray          # epithelial wall thickness, fraction of the radius
-    cribriform: np.ndarray    # bool: solid epithelium punched by small lumens
+    harmonics: np.ndarray  # (N, 2, K): cosine and sine weights of boundary harmonics 2..K+1
+    wall: np.ndarray  # epithelial wall thickness, fraction of the radius
+    cribriform: np.ndarray  # bool: solid epithelium punched by small lumens
 
 
 @dataclass
@@ -419,13 +434,12 @@ class _Nuclei(_Table):
     a: np.ndarray
     b: np.ndarray
     angle: np.ndarray
-    harmonics: np.ndarray     # (N, 2, 1): cosine and sine weights of the third harmonic
-    density: np.ndarray       # haematoxylin concentration
-    chromatin: np.ndarray     # clumping amplitude
+    harmonics: np.ndarray  # (N, 2, 1): cosine and sine weights of the third harmonic
+    density: np.ndarray  # haematoxylin concentration
+    chromatin: np.ndarray  # clumping amplitude
 
 
-def _wobble(rng: np.random.Generator, count: int, amplitude: np.ndarray | float, orders: int
-            ) -> np.ndarray:
+def _wobble(rng: np.random.Generator, count: int, amplitude: np.ndarray | float, orders: int) -> np.ndarray:
     """Random boundary harmonics (count, 2, orders), weaker for higher orders."""
     amps = np.asarray(amplitude, float).reshape(-1, 1) * rng.uniform(0.4, 1.2, (count, orders))
     amps /= np.sqrt(np.arange(1, orders + 1))
@@ -482,8 +496,7 @@ def _box_rho(shapes, reach: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         # Ellipses already vary in elongation; a third harmonic adds lobes and dents.
         edge = _trefoil_edge(u / r, v / r, h[:, 0, 0], h[:, 1, 0])
     else:
-        edge = _harmonic_edge(u / r, v / r, h[:, 0].transpose(1, 0, 2, 3),
-                              h[:, 1].transpose(1, 0, 2, 3))
+        edge = _harmonic_edge(u / r, v / r, h[:, 0].transpose(1, 0, 2, 3), h[:, 1].transpose(1, 0, 2, 3))
     return r / edge, rows[:, :, None] * size + cols[:, None, :]
 
 
@@ -501,8 +514,7 @@ def _rasterise(shapes, size: int, shade: Callable, layers: int = 1) -> list[np.n
         ``layers`` float32 (size x size) maps.
     """
     reach = _reach(shapes)
-    keep = ((shapes.x > -reach) & (shapes.x < size + reach)
-            & (shapes.y > -reach) & (shapes.y < size + reach))
+    keep = (shapes.x > -reach) & (shapes.x < size + reach) & (shapes.y > -reach) & (shapes.y < size + reach)
     shapes, reach = shapes.take(keep), reach[keep]
     indices, values = [], [[] for _ in range(layers)]
     for batch, box in _batches(reach):
@@ -514,8 +526,10 @@ def _rasterise(shapes, size: int, shade: Callable, layers: int = 1) -> list[np.n
     if not indices:
         return [np.zeros((size, size), np.float32) for _ in range(layers)]
     flat = np.concatenate(indices)
-    return [np.bincount(flat, np.concatenate(store), minlength=size * size)
-            .reshape(size, size).astype(np.float32) for store in values]
+    return [
+        np.bincount(flat, np.concatenate(store), minlength=size * size).reshape(size, size).astype(np.float32)
+        for store in values
+    ]
 
 
 # --------------------------------------------------------------------- layouts
@@ -525,14 +539,13 @@ def _rasterise(shapes, size: int, shade: Callable, layers: int = 1) -> list[np.n
 class _Layout:
     """Where the tissue compartments lie in one image."""
 
-    epithelium: np.ndarray    # float [0, 1]: tumour cells (lumen overrides it)
-    lumen: np.ndarray         # float [0, 1]: gland lumens
-    solid: np.ndarray         # bool: epithelium packed with nuclei at random
-    lining: np.ndarray        # (N, 3): x, y, orientation of nuclei lining gland walls
+    epithelium: np.ndarray  # float [0, 1]: tumour cells (lumen overrides it)
+    lumen: np.ndarray  # float [0, 1]: gland lumens
+    solid: np.ndarray  # bool: epithelium packed with nuclei at random
+    lining: np.ndarray  # (N, 3): x, y, orientation of nuclei lining gland walls
 
 
-def _sample_glands(rng: np.random.Generator, size: int, radius: float, arch: _Architecture
-                   ) -> _Glands:
+def _sample_glands(rng: np.random.Generator, size: int, radius: float, arch: _Architecture) -> _Glands:
     """Glands on a jittered grid that covers the image, each with its own shape."""
     step = arch.spacing * radius
     count = int(math.ceil(size / step)) + 2
@@ -543,13 +556,19 @@ def _sample_glands(rng: np.random.Generator, size: int, radius: float, arch: _Ar
     gy = gy + rng.uniform(0, step) + rng.uniform(-arch.jitter, arch.jitter, n) * step
     r = radius * np.exp(np.clip(rng.normal(0.0, arch.radius_cv, n), -0.7, 0.7))
     aspect = rng.uniform(*arch.aspect, n)
-    return _Glands(gx, gy, r * np.sqrt(aspect), r / np.sqrt(aspect), rng.uniform(0, np.pi, n),
-                   _wobble(rng, n, arch.wobble, 4), np.full(n, arch.wall),
-                   rng.random(n) < arch.cribriform)
+    return _Glands(
+        gx,
+        gy,
+        r * np.sqrt(aspect),
+        r / np.sqrt(aspect),
+        rng.uniform(0, np.pi, n),
+        _wobble(rng, n, arch.wobble, 4),
+        np.full(n, arch.wall),
+        rng.random(n) < arch.cribriform,
+    )
 
 
-def _gland_points(glands: _Glands, rho: np.ndarray, t: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _gland_points(glands: _Glands, rho: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Image coordinates of points at normalised radius ``rho`` and angle ``t`` of each gland.
 
     ``rho`` and ``t`` broadcast against (number of glands, points per gland).
@@ -563,8 +582,7 @@ def _gland_points(glands: _Glands, rho: np.ndarray, t: np.ndarray
     return glands.x[:, None] + lx * c - ly * s, glands.y[:, None] + lx * s + ly * c
 
 
-def _lining(glands: _Glands, depth: np.ndarray, spacing: float, jitter: float,
-            rng: np.random.Generator) -> np.ndarray:
+def _lining(glands: _Glands, depth: np.ndarray, spacing: float, jitter: float, rng: np.random.Generator) -> np.ndarray:
     """Nuclei evenly spaced along one row of each gland wall: (N, 3) of x, y, orientation.
 
     Args:
@@ -591,15 +609,13 @@ def _lining(glands: _Glands, depth: np.ndarray, spacing: float, jitter: float,
     tx, ty = np.gradient(x, axis=1).ravel(), np.gradient(y, axis=1).ravel()
     # Columnar nuclei stand across the wall, so their long axis follows its normal.
     normal = np.arctan2(-np.interp(where, flat, tx), np.interp(where, flat, ty))
-    return np.stack([np.interp(where, flat, x.ravel()), np.interp(where, flat, y.ravel()),
-                     normal], axis=1)
+    return np.stack([np.interp(where, flat, x.ravel()), np.interp(where, flat, y.ravel()), normal], axis=1)
 
 
 def _discs(x: np.ndarray, y: np.ndarray, radius: np.ndarray) -> _Glands:
     """Round shapes (used for small lumens)."""
     n = len(x)
-    return _Glands(x, y, radius, radius, np.zeros(n), np.zeros((n, 2, 1)), np.zeros(n),
-                   np.zeros(n, bool))
+    return _Glands(x, y, radius, radius, np.zeros(n), np.zeros((n, 2, 1)), np.zeros(n), np.zeros(n, bool))
 
 
 def _cribriform_lumens(rng: np.random.Generator, glands: _Glands) -> _Glands:
@@ -640,24 +656,29 @@ def _coarse_glands(glands: _Glands, size: int) -> list[np.ndarray]:
     small = size // factor + 1
     # Coarse pixel j stands for full pixel j * factor + (factor - 1) / 2 under PIL resizing.
     shift = (factor - 1) / 2
-    shrunk = _Glands((glands.x - shift) / factor, (glands.y - shift) / factor,
-                     glands.a / factor, glands.b / factor,
-                     glands.angle, glands.harmonics, glands.wall, glands.cribriform)
+    shrunk = _Glands(
+        (glands.x - shift) / factor,
+        (glands.y - shift) / factor,
+        glands.a / factor,
+        glands.b / factor,
+        glands.angle,
+        glands.harmonics,
+        glands.wall,
+        glands.cribriform,
+    )
     maps = []
     for layer in _rasterise(shrunk, small, _shade_glands, layers=3):
         if not layer.any():  # most images have no cribriform glands
             maps.append(np.zeros((size, size), np.float32))
             continue
-        big = Image.fromarray(np.minimum(layer, 1.0)).resize(
-            (small * factor, small * factor), Image.BILINEAR)
+        big = Image.fromarray(np.minimum(layer, 1.0)).resize((small * factor, small * factor), Image.BILINEAR)
         sharp = np.asarray(big)[:size, :size] * np.float32(factor)
         sharp += np.float32(0.5 - 0.5 * factor)
         maps.append(np.clip(sharp, 0.0, 1.0, out=sharp))
     return maps
 
 
-def _gland_layout(rng: np.random.Generator, size: int, unit: float, arch: _Architecture,
-                  look: _NuclearLook) -> _Layout:
+def _gland_layout(rng: np.random.Generator, size: int, unit: float, arch: _Architecture, look: _NuclearLook) -> _Layout:
     """Glands (Grades I and II) with their lining nuclei."""
     glands = _sample_glands(rng, size, _GLAND_RADIUS * unit, arch)
     epithelium, lumen, crib = _coarse_glands(glands, size)
@@ -671,15 +692,13 @@ def _gland_layout(rng: np.random.Generator, size: int, unit: float, arch: _Archi
         row = _lining(tubular, depth, spacing, 0.06 + 0.25 * (arch.layers - 1), rng)
         row[:, 2] += rng.normal(0.0, arch.disorder, len(row))
         rows.append(row)
-    return _Layout(np.minimum(epithelium, 1.0), np.minimum(lumen + small, 1.0), crib > 0.5,
-                   np.concatenate(rows))
+    return _Layout(np.minimum(epithelium, 1.0), np.minimum(lumen + small, 1.0), crib > 0.5, np.concatenate(rows))
 
 
 def _sheet_layout(rng: np.random.Generator, size: int, unit: float) -> _Layout:
     """Solid sheets and nests of tumour cells (Grade III), with the odd abortive lumen."""
     radius = _GLAND_RADIUS * unit
-    field = _layered_noise(rng, size, ((size / (1.5 * radius) + 2, 0.75),
-                                       (size / (0.3 * radius) + 3, 0.25)))
+    field = _layered_noise(rng, size, ((size / (1.5 * radius) + 2, 0.75), (size / (0.3 * radius) + 3, 0.25)))
     cut = np.quantile(field[::4, ::4], 1.0 - rng.uniform(0.65, 0.9))
     epithelium = np.clip((field - cut) * radius + 0.5, 0.0, 1.0)
     solid = epithelium > 0.5
@@ -694,24 +713,48 @@ def _sheet_layout(rng: np.random.Generator, size: int, unit: float) -> _Layout:
 # ---------------------------------------------------------------------- nuclei
 
 
-def _make_nuclei(rng: np.random.Generator, spots: np.ndarray, radius: float, radius_cv: float,
-                 elongation: float, elongation_cv: float, roughness: float,
-                 density: float, chromatin: float) -> _Nuclei:
+def _make_nuclei(
+    rng: np.random.Generator,
+    spots: np.ndarray,
+    radius: float,
+    radius_cv: float,
+    elongation: float,
+    elongation_cv: float,
+    roughness: float,
+    density: float,
+    chromatin: float,
+) -> _Nuclei:
     """Nuclei at ``spots`` ((N, 3): x, y, orientation), sizes and shapes drawn around the means."""
     n = len(spots)
     r = radius * np.exp(np.clip(rng.normal(0.0, radius_cv, n), -0.7, 0.7))
     e = 1.0 + (elongation - 1.0) * np.exp(rng.normal(0.0, elongation_cv, n))
     # Darker nuclei also vary more in darkness: hyperchromasia is patchy.
     dens = density * np.exp(rng.normal(0.0, 0.05 + radius_cv / 3, n))
-    return _Nuclei(spots[:, 0], spots[:, 1], r * np.sqrt(e), r / np.sqrt(e), spots[:, 2],
-                   _wobble(rng, n, roughness, 1), dens, np.full(n, chromatin))
+    return _Nuclei(
+        spots[:, 0],
+        spots[:, 1],
+        r * np.sqrt(e),
+        r / np.sqrt(e),
+        spots[:, 2],
+        _wobble(rng, n, roughness, 1),
+        dens,
+        np.full(n, chromatin),
+    )
 
 
-def _tumour_nuclei(rng: np.random.Generator, spots: np.ndarray, look: _NuclearLook,
-                   unit: float) -> _Nuclei:
+def _tumour_nuclei(rng: np.random.Generator, spots: np.ndarray, look: _NuclearLook, unit: float) -> _Nuclei:
     """Tumour nuclei of one nuclear grade; a fraction become mitotic figures."""
-    nuclei = _make_nuclei(rng, spots, look.radius * unit, look.radius_cv, look.elongation,
-                          look.elongation_cv, look.roughness, look.density, look.chromatin)
+    nuclei = _make_nuclei(
+        rng,
+        spots,
+        look.radius * unit,
+        look.radius_cv,
+        look.elongation,
+        look.elongation_cv,
+        look.roughness,
+        look.density,
+        look.chromatin,
+    )
     mitotic = rng.random(len(spots)) < look.mitoses
     # A metaphase plate: a small, ragged, very dark bar.
     nuclei.a[mitotic] *= 0.9
@@ -721,8 +764,7 @@ def _tumour_nuclei(rng: np.random.Generator, spots: np.ndarray, look: _NuclearLo
     return nuclei
 
 
-def _scatter(rng: np.random.Generator, mask: np.ndarray, spacing: float, keep: float = 1.0
-             ) -> np.ndarray:
+def _scatter(rng: np.random.Generator, mask: np.ndarray, spacing: float, keep: float = 1.0) -> np.ndarray:
     """Points on a jittered grid inside a boolean mask: (N, 3) of x, y, random orientation."""
     size = mask.shape[0]
     spacing = max(spacing, 0.5)
@@ -736,8 +778,7 @@ def _scatter(rng: np.random.Generator, mask: np.ndarray, spacing: float, keep: f
     return np.stack([gx[inside], gy[inside], angle], axis=1)
 
 
-def _stromal_nuclei(rng: np.random.Generator, stroma: np.ndarray, unit: float,
-                    fibre_angle: float) -> _Nuclei:
+def _stromal_nuclei(rng: np.random.Generator, stroma: np.ndarray, unit: float, fibre_angle: float) -> _Nuclei:
     """Fibroblasts (slim, along the fibres) and lymphocytes (small, round, dark) in the stroma."""
     spots = _scatter(rng, stroma, 40.0 * unit, keep=0.55)
     lymph = rng.random(len(spots)) < 0.4
@@ -747,8 +788,7 @@ def _stromal_nuclei(rng: np.random.Generator, stroma: np.ndarray, unit: float,
     return _Nuclei.join([fibro, lymphs])
 
 
-def _nuclear_haematoxylin(nuclei: _Nuclei, size: int, grain: np.ndarray, sharpness: float
-                          ) -> np.ndarray:
+def _nuclear_haematoxylin(nuclei: _Nuclei, size: int, grain: np.ndarray, sharpness: float) -> np.ndarray:
     """Haematoxylin of the nuclei; overlapping nuclei add up, as optical densities do.
 
     Args:
@@ -787,8 +827,7 @@ def _splat(x: np.ndarray, y: np.ndarray, mass: np.ndarray, size: int) -> np.ndar
     col, row = np.floor(x).astype(int), np.floor(y).astype(int)
     fx, fy = x - col, y - row
     canvas = np.zeros(size * size)
-    for dr, dc, weight in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
-                           (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+    for dr, dc, weight in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
         r, c = row + dr, col + dc
         ok = (r >= 0) & (r < size) & (c >= 0) & (c < size)
         canvas += np.bincount(r[ok] * size + c[ok], (mass * weight)[ok], minlength=size * size)
@@ -813,9 +852,16 @@ def _blur121(image: np.ndarray, axis: int) -> np.ndarray:
 # ------------------------------------------------------------------- rendering
 
 
-def render_image(grade: int, magnification: str, stain: StainProfile, rng: np.random.Generator,
-                 size: int, *, architecture: int | None = None, nuclear: int | None = None
-                 ) -> np.ndarray:
+def render_image(
+    grade: int,
+    magnification: str,
+    stain: StainProfile,
+    rng: np.random.Generator,
+    size: int,
+    *,
+    architecture: int | None = None,
+    nuclear: int | None = None,
+) -> np.ndarray:
     """Render one H&E-like image of a tumour of the given grade.
 
     Args:
@@ -852,8 +898,7 @@ def render_image(grade: int, magnification: str, stain: StainProfile, rng: np.ra
     packed = _scatter(rng, layout.solid, 2.25 * look.radius * unit)
     spots = np.concatenate([layout.lining, packed])
     spots = _outside_lumens(spots, layout.lumen)
-    nuclei = _Nuclei.join([_tumour_nuclei(rng, spots, look, unit),
-                           _stromal_nuclei(rng, stroma, unit, fibre_angle)])
+    nuclei = _Nuclei.join([_tumour_nuclei(rng, spots, look, unit), _stromal_nuclei(rng, stroma, unit, fibre_angle)])
     hema += _nuclear_haematoxylin(nuclei, size, grain, stain.sharpness)
     # Thicker parts of the section hold more of both stains.
     tissue *= 0.85 + 0.3 * np.clip(thickness, 0.0, 1.0)
@@ -868,8 +913,9 @@ def _outside_lumens(spots: np.ndarray, lumen: np.ndarray) -> np.ndarray:
     return spots[lumen[row, col] < 0.5]
 
 
-def _background_stains(rng: np.random.Generator, layout: _Layout, unit: float, arch: int
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+def _background_stains(
+    rng: np.random.Generator, layout: _Layout, unit: float, arch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """Stain amounts of stroma, cytoplasm and lumen contents, before nuclei and tissue mask.
 
     Returns:
@@ -890,8 +936,7 @@ def _background_stains(rng: np.random.Generator, layout: _Layout, unit: float, a
     return hema, eos, grain, stroma > 0.5, fibre_angle
 
 
-def _to_rgb(hema: np.ndarray, eos: np.ndarray, stain: StainProfile, rng: np.random.Generator
-            ) -> np.ndarray:
+def _to_rgb(hema: np.ndarray, eos: np.ndarray, stain: StainProfile, rng: np.random.Generator) -> np.ndarray:
     """Light through the stained section (Beer-Lambert), with vignetting and sensor noise."""
     size = hema.shape[0]
     grit = (rng.random(hema.shape, dtype=np.float32) - np.float32(0.5)) * np.float32(0.04)
@@ -919,9 +964,9 @@ class PlannedImage:
 
     grade: int
     magnification: str
-    hospital: int             # 0-based; named H1, H2, ...
-    patient: int              # 0-based within the hospital
-    image: int                # 0-based within the patient
+    hospital: int  # 0-based; named H1, H2, ...
+    patient: int  # 0-based within the hospital
+    image: int  # 0-based within the patient
 
     @property
     def hospital_name(self) -> str:
@@ -942,8 +987,13 @@ class PlannedImage:
 
     def row(self) -> dict[str, str]:
         """The manifest row."""
-        return {"path": self.relpath, "label": str(self.grade), "magnification": self.magnification,
-                "patient": self.patient_id, "hospital": self.hospital_name}
+        return {
+            "path": self.relpath,
+            "label": str(self.grade),
+            "magnification": self.magnification,
+            "patient": self.patient_id,
+            "hospital": self.hospital_name,
+        }
 
 
 def plan(spec: SyntheticSpec) -> list[PlannedImage]:
@@ -962,7 +1012,8 @@ def plan(spec: SyntheticSpec) -> list[PlannedImage]:
                 patient = grade * spec.patients_per_grade + k
                 items.extend(
                     PlannedImage(grade, mags[(patient + i) % len(mags)], hospital, patient, i)
-                    for i in range(spec.images_per_patient))
+                    for i in range(spec.images_per_patient)
+                )
     return items
 
 
@@ -1037,11 +1088,13 @@ def _claim(root: Path, document: dict) -> bool:
         if _spec_on_disk(root) == document:
             return True
         if (root / MANIFEST_NAME).exists():
-            raise FileExistsError(f"{root} holds a synthetic dataset of another spec; "
-                                  f"delete it or choose another folder")
+            raise FileExistsError(
+                f"{root} holds a synthetic dataset of another spec; delete it or choose another folder"
+            )
     elif root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} is not empty and has no {SPEC_NAME}; refusing to write "
-                              f"a synthetic dataset into it")
+        raise FileExistsError(
+            f"{root} is not empty and has no {SPEC_NAME}; refusing to write a synthetic dataset into it"
+        )
     root.mkdir(parents=True, exist_ok=True)
     text = json.dumps(document, indent=2, sort_keys=True) + "\n"
     write_atomic(spec_path, text.encode("utf-8"))

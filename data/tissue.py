@@ -1,4 +1,5 @@
 """Tissue masks for H&E images: Otsu thresholding and windowed tissue fractions."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -13,15 +13,22 @@ Public API:
 The names are imported on first use: ``import fedsim.config`` (the command lines' settings, their
 errors) then runs without loading torch.
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
 #: Public name -> the submodule that defines it.
-_EXPORTS = {"federate": "fedsim.api", "fedavg": "fedsim.aggregate", "flatten": "fedsim.flat",
-            "FlatModel": "fedsim.flat", "proximal_term": "fedsim.prox", "proximal_value": "fedsim.prox",
-            "add_proximal_grad_": "fedsim.prox"}
+_EXPORTS = {
+    "federate": "fedsim.api",
+    "fedavg": "fedsim.aggregate",
+    "flatten": "fedsim.flat",
+    "FlatModel": "fedsim.flat",
+    "proximal_term": "fedsim.prox",
+    "proximal_value": "fedsim.prox",
+    "add_proximal_grad_": "fedsim.prox",
+}
 
 __all__ = ["FlatModel", "add_proximal_grad_", "fedavg", "federate", "flatten", "proximal_term", "proximal_value"]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """Federated averaging as one collective."""
+
 from __future__ import annotations
 
 import torch

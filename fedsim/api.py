@@ -7,6 +7,7 @@ under ``torchrun`` (client ``i`` lives on rank ``i mod W``; each rank builds
 only the datasets it hosts if they are made lazily). Every rank returns the
 same history: one record per round with each client's figures.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -32,12 +33,28 @@ def classification_loss(model: nn.Module, batch, settings: StepSettings, rng: to
     return F.cross_entropy(model(x), y), len(y)
 
 
-def federate(model: nn.Module, datasets: Mapping[str, Dataset] | Sequence[Dataset], *, rounds: int = 3,
-             local_epochs: int = 1, batch_size: int = 16, lr: float = 3e-4, weight_decay: float = 0.0,
-             mu: float = 0.0, clients_per_round: int = 0, algorithm: str = "fedavg",
-             server_optimizer: str = "sgd", server_lr: float = 1.0, local_optimizer: str = "adam",
-             client_optimizer: str = "fresh", seed: int = 0, device: str = "cpu", loss_fn=None,
-             dropout: float = 0.0, balance: bool = True) -> list[dict[str, Any]]:
+def federate(
+    model: nn.Module,
+    datasets: Mapping[str, Dataset] | Sequence[Dataset],
+    *,
+    rounds: int = 3,
+    local_epochs: int = 1,
+    batch_size: int = 16,
+    lr: float = 3e-4,
+    weight_decay: float = 0.0,
+    mu: float = 0.0,
+    clients_per_round: int = 0,
+    algorithm: str = "fedavg",
+    server_optimizer: str = "sgd",
+    server_lr: float = 1.0,
+    local_optimizer: str = "adam",
+    client_optimizer: str = "fresh",
+    seed: int = 0,
+    device: str = "cpu",
+    loss_fn=None,
+    dropout: float = 0.0,
+    balance: bool = True,
+) -> list[dict[str, Any]]:
     """Federated training of ``model`` (in place) over the clients' datasets.
 
     Args:
@@ -75,23 +92,45 @@ def federate(model: nn.Module, datasets: Mapping[str, Dataset] | Sequence[Datase
             loader = DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset, generator=shuffle))
             clients.append(Client(index, names[index], len(dataset), loader, reseed=shuffle.manual_seed))
         counts = {n: c for g in share_figures({c.name: c.num_samples for c in clients}) for n, c in g.items()}
-        settings = EngineSettings(seed=seed, local_epochs=local_epochs, lr=lr, weight_decay=weight_decay, mu=mu,
-                                  local_optimizer=local_optimizer, clients_per_round=clients_per_round,
-                                  client_optimizer=client_optimizer, algorithm=algorithm, faults=Faults(dropout))
+        settings = EngineSettings(
+            seed=seed,
+            local_epochs=local_epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            mu=mu,
+            local_optimizer=local_optimizer,
+            clients_per_round=clients_per_round,
+            client_optimizer=client_optimizer,
+            algorithm=algorithm,
+            faults=Faults(dropout),
+        )
         step = StepSettings(info.device, None, False, mu, 0.0, False, 1)
-        engine = Engine(model, flat, clients, names, [counts[n] for n in names], settings, step,
-                        ServerOptimizer(server_optimizer, server_lr), loss_fn=loss_fn or classification_loss)
+        engine = Engine(
+            model,
+            flat,
+            clients,
+            names,
+            [counts[n] for n in names],
+            settings,
+            step,
+            ServerOptimizer(server_optimizer, server_lr),
+            loss_fn=loss_fn or classification_loss,
+        )
         if balance:
             engine.deal(info.rank, info.world_size)
         history = []
         for r in range(rounds):
             outcomes = engine.round(r)
-            mine = [{**o.figures, "hospital": c.name, "rank": info.rank}
-                    for c, o in zip(engine.reported(engine.last_mine), outcomes)]
+            mine = [
+                {**o.figures, "hospital": c.name, "rank": info.rank}
+                for c, o in zip(engine.reported(engine.last_mine), outcomes)
+            ]
             for figures in mine:
                 figures.pop("layer_drift", None)
-            everyone = sorted((f for g in share_figures({"clients": mine}) for f in g["clients"]),
-                              key=lambda f: names.index(f["hospital"]))
+            everyone = sorted(
+                (f for g in share_figures({"clients": mine}) for f in g["clients"]),
+                key=lambda f: names.index(f["hospital"]),
+            )
             history.append({"round": r, "clients": everyone})
         return history
     finally:

@@ -1,4 +1,5 @@
 """Atomic checkpoints of the global model, keeping the last k, loadable with ``weights_only=True``."""
+
 from __future__ import annotations
 
 import logging
@@ -153,8 +154,9 @@ def client_folder(out: str | Path, hospital: str) -> Path:
 
 def save_client_state(out: str | Path, hospital: str, round_index: int, state: dict[str, Any], keep: int) -> Path:
     """Write a hospital's state of a round (FedBN tensors, optimizer state, control variate), keeping ``keep``."""
-    return save_keeping_last({"round": round_index, "model": {}, "state": state}, client_folder(out, hospital),
-                             round_index, keep)
+    return save_keeping_last(
+        {"round": round_index, "model": {}, "state": state}, client_folder(out, hospital), round_index, keep
+    )
 
 
 def load_client_state(out: str | Path, hospital: str, round_index: int) -> dict[str, Any]:
@@ -164,8 +166,11 @@ def load_client_state(out: str | Path, hospital: str, round_index: int) -> dict[
     Raises:
         CheckpointError: a hospital that kept state has no usable file of that round or before.
     """
-    files = [p for p in rounds_in(client_folder(out, hospital)) if int(_ROUND_FILE.search(p.name).group(1)) - 1
-             <= round_index]
+    files = [
+        p
+        for p in rounds_in(client_folder(out, hospital))
+        if int(_ROUND_FILE.search(p.name).group(1)) - 1 <= round_index
+    ]
     if not files:
         return {}
     return load(files[-1])["state"]

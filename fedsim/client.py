@@ -3,6 +3,7 @@
 The training step is a plain PyTorch loop; the federation adds one fused op
 per optimizer step (the proximal gradient on the flat gradient buffer).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,8 +70,9 @@ def to_device(batch: torch.Tensor, settings: StepSettings) -> torch.Tensor:
     return batch
 
 
-def prepare_inputs(context: torch.Tensor, detail: torch.Tensor, settings: StepSettings,
-                   rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_inputs(
+    context: torch.Tensor, detail: torch.Tensor, settings: StepSettings, rng: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 pairs -> normalized float pairs on the device; augmented (same transform per pair) when rng is given."""
     context, detail = to_device(context, settings), to_device(detail, settings)
     if settings.normalizer is not None:
@@ -86,10 +88,21 @@ def prepare_inputs(context: torch.Tensor, detail: torch.Tensor, settings: StepSe
 LossFn = Callable[[nn.Module, Any, StepSettings, torch.Generator], tuple[torch.Tensor, int]]
 
 
-def train_epoch(model: nn.Module, flat: FlatModel, optimizer: torch.optim.Optimizer, loader: Iterable,
-                anchor: torch.Tensor | None, settings: StepSettings, rng: torch.Generator,
-                grad_hook: Callable[[torch.Tensor], None] | None = None, desc: str = "", show: bool = False,
-                loss_fn: LossFn | None = None, correction: torch.Tensor | None = None, dp: Any = None) -> EpochResult:
+def train_epoch(
+    model: nn.Module,
+    flat: FlatModel,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable,
+    anchor: torch.Tensor | None,
+    settings: StepSettings,
+    rng: torch.Generator,
+    grad_hook: Callable[[torch.Tensor], None] | None = None,
+    desc: str = "",
+    show: bool = False,
+    loss_fn: LossFn | None = None,
+    correction: torch.Tensor | None = None,
+    dp: Any = None,
+) -> EpochResult:
     """One pass over the loader; returns the mean (mixed) cross-entropy.
 
     Args:
@@ -125,6 +138,7 @@ def train_epoch(model: nn.Module, flat: FlatModel, optimizer: torch.optim.Optimi
 def _private_loss(dp) -> LossFn:
     """The dual-stream batch under DP-SGD: the clipped per-sample gradients are added to the flat gradient
     here (no MixUp: it mixes samples); returns the batch's mean loss, detached."""
+
     def loss_fn(model, batch, settings: StepSettings, rng: torch.Generator) -> tuple[torch.Tensor, int]:
         context, detail, labels, _ = batch
         count = labels.shape[0]
@@ -133,6 +147,7 @@ def _private_loss(dp) -> LossFn:
         inputs = prepare_inputs(context, detail, settings, rng)
         total = dp.backward(inputs, labels.to(settings.device, non_blocking=True))
         return total / count, count
+
     return loss_fn
 
 
@@ -142,8 +157,9 @@ def dual_stream_loss(model: nn.Module, batch, settings: StepSettings, rng: torch
     return _forward_loss(model, context, detail, labels, settings, rng), labels.shape[0]
 
 
-def _forward_loss(model: nn.Module, context, detail, labels, settings: StepSettings,
-                  rng: torch.Generator) -> torch.Tensor:
+def _forward_loss(
+    model: nn.Module, context, detail, labels, settings: StepSettings, rng: torch.Generator
+) -> torch.Tensor:
     context, detail = prepare_inputs(context, detail, settings, rng)
     labels = labels.to(settings.device, non_blocking=True)
     context, detail, y_a, y_b, lam = mixup(context, detail, labels, settings.mixup_alpha, rng)

@@ -16,6 +16,7 @@ default has no flag and changes the weights. :data:`SETTINGS` lists them all; th
 command lines, :meth:`RunConfig.digest` and the study runner derive from it. This
 module loads neither torch nor numpy, so ``train.py --help`` and a bad setting are fast.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,9 @@ def _check_choices(table: Any) -> None:
     for f in fields(table):
         allowed, value = choices(hints[f.name]), getattr(table, f.name)
         if allowed and value not in allowed:
-            raise ConfigError(f"{table.PREFIX}{f.name} = {value!r} is not allowed; "
-                              f"choose one of: {', '.join(map(str, allowed))}")
+            raise ConfigError(
+                f"{table.PREFIX}{f.name} = {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}"
+            )
 
 
 def _show(value: Any) -> str:
@@ -90,8 +92,10 @@ def _within(name: str, value: float, low: float, high: float, inclusive: bool = 
     """``low <= value <= high`` (``low < value`` unless inclusive), finite; one line naming the field and the range."""
     _at_least(name, value, low, inclusive)
     if value > high:
-        raise ConfigError(f"{name} = {_show(value)} is too large: it must lie in "
-                          f"{'[' if inclusive else '('}{_num(low)}, {_num(high)}]")
+        raise ConfigError(
+            f"{name} = {_show(value)} is too large: it must lie in "
+            f"{'[' if inclusive else '('}{_num(low)}, {_num(high)}]"
+        )
 
 
 #: Upper bounds. They stop values the code cannot use (overflow, absurd allocations), far above real use.
@@ -140,20 +144,27 @@ class DataConfig:
 
     PREFIX: ClassVar[str] = "data."
 
-    path: str = setting("", flag="--data", help="CRC-HGD-style folder, folder with manifest.csv, or manifest CSV "
-                        "(default: embedded synthetic data)")
+    path: str = setting(
+        "",
+        flag="--data",
+        help="CRC-HGD-style folder, folder with manifest.csv, or manifest CSV (default: embedded synthetic data)",
+    )
     """CRC-HGD-style folder, a folder with manifest.csv, or a manifest CSV (it must exist); empty = embedded
     synthetic data."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     classes: list[str] = setting(list(GRADE_NAMES), prepare="--classes", help="comma-separated classes in label order")
     """Classes to use, in label order (at least two, no two alike ignoring case); add "Normal" / "Mixed"
     for CRC-HGD's extra folders."""
-    num_hospitals: int = setting(0, flag="--num-hospitals",
-                                 help="hospitals, at least the number of ranks (default: one per rank)")
+    num_hospitals: int = setting(
+        0, flag="--num-hospitals", help="hospitals, at least the number of ranks (default: one per rank)"
+    )
     """Hospitals in the federation, 0..4096; 0 = the world size (federated) or 3 (centralized)."""
     partition: Literal["auto", "natural", "iid", "dirichlet"] = setting(
-        "auto", flag="--partition", prepare="--partition",
-        help="auto (natural when every image names its hospital, else iid) | natural | iid | dirichlet")
+        "auto",
+        flag="--partition",
+        prepare="--partition",
+        help="auto (natural when every image names its hospital, else iid) | natural | iid | dirichlet",
+    )
     """How images are assigned to hospitals: auto (natural when every image has a hospital, else
     stratified iid), natural (the manifest's hospital column), iid (patients dealt out per split and
     grade) or dirichlet (label skew)."""
@@ -175,16 +186,23 @@ class DataConfig:
     """Patch pairs drawn per validation/test image (their probabilities are averaged), 1..4096."""
     min_tissue: float = setting(0.5, prepare="--min-tissue")
     """Minimum tissue fraction of a detail window for its centre to be sampled."""
-    stain: Literal["macenko", "reinhard", "none"] = setting("macenko", flag="--stain", prepare="--stain",
-                                                          help="macenko | reinhard | none")
+    stain: Literal["macenko", "reinhard", "none"] = setting(
+        "macenko", flag="--stain", prepare="--stain", help="macenko | reinhard | none"
+    )
     """Stain normalization: macenko, reinhard or none."""
-    stain_reference: str = setting("", prepare="--stain-reference", help="image to fit the normalizer to "
-                                   "(default: the built-in reference of data/stain.py)")
+    stain_reference: str = setting(
+        "",
+        prepare="--stain-reference",
+        help="image to fit the normalizer to (default: the built-in reference of data/stain.py)",
+    )
     """Image file to fit the stain normalizer to (it must exist and be readable); empty = the built-in
     reference (Macenko: the published constants; Reinhard: the Lab statistics of a real H&E region after
     Macenko, see data/stain.py)."""
-    site_shift: float = setting(0.0, prepare="--site-shift", help="simulated lab differences per hospital "
-                                "(data.sites): 0 = off, 1 = a typical spread")
+    site_shift: float = setting(
+        0.0,
+        prepare="--site-shift",
+        help="simulated lab differences per hospital (data.sites): 0 = off, 1 = a typical spread",
+    )
     """Simulated lab differences per hospital (stain vectors, dye strength, light, blur, JPEG); 0 = off, 1 = typical."""
     stain_on_device: bool = False
     """Normalize each patch batch on the training device instead of once in the cache (the cache then holds
@@ -205,10 +223,14 @@ class DataConfig:
         _within("data.num_hospitals", self.num_hospitals, 0, MAX_HOSPITALS)
         _within("data.dirichlet_alpha", self.dirichlet_alpha, 0.0, MAX_DIRICHLET, inclusive=False)
         if not 0 <= self.site_shift <= MAX_SITE_SHIFT:
-            raise ConfigError(f"data.site_shift = {self.site_shift!r} must lie in [0, {MAX_SITE_SHIFT:g}] "
-                              "(0 = off, 1 = typical)")
-        if len(self.split) != 3 or not all(math.isfinite(f) and f >= 0 for f in self.split) \
-                or abs(sum(self.split) - 1) > 1e-6:
+            raise ConfigError(
+                f"data.site_shift = {self.site_shift!r} must lie in [0, {MAX_SITE_SHIFT:g}] (0 = off, 1 = typical)"
+            )
+        if (
+            len(self.split) != 3
+            or not all(math.isfinite(f) and f >= 0 for f in self.split)
+            or abs(sum(self.split) - 1) > 1e-6
+        ):
             raise ConfigError(f"data.split = {self.split} must be three non-negative fractions summing to 1")
         for name in ("context_size", "detail_size", "context_fov"):
             _within(f"data.{name}", getattr(self, name), 1, MAX_SIDE)
@@ -231,8 +253,9 @@ class DataConfig:
         try:
             re.compile(self.patient_regex)
         except re.error as err:
-            raise ConfigError(f"data.patient_regex = {self.patient_regex!r} "
-                              f"is not a regular expression: {err}") from None
+            raise ConfigError(
+                f"data.patient_regex = {self.patient_regex!r} is not a regular expression: {err}"
+            ) from None
 
 
 @table
@@ -249,8 +272,7 @@ class ModelConfig:
     """Width of the Dense layer of the head, 1..65536."""
     dropout: float = 0.5
     """Dropout before the last layer."""
-    pretrained: str = setting("", flag="--pretrained",
-                              help="local backbone weights (.safetensors or torch state dict)")
+    pretrained: str = setting("", flag="--pretrained", help="local backbone weights (.safetensors or torch state dict)")
     """Local weights (safetensors or a state dict) for the backbones (the file must exist and fit the
     backbone); nothing is downloaded."""
     norm: Literal["auto", "batch", "group"] = "auto"
@@ -273,14 +295,16 @@ class DPConfig:
     PREFIX: ClassVar[str] = "train.dp."
 
     level: Literal["off", "sample", "client"] = setting(
-        "off", flag="--dp", help="off | sample (DP-SGD in each hospital) | client (DP-FedAvg)")
+        "off", flag="--dp", help="off | sample (DP-SGD in each hospital) | client (DP-FedAvg)"
+    )
     """off; sample (DP-SGD inside each hospital: per-sample clipping and noise at every step, Poisson
     batches; protects each patch pair) or client (DP-FedAvg: each participant's update clipped, noise on the
     sum; protects a whole hospital)."""
     noise_multiplier: float = setting(1.0, flag="--noise-multiplier", help="DP noise multiplier sigma (default 1.0)")
     """sigma, in [0, 1e4]: the noise std is sigma times the clipping bound (ignored when target_epsilon > 0)."""
-    target_epsilon: float = setting(0.0, flag="--target-epsilon",
-                                    help="derive sigma so the run spends this epsilon (0 = use sigma)")
+    target_epsilon: float = setting(
+        0.0, flag="--target-epsilon", help="derive sigma so the run spends this epsilon (0 = use sigma)"
+    )
     """> 0: derive sigma so that the whole run spends this epsilon (per hospital for sample, for the
     federation for client); 0: use noise_multiplier."""
     max_grad_norm: float = 1.0
@@ -365,23 +389,28 @@ class TrainConfig:
     """Adam weight decay (L2), in [0, 10]."""
     mu: float = setting(0.01, flag="--mu", help="FedProx proximal weight; 0 = FedAvg (paper: 0.01)")
     """FedProx proximal weight, in [0, 1e4]; 0 = plain FedAvg."""
-    mixup_alpha: float = setting(0.2, flag="--mixup-alpha",
-                                 help="MixUp alpha; 0 disables it (needed under --dp sample)")
+    mixup_alpha: float = setting(
+        0.2, flag="--mixup-alpha", help="MixUp alpha; 0 disables it (needed under --dp sample)"
+    )
     """MixUp Beta(alpha, alpha), alpha in [0, 1000]; 0 disables MixUp."""
     bn: Literal["average", "local"] = setting("average", flag="--bn", help="average | local (FedBN)")
     """average (FedAvg of BatchNorm too) or local (FedBN)."""
-    clients_per_round: int = setting(0, flag="--clients-per-round",
-                                     help="hospitals trained per round, drawn from (seed, round); 0 = all")
+    clients_per_round: int = setting(
+        0, flag="--clients-per-round", help="hospitals trained per round, drawn from (seed, round); 0 = all"
+    )
     """Hospitals that train in each round, drawn from (seed, round) alone; 0 = all of them."""
-    algorithm: Literal["fedavg", "scaffold"] = setting("fedavg", flag="--algorithm",
-                                                       help="fedavg (FedProx with --mu > 0) | scaffold")
+    algorithm: Literal["fedavg", "scaffold"] = setting(
+        "fedavg", flag="--algorithm", help="fedavg (FedProx with --mu > 0) | scaffold"
+    )
     """fedavg (with train.mu > 0: FedProx) or scaffold (control variates, option II of Karimireddy et al. 2020)."""
     server_optimizer: Literal["sgd", "avgm", "adam", "yogi", "adagrad"] = setting(
-        "sgd", flag="--server-optimizer", help="sgd (FedAvg with --server-lr 1) | avgm | adam | yogi | adagrad")
+        "sgd", flag="--server-optimizer", help="sgd (FedAvg with --server-lr 1) | avgm | adam | yogi | adagrad"
+    )
     """What every rank does with the aggregated mean: sgd (with server_lr 1: plain FedAvg), avgm, adam, yogi,
     adagrad (Reddi et al. 2021)."""
-    server_lr: float = setting(1.0, flag="--server-lr",
-                               help="server learning rate (default 1.0: with sgd, plain FedAvg)")
+    server_lr: float = setting(
+        1.0, flag="--server-lr", help="server learning rate (default 1.0: with sgd, plain FedAvg)"
+    )
     """Server learning rate, in (0, 100]; 1 with sgd = FedAvg."""
     server_momentum: float = 0.9
     """avgm's momentum, in [0, 1)."""
@@ -422,17 +451,25 @@ class TrainConfig:
     """Collective timeout, 1..1e7 seconds: a hung rank ends the run with an error instead of hanging it."""
     keep_checkpoints: int = setting(3, weights=False)
     """Round checkpoints kept in OUT/checkpoints (the latest is also OUT/checkpoint.pt), 1..10000."""
-    resume: bool = setting(False, flag="--resume", launch=True, help="expect to continue a run: warn if OUT has no "
-                           "checkpoint (a run on a directory with round checkpoints of the same config always "
-                           "continues after the last)")
+    resume: bool = setting(
+        False,
+        flag="--resume",
+        launch=True,
+        help="expect to continue a run: warn if OUT has no "
+        "checkpoint (a run on a directory with round checkpoints of the same config always "
+        "continues after the last)",
+    )
     """Expect to continue a run: warn when OUT has no checkpoint. Continuing does not need it: a run on a
     directory with round checkpoints of the same config always continues after the last one."""
     xai_per_grade: int = setting(2, weights=False)
     """Grad-CAM panels per grade written by each hospital at the end (OUT/xai/<hospital>/), 0..1000; 0 = none."""
     dp: DPConfig = field(default_factory=DPConfig)
     """Differential privacy: the train.dp table."""
-    secure_aggregation: bool = setting(False, flag="--secure-aggregation", help="sum the hospitals' contributions "
-                                       "with pairwise masks that cancel in the all-reduce")
+    secure_aggregation: bool = setting(
+        False,
+        flag="--secure-aggregation",
+        help="sum the hospitals' contributions with pairwise masks that cancel in the all-reduce",
+    )
     """Sum the hospitals' contributions with pairwise masks that cancel in the all-reduce (Bonawitz et al.
     2017, without dropout recovery): no rank sees another's contribution, only the sum."""
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
@@ -443,14 +480,21 @@ class TrainConfig:
         _within("train.clients_per_round", self.clients_per_round, 0, MAX_HOSPITALS)
         _within("train.server_lr", self.server_lr, 0.0, 100.0, inclusive=False)
         _within("train.server_tau", self.server_tau, 0.0, 1.0, inclusive=False)
-        for name, value in (("train.server_momentum", self.server_momentum), *(
-                (f"train.server_betas[{i}]", b) for i, b in enumerate(self.server_betas))):
+        for name, value in (
+            ("train.server_momentum", self.server_momentum),
+            *((f"train.server_betas[{i}]", b) for i, b in enumerate(self.server_betas)),
+        ):
             if not (math.isfinite(value) and 0 <= value < 1):
                 raise ConfigError(f"{name} = {value!r} must lie in [0, 1)")
         if len(self.server_betas) != 2:
             raise ConfigError(f"train.server_betas = {self.server_betas} must be two numbers (beta1, beta2)")
-        for name, high in (("rounds", MAX_COUNT), ("local_epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH),
-                           ("grad_accum", MAX_BATCH), ("keep_checkpoints", MAX_CHECKPOINTS)):
+        for name, high in (
+            ("rounds", MAX_COUNT),
+            ("local_epochs", MAX_EPOCHS),
+            ("batch_size", MAX_BATCH),
+            ("grad_accum", MAX_BATCH),
+            ("keep_checkpoints", MAX_CHECKPOINTS),
+        ):
             _within(f"train.{name}", getattr(self, name), 1, high)
         _within("train.lr", self.lr, 0.0, MAX_LR, inclusive=False)
         for name, high in (("weight_decay", MAX_WEIGHT_DECAY), ("mu", MAX_MU), ("mixup_alpha", MAX_MIXUP)):
@@ -463,9 +507,14 @@ class TrainConfig:
             crash_points = "training|before-checkpoint|checkpoint|after-checkpoint"
             points = crash_points if name == "simulate_crash" else "training"
             if value and not re.fullmatch(rf"[^:]+:[1-9][0-9]*(:({points}))?", value):
-                raise ConfigError(f"train.{name} = {value!r} must look like HOSPITAL:ROUND, e.g. H2:3"
-                                  + (" (or HOSPITAL:ROUND:POINT, POINT one of " + points.replace("|", ", ") + ")"
-                                     if name == "simulate_crash" else ""))
+                raise ConfigError(
+                    f"train.{name} = {value!r} must look like HOSPITAL:ROUND, e.g. H2:3"
+                    + (
+                        " (or HOSPITAL:ROUND:POINT, POINT one of " + points.replace("|", ", ") + ")"
+                        if name == "simulate_crash"
+                        else ""
+                    )
+                )
         for name in ("dropout", "straggler"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"train.{name} = {getattr(self, name)} must be a probability in [0, 1]")
@@ -536,13 +585,20 @@ def _check_privacy(cfg: RunConfig) -> None:
         ]
         if level == "sample":
             refusals += [
-                (t.mixup_alpha > 0, "train.mixup_alpha > 0 (MixUp mixes samples, which per-sample accounting "
-                                    "cannot charge: set train.mixup_alpha = 0)"),
+                (
+                    t.mixup_alpha > 0,
+                    "train.mixup_alpha > 0 (MixUp mixes samples, which per-sample accounting "
+                    "cannot charge: set train.mixup_alpha = 0)",
+                ),
                 (t.grad_accum > 1, "train.grad_accum > 1 (a DP step is one Poisson batch)"),
             ]
         else:
-            refusals += [(t.algorithm == "scaffold", "train.algorithm = scaffold (its control variates would "
-                                                     "cross ranks unclipped and without noise)")]
+            refusals += [
+                (
+                    t.algorithm == "scaffold",
+                    "train.algorithm = scaffold (its control variates would cross ranks unclipped and without noise)",
+                )
+            ]
         for bad, what in refusals:
             if bad:
                 raise ConfigError(f"{why} cannot be combined with {what}")
@@ -676,8 +732,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as err:
         decoded = bytes(err.object)  # the bytes after a byte-order mark, which err.start counts in
         line = decoded[: err.start].count(b"\n") + 1
-        raise ConfigError(f"config file {path} is not UTF-8 (line {line}: byte 0x{decoded[err.start]:02x}); "
-                          "save it as UTF-8") from None
+        raise ConfigError(
+            f"config file {path} is not UTF-8 (line {line}: byte 0x{decoded[err.start]:02x}); save it as UTF-8"
+        ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -764,8 +821,14 @@ def check_inputs(cfg: RunConfig) -> None:
 
         check_backbone(cfg.model.backbone)  # a UserError naming model.backbone
         try:
-            check_pretrained(cfg.model.backbone, cfg.model.scales, cfg.model.pretrained,
-                             len(cfg.data.classes), cfg.model.hidden, cfg.norm)
+            check_pretrained(
+                cfg.model.backbone,
+                cfg.model.scales,
+                cfg.model.pretrained,
+                len(cfg.data.classes),
+                cfg.model.hidden,
+                cfg.norm,
+            )
         except (UserError, FileNotFoundError) as err:
             raise ConfigError(f"model.pretrained: {err}") from None
 

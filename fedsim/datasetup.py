@@ -6,6 +6,7 @@ data crosses ranks. Each rank then decodes, masks and normalizes the images of
 its own hospital(s) only — in federated mode no hospital touches another's
 images.
 """
+
 from __future__ import annotations
 
 import logging
@@ -97,8 +98,12 @@ def synthetic_spec(cfg: RunConfig, hospitals: int) -> SyntheticSpec:
     """
     s = cfg.data.synthetic
     try:
-        return SyntheticSpec(num_hospitals=hospitals, patients_per_grade=s.patients_per_grade,
-                             images_per_patient=s.images_per_patient, image_size=s.image_size)
+        return SyntheticSpec(
+            num_hospitals=hospitals,
+            patients_per_grade=s.patients_per_grade,
+            images_per_patient=s.images_per_patient,
+            image_size=s.image_size,
+        )
     except ValueError as err:
         raise ConfigError(f"the embedded synthetic data (data.path empty) cannot be made: {err}") from None
 
@@ -130,23 +135,33 @@ def plan_data(cfg: RunConfig, info: DistInfo, out: Path) -> DataPlan:
     method = resolve_partition(records, cfg.data.partition)
     if method != cfg.data.partition:
         if info.is_main:
-            log.info("data.partition = %s: %s (%s)", cfg.data.partition, method,
-                     "every image names its hospital" if method == "natural"
-                     else f"no hospital column: a stratified split into {hospitals_wanted} hospitals")
+            log.info(
+                "data.partition = %s: %s (%s)",
+                cfg.data.partition,
+                method,
+                "every image names its hospital"
+                if method == "natural"
+                else f"no hospital column: a stratified split into {hospitals_wanted} hospitals",
+            )
         cfg.data.partition = method  # config.json and the checkpoints record what was done
     records = partition(records, hospitals_wanted, method, cfg.data.dirichlet_alpha, cfg.train.seed)
     hospitals = hospital_names(records)
     check_against_data(cfg, records, hospitals)
     trained = _trained_on(cfg, hospitals)
     if info.is_main:
-        log.info("data: %d images, classes %s\n%s", len(records), ", ".join(class_names),
-                 count_table(records, class_names))
-    mine_idx = hosted_by(info.rank, info.world_size, len(hospitals)) if cfg.train.mode == "federated" else \
-        list(range(info.rank, len(hospitals), info.world_size))
+        log.info(
+            "data: %d images, classes %s\n%s", len(records), ", ".join(class_names), count_table(records, class_names)
+        )
+    mine_idx = (
+        hosted_by(info.rank, info.world_size, len(hospitals))
+        if cfg.train.mode == "federated"
+        else list(range(info.rank, len(hospitals), info.world_size))
+    )
     mine = [_cache_hospital(cfg, records, hospitals[i], i, info) for i in mine_idx]
     barrier()  # centralized ranks read the caches others built
-    return DataPlan(class_names, hospitals, records, mine, [_folder(cfg, records, h, "train") for h in trained],
-                    scan_report=report)
+    return DataPlan(
+        class_names, hospitals, records, mine, [_folder(cfg, records, h, "train") for h in trained], scan_report=report
+    )
 
 
 def check_against_data(cfg: RunConfig, records: list[ImageRecord], hospitals: list[str]) -> None:
@@ -159,21 +174,29 @@ def check_against_data(cfg: RunConfig, records: list[ImageRecord], hospitals: li
     missing = [split for split in missing_splits(records) if split in ("val", "test")]
     if missing:
         names = {"val": "validation", "test": "test"}
-        raise ConfigError(f"the data has no {' and no '.join(names[m] for m in missing)} images among its "
-                          f"{len(records)} usable ones (data.split = {cfg.data.split}, or the manifest's split "
-                          "column): give each split some patients")
+        raise ConfigError(
+            f"the data has no {' and no '.join(names[m] for m in missing)} images among its "
+            f"{len(records)} usable ones (data.split = {cfg.data.split}, or the manifest's split "
+            "column): give each split some patients"
+        )
     t = cfg.train
     if t.clients_per_round > len(hospitals):
-        raise ConfigError(f"train.clients_per_round = {t.clients_per_round} but the federation has "
-                          f"{len(hospitals)} hospitals; choose at most {len(hospitals)} (0 = all)")
+        raise ConfigError(
+            f"train.clients_per_round = {t.clients_per_round} but the federation has "
+            f"{len(hospitals)} hospitals; choose at most {len(hospitals)} (0 = all)"
+        )
     named = [("train.faulty_hospitals", name) for name in t.faulty_hospitals]
     named += [("train.simulate_nan", name) for name in t.simulate_nan]
-    named += [(f"train.{key}", getattr(t, key).split(":")[0]) for key in ("simulate_crash", "simulate_hang")
-              if getattr(t, key)]
+    named += [
+        (f"train.{key}", getattr(t, key).split(":")[0])
+        for key in ("simulate_crash", "simulate_hang")
+        if getattr(t, key)
+    ]
     for key, name in named:
         if name not in hospitals:
-            raise ConfigError(f"{key} names {name!r}, which is not a hospital of this federation; "
-                              f"choose from: {', '.join(hospitals)}")
+            raise ConfigError(
+                f"{key} names {name!r}, which is not a hospital of this federation; choose from: {', '.join(hospitals)}"
+            )
 
 
 def _trained_on(cfg: RunConfig, hospitals: list[str]) -> list[str]:
@@ -184,8 +207,9 @@ def _trained_on(cfg: RunConfig, hospitals: list[str]) -> list[str]:
     if cfg.train.mode != "centralized":
         raise ConfigError("data.only_hospital needs train.mode = centralized (it trains one hospital alone)")
     if only not in hospitals:
-        raise ConfigError(f"data.only_hospital = {only!r} is not a hospital of this data; "
-                          f"choose one of: {', '.join(hospitals)}")
+        raise ConfigError(
+            f"data.only_hospital = {only!r} is not a hospital of this data; choose one of: {', '.join(hospitals)}"
+        )
     return [only]
 
 
@@ -194,8 +218,15 @@ def cache_specs(cfg: RunConfig) -> dict[str, CacheSpec]:
     d = cfg.data
     patch = PatchSpec(d.context_size, d.detail_size, d.context_fov, d.min_tissue)
     stain = "none" if d.stain_on_device else d.stain  # normalized per batch on the device instead
-    return split_specs(patch, d.patches_per_image, d.eval_patches_per_image, stain,
-                       "" if d.stain_on_device else d.stain_reference, cfg.train.seed, d.site_shift)
+    return split_specs(
+        patch,
+        d.patches_per_image,
+        d.eval_patches_per_image,
+        stain,
+        "" if d.stain_on_device else d.stain_reference,
+        cfg.train.seed,
+        d.site_shift,
+    )
 
 
 def cache_spec(cfg: RunConfig, split: str) -> CacheSpec:
@@ -219,11 +250,13 @@ def _folder(cfg: RunConfig, records: list[ImageRecord], hospital: str, split: st
     return split_folder(_of(records, hospital, split), cache_spec(cfg, split), cache_root(cfg), f"{hospital}-{split}")
 
 
-def _cache_hospital(cfg: RunConfig, records: list[ImageRecord], hospital: str, index: int,
-                    info: DistInfo) -> HospitalData:
+def _cache_hospital(
+    cfg: RunConfig, records: list[ImageRecord], hospital: str, index: int, info: DistInfo
+) -> HospitalData:
     data = HospitalData(hospital, index)
-    data.folders = build_hospital(records, hospital, cache_specs(cfg), cache_root(cfg), data.report,
-                                  progress=info.local_rank == 0)
+    data.folders = build_hospital(
+        records, hospital, cache_specs(cfg), cache_root(cfg), data.report, progress=info.local_rank == 0
+    )
     return data
 
 
@@ -258,5 +291,7 @@ def write_data_report(out: Path, reports: list[dict], scan: SkipReport) -> None:
     for counts in [scan.counts_only(), *(entry["report"] for entry in reports)]:
         for reason, count in counts["reasons"].items():
             total[reason] = total.get(reason, 0) + count
-    write_json(out / "data_report.json", {"total_skipped": sum(total.values()), "by_reason": total,
-                                          "scan": scan.to_dict(), "hospitals": reports})
+    write_json(
+        out / "data_report.json",
+        {"total_skipped": sum(total.values()), "by_reason": total, "scan": scan.to_dict(), "hospitals": reports},
+    )

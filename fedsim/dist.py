@@ -4,6 +4,7 @@ Each rank is one hospital. Under ``torchrun`` the environment names the rank;
 a plain ``python train.py`` runs as a group of one, so the same code path
 (collectives included) serves both.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -141,8 +142,11 @@ def wait_for_all(timeout_s: float, what: str) -> None:
         ranks = [int(r) for r in re.findall(r"\d+", found.group(1))] if found else []
         waited = time.monotonic() - started
         if waited < 0.9 * timeout_s:  # the group broke before the timeout: a rank died, it did not hang
-            raise HungRanks(ranks, f"{what}: rank(s) {ranks or '?'} left the group after {waited:.0f}s "
-                                   f"(crashed? see their log lines)", crashed=True) from None
+            raise HungRanks(
+                ranks,
+                f"{what}: rank(s) {ranks or '?'} left the group after {waited:.0f}s (crashed? see their log lines)",
+                crashed=True,
+            ) from None
         raise HungRanks(ranks, f"{what}: rank(s) {ranks or '?'} did not arrive within {timeout_s:.0f}s") from None
 
 

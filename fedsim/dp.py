@@ -29,6 +29,7 @@ before the sum, which then carries N(0, sigma^2 S^2).
 :func:`noise_for_epsilon`, and a :class:`PrivacyLedger` per hospital that
 records what each round spent and serializes to a plain dict.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,8 +95,14 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     return epsilon_of_history([(noise_multiplier, sample_rate, steps)], delta, accountant)
 
 
-def noise_for_epsilon(target_epsilon: float, sample_rate: float, steps: int, delta: float,
-                      accountant: str = "rdp", tolerance: float = 0.01) -> float:
+def noise_for_epsilon(
+    target_epsilon: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = "rdp",
+    tolerance: float = 0.01,
+) -> float:
     """The smallest noise multiplier (to ``tolerance`` in epsilon) whose ``steps`` steps spend at most
     ``target_epsilon``.
 
@@ -114,8 +121,16 @@ def noise_for_epsilon(target_epsilon: float, sample_rate: float, steps: int, del
         raise ValueError(f"steps must be > 0; got {steps}")
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                          steps=int(steps), accountant=accountant, epsilon_tolerance=tolerance))
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=int(steps),
+                accountant=accountant,
+                epsilon_tolerance=tolerance,
+            )
+        )
 
 
 def steps_per_epoch(sample_rate: float) -> int:
@@ -149,9 +164,14 @@ class PrivacyLedger:
             raise ValueError(f"bad privacy charge: noise {noise_multiplier}, sample rate {sample_rate}, steps {steps}")
         if steps == 0:
             return
-        self.records.append({"round": None if round_index is None else int(round_index),
-                             "noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate),
-                             "steps": int(steps)})
+        self.records.append(
+            {
+                "round": None if round_index is None else int(round_index),
+                "noise_multiplier": float(noise_multiplier),
+                "sample_rate": float(sample_rate),
+                "steps": int(steps),
+            }
+        )
         self._cache = None
 
     @property
@@ -183,8 +203,9 @@ class PrivacyLedger:
 
     def epsilon_if(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """epsilon that charging one more (noise, q, steps) would bring: for a ``max_epsilon`` check before a round."""
-        return epsilon_of_history([*self.history(), (noise_multiplier, sample_rate, steps)], self.delta,
-                                  self.accountant)
+        return epsilon_of_history(
+            [*self.history(), (noise_multiplier, sample_rate, steps)], self.delta, self.accountant
+        )
 
     def state_dict(self) -> dict:
         """A plain dict.
@@ -204,6 +225,7 @@ class PrivacyLedger:
 
 # ---- Poisson sampling -----------------------------------------------------------------------
 
+
 class PoissonBatchSampler(torch.utils.data.Sampler):
     """Batches for a DataLoader's ``batch_sampler``: every step includes each index independently with probability q.
 
@@ -220,8 +242,9 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
         steps: Batches per pass (default :func:`steps_per_epoch`).
     """
 
-    def __init__(self, indices: int | Sequence[int], sample_rate: float, generator: torch.Generator,
-                 steps: int | None = None):
+    def __init__(
+        self, indices: int | Sequence[int], sample_rate: float, generator: torch.Generator, steps: int | None = None
+    ):
         self.indices = torch.arange(indices) if isinstance(indices, int) else torch.as_tensor(indices, dtype=torch.long)
         self.sample_rate = float(sample_rate)
         self.steps = steps_per_epoch(sample_rate) if steps is None else int(steps)
@@ -239,6 +262,7 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
 
 # ---- GroupNorm backbones --------------------------------------------------------------------
 
+
 def dp_backbone(name: str) -> nn.Module:
     """A timm backbone with GroupNorm instead of BatchNorm, no classifier, average-pooled; random weights."""
     return make_backbone(name, norm="group")
@@ -249,8 +273,10 @@ def check_private_model(model: nn.Module) -> None:
     names = [n for n, m in model.named_modules() if is_batchnorm(m)]
     if names:
         more = ", ..." if len(names) > 3 else ""
-        raise ValueError(f"DP-SGD needs per-sample gradients, but the model has {len(names)} BatchNorm layers "
-                         f"({', '.join(names[:3])}{more}), which mix the samples of a batch: build it with GroupNorm")
+        raise ValueError(
+            f"DP-SGD needs per-sample gradients, but the model has {len(names)} BatchNorm layers "
+            f"({', '.join(names[:3])}{more}), which mix the samples of a batch: build it with GroupNorm"
+        )
 
 
 # ---- DP-SGD on a flat model ---------------------------------------------------------------------
@@ -307,15 +333,26 @@ class DPSGD:
         amp_dtype: Autocast dtype for the forward pass (bf16 on CUDA), or None.
     """
 
-    def __init__(self, model: nn.Module, flat: FlatModel, max_grad_norm: float, noise_multiplier: float,
-                 expected_batch_size: float, generator: torch.Generator, method: str = "hooks",
-                 max_physical_batch: int | None = None, loss_fn: LossFn = per_sample_cross_entropy,
-                 amp_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        flat: FlatModel,
+        max_grad_norm: float,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        generator: torch.Generator,
+        method: str = "hooks",
+        max_physical_batch: int | None = None,
+        loss_fn: LossFn = per_sample_cross_entropy,
+        amp_dtype: torch.dtype | None = None,
+    ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
         if not max_grad_norm > 0 or noise_multiplier < 0 or not expected_batch_size > 0:
-            raise ValueError(f"need max_grad_norm > 0, noise_multiplier >= 0, expected_batch_size > 0; got "
-                             f"{max_grad_norm}, {noise_multiplier}, {expected_batch_size}")
+            raise ValueError(
+                f"need max_grad_norm > 0, noise_multiplier >= 0, expected_batch_size > 0; got "
+                f"{max_grad_norm}, {noise_multiplier}, {expected_batch_size}"
+            )
         check_private_model(model)
         named = list(model.named_parameters())
         if any(not p.requires_grad for _, p in named):
@@ -374,7 +411,8 @@ class DPSGD:
     def _clip_and_add(self, grads: list[torch.Tensor]) -> torch.Tensor:
         batch = grads[0].shape[0]
         norms = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.reshape(batch, -1), dim=1) for g in grads]), dim=0)
+            torch.stack([torch.linalg.vector_norm(g.reshape(batch, -1), dim=1) for g in grads]), dim=0
+        )
         factor = (self.max_grad_norm / (norms + _NORM_EPS)).clamp_(max=1.0)
         for g, view in zip(grads, self.grad_views):
             view.add_(torch.tensordot(factor.to(g.dtype), g, dims=1))
@@ -397,6 +435,7 @@ class DPSGD:
 
 # ---- client-level DP-FedAvg -------------------------------------------------------------------
 
+
 @torch.no_grad()
 def clip_update_(update: torch.Tensor, max_norm: float) -> float:
     """Scale a flat update in place to L2 norm at most ``max_norm``; return its norm before clipping.
@@ -411,8 +450,9 @@ def clip_update_(update: torch.Tensor, max_norm: float) -> float:
 
 
 @torch.no_grad()
-def add_noise_share_(tensor: torch.Tensor, noise_multiplier: float, max_norm: float, num_ranks: int,
-                     generator: torch.Generator) -> None:
+def add_noise_share_(
+    tensor: torch.Tensor, noise_multiplier: float, max_norm: float, num_ranks: int, generator: torch.Generator
+) -> None:
     """Add this rank's share of the noise, N(0, sigma^2 S^2 / num_ranks) per coordinate, in place.
 
     Every rank of the sum adds one share (a client that sat the round out
@@ -436,9 +476,14 @@ def client_sample_rate(clients_per_round: int, num_hospitals: int) -> float:
     return clients_per_round / num_hospitals
 
 
-def client_epsilon(noise_multiplier: float, clients_per_round: int, num_hospitals: int, rounds: int, delta: float,
-                   accountant: str = "rdp") -> float:
+def client_epsilon(
+    noise_multiplier: float,
+    clients_per_round: int,
+    num_hospitals: int,
+    rounds: int,
+    delta: float,
+    accountant: str = "rdp",
+) -> float:
     """epsilon of a hospital under DP-FedAvg: the same accountant with q = clients per round / hospitals,
     steps = rounds."""
     return epsilon(noise_multiplier, client_sample_rate(clients_per_round, num_hospitals), rounds, delta, accountant)
-

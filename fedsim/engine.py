@@ -22,6 +22,7 @@ Every draw depends on (seed, round, client index, purpose) alone: the
 participants of a round, a client's drop-out or straggling, its data order and
 augmentation are the same whatever the number of ranks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -139,10 +140,20 @@ class ClientOutcome:
 class Engine:
     """One rank's clients and the round that trains them; the same object on every rank."""
 
-    def __init__(self, model: nn.Module, flat: FlatModel, clients: list[Client], names: list[str],
-                 counts: list[int], settings: EngineSettings, step: StepSettings,
-                 server: ServerOptimizer | None = None, loss_fn: LossFn | None = None, show_progress: bool = False,
-                 privacy: Privacy | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        flat: FlatModel,
+        clients: list[Client],
+        names: list[str],
+        counts: list[int],
+        settings: EngineSettings,
+        step: StepSettings,
+        server: ServerOptimizer | None = None,
+        loss_fn: LossFn | None = None,
+        show_progress: bool = False,
+        privacy: Privacy | None = None,
+    ):
         """
         Args:
             clients: The clients this rank hosts.
@@ -176,16 +187,22 @@ class Engine:
         the rank that hosts them. Every rank then needs every client's data (``clients`` holds all of them),
         and no client may keep state between rounds (it would have to travel): simulations only."""
         if self.flat.local_bn or self.control is not None or self.settings.client_optimizer != "fresh":
-            raise ValueError("dealing participants to ranks needs clients without state (no FedBN, SCAFFOLD or "
-                             "persistent optimizers)")
+            raise ValueError(
+                "dealing participants to ranks needs clients without state (no FedBN, SCAFFOLD or "
+                "persistent optimizers)"
+            )
         self.dealt, self.rank, self.world_size = True, rank, world_size
 
     # ---- one round ------------------------------------------------------------------------
 
-    def round(self, r: int, validate: Callable[[Client], float | None] | None = None,
-              after_epoch: Callable[[Client, int], None] | None = None,
-              before_aggregation: Callable[[], None] | None = None,
-              before_refresh: Callable[[], None] | None = None) -> list[ClientOutcome]:
+    def round(
+        self,
+        r: int,
+        validate: Callable[[Client], float | None] | None = None,
+        after_epoch: Callable[[Client, int], None] | None = None,
+        before_aggregation: Callable[[], None] | None = None,
+        before_refresh: Callable[[], None] | None = None,
+    ) -> list[ClientOutcome]:
         """Train this round's participants hosted here, aggregate with one all-reduce, apply the server step.
 
         Args:
@@ -224,8 +241,9 @@ class Engine:
                 outcomes[client.index] = ClientOutcome({"status": "not sampled", "epochs": 0, "train_loss": None})
                 continue
             status, epochs = plans[client.index]
-            outcome, weight = self._train_client(r, client, status, epochs, start, weights[client.index],
-                                                 anchor_norm, validate, after_epoch, clock)
+            outcome, weight = self._train_client(
+                r, client, status, epochs, start, weights[client.index], anchor_norm, validate, after_epoch, clock
+            )
             outcomes[client.index] = outcome
             with torch.no_grad():
                 if in_place:
@@ -239,7 +257,7 @@ class Engine:
                     flat.pack_scratch()
                     buffer[: flat.reduced.numel()].add_(flat.reduced, alpha=weight)
                     if self.control is not None:
-                        buffer[flat.reduced.numel():].add_(self._control_delta(client, start_global, outcome))
+                        buffer[flat.reduced.numel() :].add_(self._control_delta(client, start_global, outcome))
             self._save_client_state(client)
         clock.lap("local_training")  # a rank whose clients all sit the round out sends zeros
         if before_aggregation is not None:
@@ -294,8 +312,11 @@ class Engine:
         if not self.dealt:
             return self.clients
         mine = mine if mine is not None else set()
-        return [c for c in self.clients if c.index in mine or
-                (c.index % self.world_size == self.rank and c.index not in self._chosen_now)]
+        return [
+            c
+            for c in self.clients
+            if c.index in mine or (c.index % self.world_size == self.rank and c.index not in self._chosen_now)
+        ]
 
     # ---- a client's local work ------------------------------------------------------------
 
@@ -306,15 +327,30 @@ class Engine:
             for buf, value in zip(self._int_buffers, self._start_ints):
                 buf.copy_(value)
 
-    def _train_client(self, r: int, client: Client, status: str, epochs: int, start: torch.Tensor, weight: float,
-                      anchor_norm: float, validate, after_epoch, clock: _Clock) -> tuple[ClientOutcome, float]:
+    def _train_client(
+        self,
+        r: int,
+        client: Client,
+        status: str,
+        epochs: int,
+        start: torch.Tensor,
+        weight: float,
+        anchor_norm: float,
+        validate,
+        after_epoch,
+        clock: _Clock,
+    ) -> tuple[ClientOutcome, float]:
         s, flat = self.settings, self.flat
         if self._dirty:  # an earlier client of this round changed the model
             self._restore(start)
         self._dirty = True
         self._load_client_state(client)
-        figures: dict[str, Any] = {"hospital": client.name, "num_samples": client.num_samples, "status": status,
-                                   "epochs": epochs}
+        figures: dict[str, Any] = {
+            "hospital": client.name,
+            "num_samples": client.num_samples,
+            "status": status,
+            "epochs": epochs,
+        }
         if epochs == 0:  # dropped, or its privacy budget is spent
             figures.update(train_loss=None, prox=0.0)
             return ClientOutcome(figures), 0.0
@@ -330,14 +366,28 @@ class Engine:
         rng = generator(s.seed, r, client.index, "augment")
         if client.reseed is not None:
             client.reseed(derive_seed(s.seed, r, client.index, "shuffle"))
-        private = self.privacy.dpsgd(self.model, flat, r, client.index, self.step.amp_dtype) \
-            if self.privacy is not None else None
+        private = (
+            self.privacy.dpsgd(self.model, flat, r, client.index, self.step.amp_dtype)
+            if self.privacy is not None
+            else None
+        )
         result, steps = None, 0
         try:
             for epoch in range(epochs):
-                result = train_epoch(self.forward, flat, optimizer, client.loader, anchor, self.step, rng,
-                                     desc=f"round {r + 1} {client.name} epoch {epoch + 1}/{epochs}",
-                                     show=self.show_progress, loss_fn=self.loss_fn, correction=correction, dp=private)
+                result = train_epoch(
+                    self.forward,
+                    flat,
+                    optimizer,
+                    client.loader,
+                    anchor,
+                    self.step,
+                    rng,
+                    desc=f"round {r + 1} {client.name} epoch {epoch + 1}/{epochs}",
+                    show=self.show_progress,
+                    loss_fn=self.loss_fn,
+                    correction=correction,
+                    dp=private,
+                )
                 steps += result.steps
                 if after_epoch is not None:
                     after_epoch(client, r)
@@ -353,22 +403,27 @@ class Engine:
             figures["val_acc_local"] = validate(client)
         clock.lap("validation")
         if trained:
-            outcome = self._measure_update(figures, start[flat.global_slice], anchor_norm,
-                                           weight if self._fuse_weight else None)
+            outcome = self._measure_update(
+                figures, start[flat.global_slice], anchor_norm, weight if self._fuse_weight else None
+            )
         finite = outcome is not None and math.isfinite(outcome.norm2) and self._all_finite(params_checked=True)
         if not finite:
             # A diverged client restarts from the global model and sits this round out; its BatchNorm statistics
             # went non-finite with its weights (a forward pass in train mode), so everything is restored.
             self._restore(start)
             self._load_client_state(client)
-            log.warning("%s: local update is not finite (loss %s): contributing weight 0 this round",
-                        client.name, result.loss if result else None)
+            log.warning(
+                "%s: local update is not finite (loss %s): contributing weight 0 this round",
+                client.name,
+                result.loss if result else None,
+            )
             figures.update(status="diverged", train_loss=None, prox=0.0)
             for key in ("drift", "layer_drift", "val_acc_local"):
                 figures.pop(key, None)
             return ClientOutcome(figures), 0.0
-        figures.update(train_loss=result.loss, prox=proximal_value(flat.global_params, anchor, s.mu)
-                       if anchor is not None else 0.0)
+        figures.update(
+            train_loss=result.loss, prox=proximal_value(flat.global_params, anchor, s.mu) if anchor is not None else 0.0
+        )
         if self.privacy is not None:
             self.privacy.clip_update_(flat.global_params, start[flat.global_slice])
         outcome.steps = steps
@@ -377,8 +432,9 @@ class Engine:
             client.state["optimizer"] = self._keep(optimizer.state_dict())
         return outcome, weight
 
-    def _measure_update(self, figures: dict[str, Any], start_global: torch.Tensor, anchor_norm: float,
-                        scale: float | None = None) -> ClientOutcome:
+    def _measure_update(
+        self, figures: dict[str, Any], start_global: torch.Tensor, anchor_norm: float, scale: float | None = None
+    ) -> ClientOutcome:
         """drift and per-layer drift in one chunked pass; a strided sample of the update for what follows;
         with ``scale``, the parameters multiplied by it in the same pass (the client's aggregation weight)."""
         flat = self.flat
@@ -416,8 +472,15 @@ class Engine:
         self._dirty = False
         return self._start
 
-    def _update_pass(self, weights: torch.Tensor, start: torch.Tensor, layers: bool = True,
-                     start_norm: bool = False, scale: float | None = None, refresh: bool = False):
+    def _update_pass(
+        self,
+        weights: torch.Tensor,
+        start: torch.Tensor,
+        layers: bool = True,
+        start_norm: bool = False,
+        scale: float | None = None,
+        refresh: bool = False,
+    ):
         """One chunked pass over ``weights - start``: the squared norm of each parameter tensor (or, with
         ``layers`` False, of the whole) and the strided sample of it (every ``stride``-th coordinate); with
         ``start_norm`` also ||start||², from the chunk still in cache. Chunk sums are float32, added in float64.
@@ -458,18 +521,24 @@ class Engine:
         now (before the first round, or after a write to the model) or lives on a GPU (it must be copied to
         the host anyway). The views hold until the next round calls ``before_refresh``: a checkpoint written
         from them must be on disk by then."""
-        if self.flat.device.type != "cpu" or self._refreshed != self._model_version() \
-                or not self._sample_matches():
+        if self.flat.device.type != "cpu" or self._refreshed != self._model_version() or not self._sample_matches():
             return None
         flat, base, size = self.flat.data, self.flat.data.data_ptr(), self.flat.data.element_size()
         g = self.flat.global_slice
         out = {}
         for key, value in self.model.state_dict().items():
             offset = (value.data_ptr() - base) // size
-            inside = value.dtype == flat.dtype and g.start <= offset and offset + value.numel() <= g.stop \
+            inside = (
+                value.dtype == flat.dtype
+                and g.start <= offset
+                and offset + value.numel() <= g.stop
                 and value.data_ptr() >= base
-            out[key] = self._start.as_strided(value.shape, value.stride(), offset) if inside else \
-                value.detach().to("cpu", copy=True)
+            )
+            out[key] = (
+                self._start.as_strided(value.shape, value.stride(), offset)
+                if inside
+                else value.detach().to("cpu", copy=True)
+            )
         return out
 
     def _model_version(self) -> tuple[int, ...]:
@@ -486,7 +555,7 @@ class Engine:
         flat = self.flat
         if not params_checked:
             return bool(torch.isfinite(flat.data.sum()))
-        rest = [flat.data[: flat.global_slice.start], flat.data[flat.global_slice.stop:]]
+        rest = [flat.data[: flat.global_slice.start], flat.data[flat.global_slice.stop :]]
         return all(bool(torch.isfinite(part.sum())) for part in rest if part.numel())
 
     def _control_delta(self, client: Client, start_global: torch.Tensor, outcome: ClientOutcome) -> torch.Tensor:
@@ -527,7 +596,7 @@ class Engine:
         start_global = start[flat.global_slice]
         self.server.step_(flat.global_params, flat.global_params, start_global)
         if self.control is not None:
-            self.control.add_(buffer[reduced.numel():], alpha=1.0 / self.num_clients)
+            self.control.add_(buffer[reduced.numel() :], alpha=1.0 / self.num_clients)
         return total
 
     def _post_aggregation(self, outcomes: dict[int, ClientOutcome], start_global: torch.Tensor, total: float) -> None:
@@ -535,8 +604,9 @@ class Engine:
         flat = self.flat
         weights = flat.global_params
         with torch.no_grad():
-            (g_norm2,), update, w_norm2 = self._update_pass(weights, start_global, layers=False, start_norm=True,
-                                                            refresh=True)
+            (g_norm2,), update, w_norm2 = self._update_pass(
+                weights, start_global, layers=False, start_norm=True, refresh=True
+            )
         self._refreshed = self._model_version()
         anchor_norm = math.sqrt(w_norm2)
         g_norm = math.sqrt(g_norm2)
@@ -561,8 +631,9 @@ class Engine:
         if isinstance(value, torch.Tensor):
             if self.settings.client_state_device == "device":
                 return value.detach().clone()
-            out = torch.empty(value.shape, dtype=value.dtype, pin_memory=torch.cuda.is_available()
-                              and value.device.type == "cuda")
+            out = torch.empty(
+                value.shape, dtype=value.dtype, pin_memory=torch.cuda.is_available() and value.device.type == "cuda"
+            )
             return out.copy_(value.detach())
         if isinstance(value, dict):
             return {k: self._keep(v) for k, v in value.items()}
@@ -650,7 +721,7 @@ def _chunk_pieces(flat: FlatModel, chunk: int) -> list[tuple[int, int, list[tupl
 def local_tensors(flat: FlatModel) -> torch.Tensor:
     """The tensors a client keeps for itself (FedBN's BatchNorm weights and statistics), as one vector."""
     head = flat.data[: flat.global_slice.start]
-    tail = flat.data[flat.global_slice.start + flat.reduced.numel():]
+    tail = flat.data[flat.global_slice.start + flat.reduced.numel() :]
     return torch.cat([head, tail])
 
 

@@ -7,6 +7,7 @@ these without pulling in torch or numpy.
 
 They derive from :class:`ValueError`, so library code that caught ``ValueError`` before still does.
 """
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Offline evaluation of a checkpoint: image- and patch-level metrics with patient-bootstrap CIs."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,19 @@ class EvalError(UserError, RuntimeError):
 #: Top-level keys of every test report: eval.json and final.json alike.
 REPORT_KEYS: tuple[str, ...] = ("image", "patch", "accuracy", "n_images", "n_patches", "per_hospital_accuracy")
 #: Keys of each level's summary (``report["image"]``, ``report["patch"]``), as metrics.summarize gives them.
-LEVEL_KEYS: tuple[str, ...] = ("n", "accuracy", "balanced_accuracy", "macro_f1", "qwk", "per_class_recall",
-                               "per_class_precision", "per_magnification_accuracy", "per_hospital_accuracy",
-                               "confusion_matrix", "ci95")
+LEVEL_KEYS: tuple[str, ...] = (
+    "n",
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "qwk",
+    "per_class_recall",
+    "per_class_precision",
+    "per_magnification_accuracy",
+    "per_hospital_accuracy",
+    "confusion_matrix",
+    "ci95",
+)
 #: The count each level carries under its own name too.
 LEVEL_COUNTS: dict[str, str] = {"image": "n_images", "patch": "n_patches"}
 #: The metrics with a 95% interval in ``ci95``.
@@ -121,10 +132,13 @@ def fitted_model(state: dict[str, Any], cfg, class_names: list[str], path: str |
         probe = build_model(cfg.model.backbone, cfg.model.scales, len(class_names), cfg.model.hidden, norm=cfg.norm)
     problem = state_mismatch(probe.state_dict(), state["model"])
     if problem:
-        raise EvalError(f"checkpoint {path} does not fit the {cfg.model.scales}-stream {cfg.model.backbone} model "
-                        f"of its config ({len(class_names)} classes, hidden {cfg.model.hidden}): {problem}")
-    model = build_model(cfg.model.backbone, cfg.model.scales, len(class_names), cfg.model.hidden, cfg.model.dropout,
-                        norm=cfg.norm)
+        raise EvalError(
+            f"checkpoint {path} does not fit the {cfg.model.scales}-stream {cfg.model.backbone} model "
+            f"of its config ({len(class_names)} classes, hidden {cfg.model.hidden}): {problem}"
+        )
+    model = build_model(
+        cfg.model.backbone, cfg.model.scales, len(class_names), cfg.model.hidden, cfg.model.dropout, norm=cfg.norm
+    )
     model.load_state_dict(state["model"])
     return model
 
@@ -145,11 +159,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
         raise EvalError(f"--data {args.data}: data path does not exist")
     state, cfg, class_names = load_checked(args.checkpoint)
     if not args.data and cfg.data.path and not Path(cfg.data.path).exists():
-        raise EvalError(f"the run's data path {cfg.data.path} (data.path of the checkpoint's config) does not exist; "
-                        "give --data")
+        raise EvalError(
+            f"the run's data path {cfg.data.path} (data.path of the checkpoint's config) does not exist; give --data"
+        )
     if not args.data and not cfg.data.path and not isinstance(state.get("hospitals"), (list, tuple)):
-        raise EvalError(f"checkpoint {args.checkpoint} lacks hospitals, needed to regenerate its synthetic data; "
-                        "give --data")
+        raise EvalError(
+            f"checkpoint {args.checkpoint} lacks hospitals, needed to regenerate its synthetic data; give --data"
+        )
     _, device, _ = choose_backend(args.device, 1)
     model = fitted_model(state, cfg, class_names, args.checkpoint)
     model.to(device)
@@ -163,8 +179,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", result)
-    plots.save_confusion_matrix_png(np.asarray(result["image"]["confusion_matrix"]), class_names,
-                                    out / "confusion_matrix.png", title=f"{args.split} split, image level")
+    plots.save_confusion_matrix_png(
+        np.asarray(result["image"]["confusion_matrix"]),
+        class_names,
+        out / "confusion_matrix.png",
+        title=f"{args.split} split, image level",
+    )
     print(format_report(result["image"], title=f"Image level ({args.split} split)"))
     print(format_report(result["patch"], title=f"Patch level ({args.split} split)"))
     print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
@@ -174,16 +194,20 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
 def _fedbn_caveat(state: dict[str, Any]) -> str:
     """Under FedBN the saved BatchNorm tensors are rank 0's hospital's own: say so, and whose."""
     hospital = (state.get("hospitals") or ["?"])[0]
-    log.warning("FedBN checkpoint: its BatchNorm tensors are hospital %s's, applied here to every image "
-                "(final.json tested each hospital with its own)", hospital)
+    log.warning(
+        "FedBN checkpoint: its BatchNorm tensors are hospital %s's, applied here to every image "
+        "(final.json tested each hospital with its own)",
+        hospital,
+    )
     return hospital
 
 
 def eval_settings(cfg, device: torch.device) -> StepSettings:
     """Inference as in training: bf16 and channels-last on CUDA, the run's on-device stain normalization if any."""
     cuda = device.type == "cuda"
-    return StepSettings(device, torch.bfloat16 if cuda else None, cuda, 0.0, 0.0, False, 1,
-                        normalizer=device_normalizer(cfg))
+    return StepSettings(
+        device, torch.bfloat16 if cuda else None, cuda, 0.0, 0.0, False, 1, normalizer=device_normalizer(cfg)
+    )
 
 
 def _dataset(cfg, args: argparse.Namespace, class_names: list[str], hospitals: int) -> CachedPairs:
@@ -219,8 +243,9 @@ def levels(dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx: np.
     return {"image": image, "patch": patch}
 
 
-def summaries(dataset: CachedPairs, probs, labels, idx, class_names, n_boot: int = 1000, seed: int = 0,
-              counts: bool = False) -> dict[str, Any]:
+def summaries(
+    dataset: CachedPairs, probs, labels, idx, class_names, n_boot: int = 1000, seed: int = 0, counts: bool = False
+) -> dict[str, Any]:
     """Image-level (patch probabilities averaged) and patch-level metric summaries of predictions.
 
     With ``counts`` each level also carries :func:`metrics.count_summary`
@@ -230,19 +255,34 @@ def summaries(dataset: CachedPairs, probs, labels, idx, class_names, n_boot: int
     for level, data in levels(dataset, probs, labels, idx).items():
         meta = data["meta"]
         by = lambda key, meta=meta: [m[key] for m in meta]  # noqa: E731
-        out[level] = metrics.summarize(data["y"], data["probs"], list(class_names), magnifications=by("magnification"),
-                                       hospitals=by("hospital"), patients=by("patient"), n_boot=n_boot, seed=seed)
+        out[level] = metrics.summarize(
+            data["y"],
+            data["probs"],
+            list(class_names),
+            magnifications=by("magnification"),
+            hospitals=by("hospital"),
+            patients=by("patient"),
+            n_boot=n_boot,
+            seed=seed,
+        )
         if counts:
             out[level]["counts"] = metrics.count_summary(
-                data["y"], np.argmax(data["probs"], axis=1), len(class_names), magnifications=by("magnification"),
-                patients=by("patient"), n_boot=n_boot, seed=seed)
+                data["y"],
+                np.argmax(data["probs"], axis=1),
+                len(class_names),
+                magnifications=by("magnification"),
+                patients=by("patient"),
+                n_boot=n_boot,
+                seed=seed,
+            )
     out["image"]["n_images"] = out["n_images"] = out["image"]["n"]
     out["patch"]["n_patches"] = out["n_patches"] = out["patch"]["n"]
     return out
 
 
-def image_level(dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray,
-                num_classes: int) -> dict[str, Any]:
+def image_level(
+    dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray, num_classes: int
+) -> dict[str, Any]:
     """Image-level accuracy and confusion matrix: each image's patch probabilities averaged."""
     if len(idx) == 0:
         return {"accuracy": None, "n": 0, "confusion_matrix": None}
@@ -267,9 +307,12 @@ def final_report(per_hospital: list[dict[str, Any]], class_names) -> dict[str, A
                 mags[mag] = mags.get(mag, 0) + np.asarray(cm)
         boots = [np.asarray(c["bootstrap"]) for c in counts if len(c["bootstrap"])]
         out[level] = metrics.summary_from_counts(
-            sum(np.asarray(c["confusion_matrix"]) for c in counts), class_names, per_magnification=mags,
+            sum(np.asarray(c["confusion_matrix"]) for c in counts),
+            class_names,
+            per_magnification=mags,
             per_hospital_accuracy={h["hospital"]: h[level]["accuracy"] for h in per_hospital},
-            bootstrap=sum(boots) if len(boots) == len(counts) else None)
+            bootstrap=sum(boots) if len(boots) == len(counts) else None,
+        )
     out["image"]["n_images"] = out["n_images"] = out["image"]["n"]
     out["patch"]["n_patches"] = out["n_patches"] = out["patch"]["n"]
     out["accuracy"] = out["image"]["accuracy"]

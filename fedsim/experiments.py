@@ -19,6 +19,7 @@ t-tests of the paper's comparisons) and ``OUT/results.png`` (bar chart) are writ
 This module is the command line only: the plan, the runner, the statistics and
 the results files live in the :mod:`fedsim.study` package.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,12 @@ def parse_cli(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
-    parser = argparse.ArgumentParser(prog="python -m fedsim.experiments",
-                                     description="Run the paper's comparisons over seeds and summarize them.",
-                                     epilog="Arguments after -- are passed to every train.py run.")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    parser = argparse.ArgumentParser(
+        prog="python -m fedsim.experiments",
+        description="Run the paper's comparisons over seeds and summarize them.",
+        epilog="Arguments after -- are passed to every train.py run.",
+    )
     parser.add_argument("--preset", default="demo", help="demo, paper, or a TOML preset path (default demo)")
     parser.add_argument("--data", help="dataset for train.py --data (default: embedded synthetic data)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 for every variant (default 3)")
@@ -78,8 +81,11 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
     overridden = sorted(STUDY_FLAGS & set(extra))
     if overridden:
         log.warning("the study sets %s itself; those train.py arguments are overridden", ", ".join(overridden))
-    hospitals = ([h.strip() for h in args.hospitals.split(",") if h.strip()] if args.hospitals
-                 else [f"H{i}" for i in range(1, args.nproc + 1)])
+    hospitals = (
+        [h.strip() for h in args.hospitals.split(",") if h.strip()]
+        if args.hospitals
+        else [f"H{i}" for i in range(1, args.nproc + 1)]
+    )
     chosen = select(variants(hospitals), args.only)
     out = Path(args.out or Path("runs") / f"study-{preset.stem}").resolve()
     data = str(Path(args.data).resolve()) if args.data else None

@@ -6,6 +6,7 @@ weight buffer, validates the global model at every hospital, gathers small
 dicts of scalar figures on rank 0, and commits the round with its checkpoint.
 Only weights and counts cross ranks; images, labels and paths never do.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,8 +64,15 @@ class Federation:
         self.plan: DataPlan = plan_data(cfg, info, self.out)
         self.settings = _step_settings(cfg, info)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model.backbone, cfg.model.scales, len(self.plan.class_names),
-                            cfg.model.hidden, cfg.model.dropout, cfg.model.pretrained, cfg.norm)
+        model = build_model(
+            cfg.model.backbone,
+            cfg.model.scales,
+            len(self.plan.class_names),
+            cfg.model.hidden,
+            cfg.model.dropout,
+            cfg.model.pretrained,
+            cfg.norm,
+        )
         model = model.to(info.device)
         self.flat = flatten(model, local_bn=cfg.train.bn == "local", channels_last=self.settings.channels_last)
         self.model = model
@@ -95,12 +103,19 @@ class Federation:
         """
         shuffle = torch.Generator()
         workers = self.cfg.data.num_workers
-        common = {"collate_fn": collate_batch, "num_workers": workers,
-                  "pin_memory": self.info.device.type == "cuda", "persistent_workers": workers > 0}
+        common = {
+            "collate_fn": collate_batch,
+            "num_workers": workers,
+            "pin_memory": self.info.device.type == "cuda",
+            "persistent_workers": workers > 0,
+        }
         if batches is not None:
             return DataLoader(dataset, batch_sampler=batches(shuffle), **common), shuffle
-        sampler = RandomSampler(dataset, generator=shuffle) if indices is None else \
-            SubsetRandomSampler(indices.tolist(), generator=shuffle)
+        sampler = (
+            RandomSampler(dataset, generator=shuffle)
+            if indices is None
+            else SubsetRandomSampler(indices.tolist(), generator=shuffle)
+        )
         return DataLoader(dataset, batch_size=self.cfg.train.batch_size, sampler=sampler, **common), shuffle
 
     def _build_engine(self) -> Engine:
@@ -111,26 +126,60 @@ class Federation:
         ordered = [counts[h] for h in self.plan.hospitals]
         self.privacy = None
         if t.dp.enabled or t.secure_aggregation:
-            self.privacy = Privacy(t.dp, t.secure_aggregation, t.secagg, ordered, t.batch_size, t.local_epochs,
-                                   t.rounds, t.clients_per_round, t.seed, self.info.device, self.info.world_size)
+            self.privacy = Privacy(
+                t.dp,
+                t.secure_aggregation,
+                t.secagg,
+                ordered,
+                t.batch_size,
+                t.local_epochs,
+                t.rounds,
+                t.clients_per_round,
+                t.seed,
+                self.info.device,
+                self.info.world_size,
+            )
             if self.info.is_main:
                 log.info(self.privacy.describe())
         clients = []
         for hospital in self.plan.mine:
-            sampler = (lambda gen, i=hospital.index: self.privacy.batch_sampler(i, gen)) \
-                if self.privacy is not None and self.privacy.level == "sample" else None
+            sampler = (
+                (lambda gen, i=hospital.index: self.privacy.batch_sampler(i, gen))
+                if self.privacy is not None and self.privacy.level == "sample"
+                else None
+            )
             loader, shuffle = self._loader(hospital.dataset("train"), batches=sampler)
-            clients.append(Client(hospital.index, hospital.name, mine[hospital.name], loader,
-                                  reseed=shuffle.manual_seed))
-        settings = EngineSettings(seed=t.seed, local_epochs=t.local_epochs, lr=t.lr, weight_decay=t.weight_decay,
-                                  mu=t.mu, local_optimizer=t.local_optimizer, clients_per_round=t.clients_per_round,
-                                  client_optimizer=t.client_optimizer, client_state_device=t.client_state_device,
-                                  algorithm=t.algorithm,
-                                  faults=Faults(t.dropout, t.straggler, tuple(t.faulty_hospitals)))
-        server = ServerOptimizer(t.server_optimizer, t.server_lr, t.server_momentum, tuple(t.server_betas),
-                                 t.server_tau)
-        engine = Engine(self.model, self.flat, clients, self.plan.hospitals, ordered, settings, self.settings,
-                        server, show_progress=self.info.is_main, privacy=self.privacy)
+            clients.append(
+                Client(hospital.index, hospital.name, mine[hospital.name], loader, reseed=shuffle.manual_seed)
+            )
+        settings = EngineSettings(
+            seed=t.seed,
+            local_epochs=t.local_epochs,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            mu=t.mu,
+            local_optimizer=t.local_optimizer,
+            clients_per_round=t.clients_per_round,
+            client_optimizer=t.client_optimizer,
+            client_state_device=t.client_state_device,
+            algorithm=t.algorithm,
+            faults=Faults(t.dropout, t.straggler, tuple(t.faulty_hospitals)),
+        )
+        server = ServerOptimizer(
+            t.server_optimizer, t.server_lr, t.server_momentum, tuple(t.server_betas), t.server_tau
+        )
+        engine = Engine(
+            self.model,
+            self.flat,
+            clients,
+            self.plan.hospitals,
+            ordered,
+            settings,
+            self.settings,
+            server,
+            show_progress=self.info.is_main,
+            privacy=self.privacy,
+        )
         engine.forward = self.forward_model
         return engine
 
@@ -160,11 +209,14 @@ class Federation:
             return 0
         state = checkpoint.load(chosen)
         if state.get("config_digest") != self.cfg.digest():
-            raise ConfigError(f"{chosen} was written by a run with another config; "
-                              f"use a new --out, or the same settings to resume")
+            raise ConfigError(
+                f"{chosen} was written by a run with another config; use a new --out, or the same settings to resume"
+            )
         if state.get("hospitals") != list(self.plan.hospitals):  # e.g. another data.num_hospitals
-            raise ConfigError(f"{chosen} was written by a federation of {', '.join(state.get('hospitals') or ['?'])}; "
-                              f"this run has {', '.join(self.plan.hospitals)}: use a new --out, or the same hospitals")
+            raise ConfigError(
+                f"{chosen} was written by a federation of {', '.join(state.get('hospitals') or ['?'])}; "
+                f"this run has {', '.join(self.plan.hospitals)}: use a new --out, or the same hospitals"
+            )
         self.model.load_state_dict(state["model"])  # copies into the flat views, keeping them bound
         if self.engine is not None:
             self.engine.load_state_dict(state.get("engine", {}))
@@ -179,11 +231,13 @@ class Federation:
         """Each hospital keeps its detailed skip report (with file paths) on its own disk; only counts cross ranks."""
         for hospital in self.plan.mine:
             write_hospital_report(self.out, hospital)
-        reports = gather_figures({"hospitals": [h.name for h in self.plan.mine],
-                                  "report": [h.report.counts_only() for h in self.plan.mine]})
+        reports = gather_figures(
+            {"hospitals": [h.name for h in self.plan.mine], "report": [h.report.counts_only() for h in self.plan.mine]}
+        )
         if self.info.is_main:
-            flat_reports = [{"hospital": name, "report": rep} for r in reports
-                            for name, rep in zip(r["hospitals"], r["report"])]
+            flat_reports = [
+                {"hospital": name, "report": rep} for r in reports for name, rep in zip(r["hospitals"], r["report"])
+            ]
             write_data_report(self.out, flat_reports, self.plan.scan_report)
 
     # ---- the loop -----------------------------------------------------------------------
@@ -193,8 +247,12 @@ class Federation:
         for round_index in range(self.start_round, self.cfg.train.rounds):
             if self.engine is not None and self.engine.privacy is not None and self.engine.privacy.run_spent():
                 if self.info.is_main:
-                    log.warning("round %d would pass train.dp.max_epsilon = %g: the run ends after round %d",
-                                round_index + 1, self.cfg.train.dp.max_epsilon, round_index)
+                    log.warning(
+                        "round %d would pass train.dp.max_epsilon = %g: the run ends after round %d",
+                        round_index + 1,
+                        self.cfg.train.dp.max_epsilon,
+                        round_index,
+                    )
                 break
             self.round(round_index)
         self.finish()
@@ -209,15 +267,32 @@ class Federation:
         self._gather_and_log(r, validated, matrices, timings, started)
 
     def _federated_work(self, r: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        outcomes = self.engine.round(r, validate=lambda c: self._validate(self._hospital(c.name))["accuracy"],
-                                     after_epoch=lambda c, rr: self._simulate_faults(c.name, rr),
-                                     before_aggregation=lambda: self._wait_for_clients(r),
-                                     before_refresh=self._wait_for_checkpoint)
+        outcomes = self.engine.round(
+            r,
+            validate=lambda c: self._validate(self._hospital(c.name))["accuracy"],
+            after_epoch=lambda c, rr: self._simulate_faults(c.name, rr),
+            before_aggregation=lambda: self._wait_for_clients(r),
+            before_refresh=self._wait_for_checkpoint,
+        )
         checksum = _checksum(self.flat.reduced)
-        clients = [{**o.figures, "hospital": c.name, "num_samples": c.num_samples, "rank": self.info.rank,
-                    "weights_checksum": checksum} for c, o in zip(self.engine.clients, outcomes)]
-        self._save_client_states(r, [c for c, o in zip(self.engine.clients, outcomes)
-                                     if o.figures["status"] not in ("not sampled", "dropped", "budget spent")])
+        clients = [
+            {
+                **o.figures,
+                "hospital": c.name,
+                "num_samples": c.num_samples,
+                "rank": self.info.rank,
+                "weights_checksum": checksum,
+            }
+            for c, o in zip(self.engine.clients, outcomes)
+        ]
+        self._save_client_states(
+            r,
+            [
+                c
+                for c, o in zip(self.engine.clients, outcomes)
+                if o.figures["status"] not in ("not sampled", "dropped", "budget spent")
+            ],
+        )
         return clients, dict(self.engine.timings)
 
     def _wait_for_checkpoint(self) -> None:
@@ -236,9 +311,18 @@ class Federation:
         start = self.flat.global_params.detach().clone()
         result = None
         for epoch in range(cfg.local_epochs):
-            result = train_epoch(self.forward_model, self.flat, optimizer, client.loader, None, self.settings, rng,
-                                 grad_hook=hook, desc=f"round {r + 1}/{cfg.rounds} epoch {epoch + 1}",
-                                 show=self.info.is_main)
+            result = train_epoch(
+                self.forward_model,
+                self.flat,
+                optimizer,
+                client.loader,
+                None,
+                self.settings,
+                rng,
+                grad_hook=hook,
+                desc=f"round {r + 1}/{cfg.rounds} epoch {epoch + 1}",
+                show=self.info.is_main,
+            )
         seconds = {"local_training": time.perf_counter() - began}
         began = time.perf_counter()
         self._wait_for_clients(r)
@@ -248,9 +332,17 @@ class Federation:
         with torch.no_grad():
             drift = float(torch.sub(self.flat.global_params, start).norm())
         status = "trained" if result.finite else "diverged"
-        figures = {"rank": self.info.rank, "num_samples": client.num_samples, "status": status,
-                   "epochs": cfg.local_epochs, "train_loss": result.loss if result.finite else None, "prox": 0.0,
-                   "drift": drift, "weights_checksum": _checksum(self.flat.reduced), "layer_drift": []}
+        figures = {
+            "rank": self.info.rank,
+            "num_samples": client.num_samples,
+            "status": status,
+            "epochs": cfg.local_epochs,
+            "train_loss": result.loss if result.finite else None,
+            "prox": 0.0,
+            "drift": drift,
+            "weights_checksum": _checksum(self.flat.reduced),
+            "layer_drift": [],
+        }
         return [{**figures, "hospital": h.name} for h in self.plan.mine], seconds
 
     def _hospital(self, name: str) -> HospitalData:
@@ -307,10 +399,14 @@ class Federation:
     def _predict(self, dataset: CachedPairs):
         key = ",".join(map(str, dataset.folders))
         if key not in self._eval_loaders:
-            self._eval_loaders[key] = DataLoader(dataset, batch_size=self.cfg.train.batch_size * 2,
-                                                 collate_fn=collate_batch, num_workers=self.cfg.data.num_workers,
-                                                 pin_memory=self.info.device.type == "cuda",
-                                                 persistent_workers=self.cfg.data.num_workers > 0)
+            self._eval_loaders[key] = DataLoader(
+                dataset,
+                batch_size=self.cfg.train.batch_size * 2,
+                collate_fn=collate_batch,
+                num_workers=self.cfg.data.num_workers,
+                pin_memory=self.info.device.type == "cuda",
+                persistent_workers=self.cfg.data.num_workers > 0,
+            )
         return predict(self.forward_model, self._eval_loaders[key], self.settings)
 
     def _validate(self, hospital: HospitalData) -> dict[str, Any]:
@@ -333,23 +429,30 @@ class Federation:
             matrices.append(val["confusion_matrix"])
         return out, matrices
 
-    def _gather_and_log(self, r: int, clients: list[dict[str, Any]], matrices: list, timings: dict[str, float],
-                        started: float) -> None:
+    def _gather_and_log(
+        self, r: int, clients: list[dict[str, Any]], matrices: list, timings: dict[str, float], started: float
+    ) -> None:
         layer_drift = [c.pop("layer_drift", []) for c in clients]
         # Confusion-matrix counts are summary figures: no image or per-sample value leaves the hospital.
         gathered = gather_figures({"clients": clients, "layer_drift": layer_drift, "val_cm": matrices})
         if not self.info.is_main:
             return
-        all_clients = sorted((c for g in gathered for c in g["clients"]),
-                             key=lambda c: self.plan.hospitals.index(c["hospital"]))
+        all_clients = sorted(
+            (c for g in gathered for c in g["clients"]), key=lambda c: self.plan.hospitals.index(c["hospital"])
+        )
         # The round's checkpoint is its commit point: its metrics line and events are written first, and a
         # rerun drops whatever was logged past the last checkpoint (RunLogger.start), so a crash anywhere
         # in this sequence leaves exactly one line and one event step per committed round.
         # The previous round's checkpoint, written while this one ran (the engine may have waited for it already).
         timings["checkpoint"] = timings.get("checkpoint", 0.0) + self.writer.wait()
-        record = {"round": r, "rounds": self.cfg.train.rounds, "mode": self.cfg.train.mode,
-                  "clients": all_clients, "global": _global_figures(all_clients),
-                  "seconds": _seconds(timings, started)}
+        record = {
+            "round": r,
+            "rounds": self.cfg.train.rounds,
+            "mode": self.cfg.train.mode,
+            "clients": all_clients,
+            "global": _global_figures(all_clients),
+            "seconds": _seconds(timings, started),
+        }
         self.logger.log_round(record)
         self.logger.scalar("global/lr", self.cfg.train.lr, r)
         pooled = [np.asarray(m) for g in gathered for m in g["val_cm"] if m is not None]
@@ -376,9 +479,14 @@ class Federation:
 
     def _state(self, r: int) -> dict[str, Any]:
         """What a checkpoint holds: the global model, the server's state, the run's identity (round -1: initial)."""
-        state = {"model": self._weights_copy(),
-                 "round": r, "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
-                 "class_names": list(self.plan.class_names), "hospitals": list(self.plan.hospitals)}
+        state = {
+            "model": self._weights_copy(),
+            "round": r,
+            "config": self.cfg.to_dict(),
+            "config_digest": self.cfg.digest(),
+            "class_names": list(self.plan.class_names),
+            "hospitals": list(self.plan.hospitals),
+        }
         if self.engine is not None:
             state["engine"] = self.engine.state_dict()
         return state
@@ -399,8 +507,11 @@ class Federation:
         for key, value in self.model.state_dict().items():
             offset = (value.data_ptr() - base) // size
             inside = value.device == flat.device and value.dtype == flat.dtype and 0 <= offset < flat.numel()
-            out[key] = self._saved.as_strided(value.shape, value.stride(), offset) if inside else \
-                value.detach().to("cpu", copy=True)
+            out[key] = (
+                self._saved.as_strided(value.shape, value.stride(), offset)
+                if inside
+                else value.detach().to("cpu", copy=True)
+            )
         return out
 
     def _save_client_states(self, r: int, clients: list[Client]) -> None:
@@ -412,8 +523,9 @@ class Federation:
         """
         for client in clients:
             if client.state:
-                checkpoint.save_client_state(self.out, client.name, r, client.state,
-                                             self.cfg.train.keep_checkpoints + 1)
+                checkpoint.save_client_state(
+                    self.out, client.name, r, client.state, self.cfg.train.keep_checkpoints + 1
+                )
 
     def _explain(self, hospital: HospitalData, dataset: CachedPairs) -> None:
         """Grad-CAM panels of the final model on this hospital's own test images (they never leave it)."""
@@ -426,9 +538,17 @@ class Federation:
 
         # Each hospital writes its own events file: images stay where they were made.
         with SummaryWriter(str(self.out / "tb" / f"xai-{hospital.name}")) as writer:
-            write_overlays(self.model, dataset, self.out / "xai" / hospital.name, self.plan.class_names,
-                           self.info.device, per_grade=per_grade, writer=writer, step=self.cfg.train.rounds,
-                           normalizer=self.settings.normalizer)
+            write_overlays(
+                self.model,
+                dataset,
+                self.out / "xai" / hospital.name,
+                self.plan.class_names,
+                self.info.device,
+                per_grade=per_grade,
+                writer=writer,
+                step=self.cfg.train.rounds,
+                normalizer=self.settings.normalizer,
+            )
 
     def finish(self) -> None:
         """Test the final global model at every hospital; rank 0 writes final.json."""
@@ -441,9 +561,20 @@ class Federation:
                 self.engine.load_client(next(c for c in self.engine.clients if c.name == hospital.name))
             dataset = hospital.dataset("test")
             probs, labels, idx = self._predict(dataset)
-            results.append({"hospital": hospital.name,
-                            **summaries(dataset, probs, labels, idx, self.plan.class_names, counts=True,
-                                        seed=derive_seed(self.cfg.train.seed, 0, hospital.index, "bootstrap") % 2**32)})
+            results.append(
+                {
+                    "hospital": hospital.name,
+                    **summaries(
+                        dataset,
+                        probs,
+                        labels,
+                        idx,
+                        self.plan.class_names,
+                        counts=True,
+                        seed=derive_seed(self.cfg.train.seed, 0, hospital.index, "bootstrap") % 2**32,
+                    ),
+                }
+            )
             self._explain(hospital, dataset)
         gathered = gather_figures({"results": results})
         if self.info.is_main:
@@ -453,14 +584,24 @@ class Federation:
                 final["privacy"] = self.engine.privacy.report(list(self.plan.hospitals))
             write_json(self.out / "final.json", final)
             cm = np.asarray(final["image"]["confusion_matrix"])
-            plots.save_confusion_matrix_png(cm, self.plan.class_names, self.out / "confusion_matrix.png",
-                                            title="final global model, test split, image level")
-            self.logger.confusion_matrix("global/test_confusion_matrix", cm, self.plan.class_names,
-                                         self.cfg.train.rounds)
-            log.info("final test accuracy %.3f (image level) over %d images; per hospital %s",
-                     final["accuracy"], final["n_images"],
-                     ", ".join(f"{name} {acc:.3f}" if acc is not None else f"{name} -"
-                               for name, acc in final["per_hospital_accuracy"].items()))
+            plots.save_confusion_matrix_png(
+                cm,
+                self.plan.class_names,
+                self.out / "confusion_matrix.png",
+                title="final global model, test split, image level",
+            )
+            self.logger.confusion_matrix(
+                "global/test_confusion_matrix", cm, self.plan.class_names, self.cfg.train.rounds
+            )
+            log.info(
+                "final test accuracy %.3f (image level) over %d images; per hospital %s",
+                final["accuracy"],
+                final["n_images"],
+                ", ".join(
+                    f"{name} {acc:.3f}" if acc is not None else f"{name} -"
+                    for name, acc in final["per_hospital_accuracy"].items()
+                ),
+            )
         self.logger.close()
 
 
@@ -473,9 +614,16 @@ def _step_settings(cfg: RunConfig, info: DistInfo) -> StepSettings:
         log.info("torch.compile on CPU: expect a long first step")
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed patch sizes: autotuned convolutions pay off at once
-    return StepSettings(device=info.device, amp_dtype=torch.bfloat16 if precision == "bf16" else None,
-                        channels_last=cuda, mu=cfg.train.mu, mixup_alpha=cfg.train.mixup_alpha,
-                        augment=cfg.data.augment, grad_accum=cfg.train.grad_accum, normalizer=device_normalizer(cfg))
+    return StepSettings(
+        device=info.device,
+        amp_dtype=torch.bfloat16 if precision == "bf16" else None,
+        channels_last=cuda,
+        mu=cfg.train.mu,
+        mixup_alpha=cfg.train.mixup_alpha,
+        augment=cfg.data.augment,
+        grad_accum=cfg.train.grad_accum,
+        normalizer=device_normalizer(cfg),
+    )
 
 
 def _checksum(values: torch.Tensor) -> list[float]:
@@ -491,16 +639,21 @@ def _global_figures(clients: list[dict[str, Any]]) -> dict[str, Any]:
     accs = [(c["val_acc_global"], c["num_val"]) for c in clients if c.get("val_acc_global") is not None]
     losses = [(c["train_loss"], c["num_samples"]) for c in clients if c.get("train_loss") is not None]
     weighted = lambda pairs: sum(a * n for a, n in pairs) / max(sum(n for _, n in pairs), 1) if pairs else None  # noqa: E731
-    return {"val_acc": weighted(accs), "train_loss": weighted(losses),
-            "samples_aggregated": sum(c["num_samples"] for c in trained),
-            "drift_spread": (max(drifts) - min(drifts)) if drifts else None,
-            "update_norm": clients[0].get("global_update_norm") if clients else None,
-            "clients_aggregated": len(trained)}
+    return {
+        "val_acc": weighted(accs),
+        "train_loss": weighted(losses),
+        "samples_aggregated": sum(c["num_samples"] for c in trained),
+        "drift_spread": (max(drifts) - min(drifts)) if drifts else None,
+        "update_norm": clients[0].get("global_update_norm") if clients else None,
+        "clients_aggregated": len(trained),
+    }
 
 
 def _seconds(timings: dict[str, float], started: float) -> dict[str, float]:
     """The round's time by phase; ``other`` is the rest, so the parts sum to ``total``."""
     total = time.perf_counter() - started
-    parts = {key: timings.get(key, 0.0) for key in ("local_training", "validation", "aggregation", "diagnostics",
-                                                     "checkpoint")}
+    parts = {
+        key: timings.get(key, 0.0)
+        for key in ("local_training", "validation", "aggregation", "diagnostics", "checkpoint")
+    }
     return {"total": total, **parts, "other": max(total - sum(parts.values()), 0.0)}

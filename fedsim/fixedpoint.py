@@ -5,6 +5,7 @@ A contribution in ``[-clip, clip]`` is rounded to one of ``levels + 1`` grid poi
 sum of W such integers stays below 2^32, and :func:`max_abs_error` bounds what the rounding costs.
 See :mod:`fedsim.secagg` for the protocol around it.
 """
+
 from __future__ import annotations
 
 import math

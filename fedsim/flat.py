@@ -21,6 +21,7 @@ scratch tail carries the client's sample weight and its integer buffers
 Gradients get the same treatment: ``grad`` of every parameter is a view of one
 flat gradient buffer, so the proximal gradient is a single fused update.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -142,8 +143,11 @@ class FlatModel:
         those of ``global_params``, offsets counted from its start."""
         first = self.global_slice.start if global_only else 0
         return [
-            (f"{self._module_names.get(id(s.module), '')}.{s.name}".lstrip("."), s.offset - first,
-             s.offset - first + s.numel)
+            (
+                f"{self._module_names.get(id(s.module), '')}.{s.name}".lstrip("."),
+                s.offset - first,
+                s.offset - first + s.numel,
+            )
             for s in self._slots
             if s.is_param and s.offset >= first
         ]
@@ -161,12 +165,7 @@ def flatten(model: nn.Module, local_bn: bool = False, channels_last: bool = Fals
         The :class:`FlatModel`, also stored on the model.
     """
     flat = getattr(model, _ATTR, None)
-    if (
-        flat is not None
-        and flat.local_bn == local_bn
-        and flat.channels_last == channels_last
-        and flat.is_intact()
-    ):
+    if flat is not None and flat.local_bn == local_bn and flat.channels_last == channels_last and flat.is_intact():
         return flat
     flat = FlatModel(model, local_bn=local_bn, channels_last=channels_last)
     # A plain attribute: not a parameter, buffer or submodule, so state_dict() ignores it.
@@ -252,4 +251,3 @@ def _view(buffer: torch.Tensor, slot: _Slot) -> torch.Tensor:
         n, c, h, w = slot.shape
         return chunk.view(n, h, w, c).permute(0, 3, 1, 2)
     return chunk.view(slot.shape)
-

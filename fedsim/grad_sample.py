@@ -11,6 +11,7 @@
 Each engine is called with the parameters and a batch and returns the per-sample gradients, one tensor per
 parameter with the batch first, and the per-sample losses.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,8 +31,9 @@ class FunctorchEngine:
         from torch.func import functional_call, grad, vmap
 
         def one(params, buffers, inputs, label):
-            out = functional_call(model, ({**dict(zip(names, params)), **buffers}),
-                                  tuple(x.unsqueeze(0) for x in inputs))
+            out = functional_call(
+                model, ({**dict(zip(names, params)), **buffers}), tuple(x.unsqueeze(0) for x in inputs)
+            )
             loss = loss_fn(out, label.unsqueeze(0)).sum()
             return loss, loss.detach()
 
@@ -47,8 +49,9 @@ class FunctorchEngine:
         pass
 
 
-def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor],
-                      backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+def conv2d_grad_sample(
+    layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of a Conv2d (integer padding, any groups), from its input and output gradient.
 
     Opacus's algorithm (im2col by ``as_strided``, then one batched matmul)
@@ -102,8 +105,10 @@ class HookEngine:
             sampler = _sampler_for(module)
             if sampler is None:
                 if any(True for _ in module.children()):
-                    raise NotImplementedError(f"no per-sample gradient rule for {name} ({type(module).__name__}), "
-                                              f"a module with parameters of its own and submodules")
+                    raise NotImplementedError(
+                        f"no per-sample gradient rule for {name} ({type(module).__name__}), "
+                        f"a module with parameters of its own and submodules"
+                    )
                 prepare_layer(module)  # Opacus's functorch fallback for a leaf layer it has no rule for
                 sampler = ft_compute_per_sample_gradient
             self._samplers[module] = sampler
@@ -113,8 +118,10 @@ class HookEngine:
         if not self.active or not torch.is_grad_enabled():
             return
         if not isinstance(output, torch.Tensor):
-            raise NotImplementedError(f"per-sample gradients of a {type(module).__name__} returning "
-                                      f"{type(output).__name__}: only layers returning one tensor are supported")
+            raise NotImplementedError(
+                f"per-sample gradients of a {type(module).__name__} returning "
+                f"{type(output).__name__}: only layers returning one tensor are supported"
+            )
         activations = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
         sampler = self._samplers[module]
 
@@ -139,8 +146,10 @@ class HookEngine:
         finally:
             self.active = False
         batch = labels.shape[0]
-        grads = [torch.zeros((batch, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
-                 for g, p in zip(self.grads, params)]
+        grads = [
+            torch.zeros((batch, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
+            for g, p in zip(self.grads, params)
+        ]
         self.grads = []
         return grads, losses.detach()
 

@@ -10,6 +10,7 @@ Layout of a run directory (one place decides it)::
     OUT/data_report.json    skipped files by reason, per hospital
     OUT/final.json          test metrics of the final global model
 """
+
 from __future__ import annotations
 
 import json
@@ -144,8 +145,7 @@ class RunLogger:
             return
         path = self.out / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if _committed(line, first_round)]
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _committed(line, first_round)]
             write_atomic(path, "".join(line + "\n" for line in kept))
         if self.tensorboard and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter

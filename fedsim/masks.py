@@ -4,6 +4,7 @@
 mode (cryptographic, made on the host) or torch's generator on the device (statistical). See
 :mod:`fedsim.secagg`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -75,8 +76,9 @@ class DeviceStream:
     def _next_block(self) -> None:
         digest = hashlib.blake2b(self._secret + self._round + self._block.to_bytes(8, "big"), digest_size=8)
         self._generator.manual_seed(int.from_bytes(digest.digest(), "big"))
-        self._buffer = torch.randint(0, MODULUS, (DEVICE_BLOCK,), generator=self._generator,
-                                     dtype=torch.int64, device=self._device)
+        self._buffer = torch.randint(
+            0, MODULUS, (DEVICE_BLOCK,), generator=self._generator, dtype=torch.int64, device=self._device
+        )
         self._block += 1
         self._used = 0
 

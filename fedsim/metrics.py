@@ -17,6 +17,7 @@ small or lopsided test split):
   :func:`quadratic_weighted_kappa`);
 * a metric of an empty confusion matrix is NaN.
 """
+
 from __future__ import annotations
 
 import math
@@ -451,8 +452,16 @@ def summarize(
     return _json_ready(summary)
 
 
-def count_summary(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int, *, magnifications: Sequence[Hashable],
-                  patients: Sequence[Hashable], n_boot: int = 1000, seed: int = 0) -> dict:
+def count_summary(
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    num_classes: int,
+    *,
+    magnifications: Sequence[Hashable],
+    patients: Sequence[Hashable],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Aggregate counts of one site's predictions, poolable across sites without per-sample data.
 
     Returns ``confusion_matrix``, ``per_magnification`` ({magnification: confusion
@@ -462,15 +471,24 @@ def count_summary(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int, *, mag
     """
     t, p = _as_labels(y_true, num_classes, "y_true"), _as_labels(y_pred, num_classes, "y_pred")
     mags = np.asarray([str(m) for m in magnifications])
-    out = {"confusion_matrix": confusion_matrix(t, p, num_classes).tolist(),
-           "per_magnification": {m: confusion_matrix(t[mags == m], p[mags == m], num_classes).tolist()
-                                 for m in sorted(set(mags.tolist()))}}
+    out = {
+        "confusion_matrix": confusion_matrix(t, p, num_classes).tolist(),
+        "per_magnification": {
+            m: confusion_matrix(t[mags == m], p[mags == m], num_classes).tolist() for m in sorted(set(mags.tolist()))
+        },
+    }
     out["bootstrap"] = _bootstrap_cms(t, p, patients, num_classes, n_boot, seed).tolist() if n_boot and len(t) else []
     return out
 
 
-def summary_from_counts(cm: ArrayLike, class_names: Sequence[str], *, per_magnification: dict[str, ArrayLike],
-                        per_hospital_accuracy: dict[str, float], bootstrap: ArrayLike | None = None) -> dict:
+def summary_from_counts(
+    cm: ArrayLike,
+    class_names: Sequence[str],
+    *,
+    per_magnification: dict[str, ArrayLike],
+    per_hospital_accuracy: dict[str, float],
+    bootstrap: ArrayLike | None = None,
+) -> dict:
     """The keys of :func:`summarize`, computed from pooled counts instead of samples."""
     m = as_confusion_matrix(cm)
     summary = {

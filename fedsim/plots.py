@@ -5,6 +5,7 @@ inside the functions, so importing this module costs nothing until a picture
 is drawn. PNG files are written atomically (:func:`data.files.write_with`):
 a reader never sees half an image.
 """
+
 from __future__ import annotations
 
 import functools
@@ -249,8 +250,16 @@ def _legend(draw: Any, font: Any, metrics: Sequence[tuple[str, str]]) -> int:
     return x + int(draw.textlength(note, font=font))
 
 
-def _panel(draw: Any, font: Any, origin: tuple[int, int], width: int, group: str,
-           stats: dict[str, dict[str, tuple[int, float, float]]], keys: Sequence[str], low: float) -> None:
+def _panel(
+    draw: Any,
+    font: Any,
+    origin: tuple[int, int],
+    width: int,
+    group: str,
+    stats: dict[str, dict[str, tuple[int, float, float]]],
+    keys: Sequence[str],
+    low: float,
+) -> None:
     """One group: grid, axis, and per variant its bars, name and number of seeds."""
     left, top = origin[0] + 50, origin[1] + 26
     right, bottom = origin[0] + width - 20, origin[1] + PANEL_HEIGHT - 44
@@ -269,12 +278,17 @@ def _panel(draw: Any, font: Any, origin: tuple[int, int], width: int, group: str
         _bars(draw, x, [metrics[key] for key in keys], y, low)
         n = max(stat[0] for stat in metrics.values())
         for k, text in enumerate((variant, f"n={n}")):
-            draw.text((x + (SLOT - 20 - draw.textlength(text, font=font)) / 2, bottom + 6 + 15 * k),
-                      text, fill=BLACK if k == 0 else GREY, font=font)
+            draw.text(
+                (x + (SLOT - 20 - draw.textlength(text, font=font)) / 2, bottom + 6 + 15 * k),
+                text,
+                fill=BLACK if k == 0 else GREY,
+                font=font,
+            )
 
 
-def _bars(draw: Any, x: float, stats: Sequence[tuple[int, float, float]], y: Callable[[float], float],
-          low: float) -> None:
+def _bars(
+    draw: Any, x: float, stats: Sequence[tuple[int, float, float]], y: Callable[[float], float], low: float
+) -> None:
     """One bar per metric from zero to its mean, with the interval as an error bar."""
     bar = (SLOT - 20) / len(stats)
     for k, ((n, mean, half), color) in enumerate(zip(stats, METRIC_COLORS)):

@@ -27,6 +27,7 @@ without a word exchanged:
 The engine calls :meth:`Privacy.reduce_` in place of its all-reduce whenever
 any mode is on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,9 +62,20 @@ class Privacy:
         world_size: Ranks of the all-reduce.
     """
 
-    def __init__(self, settings: DPConfig, secure: bool, secagg: SecAggConfig, counts: list[int], batch_size: int,
-                 local_epochs: int, rounds: int, clients_per_round: int, seed: int, device: torch.device,
-                 world_size: int):
+    def __init__(
+        self,
+        settings: DPConfig,
+        secure: bool,
+        secagg: SecAggConfig,
+        counts: list[int],
+        batch_size: int,
+        local_epochs: int,
+        rounds: int,
+        clients_per_round: int,
+        seed: int,
+        device: torch.device,
+        world_size: int,
+    ):
         self.settings, self.secagg_settings = settings, secagg
         self.level = settings.level
         self.counts, self.seed, self.device, self.world_size = list(counts), seed, device, world_size
@@ -108,18 +120,24 @@ class Privacy:
         parts = []
         if self.level == "sample":
             sig = ", ".join(f"{s:.3g}" for s in self.sigmas)
-            parts.append(f"DP-SGD per hospital (C {self.settings.max_grad_norm:g}, sigma {sig}, "
-                         f"q {', '.join(f'{q:.3g}' for q in self.rates)}, delta {self.settings.delta:g}, "
-                         f"{self.settings.accountant}); GroupNorm backbones")
+            parts.append(
+                f"DP-SGD per hospital (C {self.settings.max_grad_norm:g}, sigma {sig}, "
+                f"q {', '.join(f'{q:.3g}' for q in self.rates)}, delta {self.settings.delta:g}, "
+                f"{self.settings.accountant}); GroupNorm backbones"
+            )
         elif self.level == "client":
-            parts.append(f"DP-FedAvg (S {self.settings.max_update_norm:g}, sigma {self.sigmas[0]:.3g}, "
-                         f"q {self.rates[0]:.3g}, equal weights 1/{self.per_round}, delta {self.settings.delta:g}, "
-                         f"{self.settings.accountant})")
+            parts.append(
+                f"DP-FedAvg (S {self.settings.max_update_norm:g}, sigma {self.sigmas[0]:.3g}, "
+                f"q {self.rates[0]:.3g}, equal weights 1/{self.per_round}, delta {self.settings.delta:g}, "
+                f"{self.settings.accountant})"
+            )
         if self.dp and min(self.sigmas) == 0:
             parts.append("noise multiplier 0: clipping only, no privacy (epsilon is infinite)")
         if self.level == "client" and self.secure is None and self.world_size > 1:
-            parts.append(f"each rank adds 1/sqrt({self.world_size}) of the noise, so without "
-                         "train.secure_aggregation the ranks see partial sums with less noise")
+            parts.append(
+                f"each rank adds 1/sqrt({self.world_size}) of the noise, so without "
+                "train.secure_aggregation the ranks see partial sums with less noise"
+            )
         if self.dp and self.settings.noise_seed == "derived":
             parts.append("noise derived from the seed: reproducible, NOT private")
         if self.secure is not None:
@@ -165,9 +183,14 @@ class Privacy:
         if not self.dp:
             return {}
         ledger = self._ledger(index)
-        return {"epsilon": ledger.epsilon() if ledger.records else 0.0, "dp_steps": ledger.steps,
-                "sample_rate": self.rates[index], "noise_multiplier": self.sigmas[index],
-                "accountant": self.settings.accountant, "delta": self.settings.delta}
+        return {
+            "epsilon": ledger.epsilon() if ledger.records else 0.0,
+            "dp_steps": ledger.steps,
+            "sample_rate": self.rates[index],
+            "noise_multiplier": self.sigmas[index],
+            "accountant": self.settings.accountant,
+            "delta": self.settings.delta,
+        }
 
     # ---- local work ---------------------------------------------------------------------------
 
@@ -186,8 +209,16 @@ class Privacy:
         if self.level != "sample":
             return None
         expected = self.rates[index] * self.counts[index]
-        return dp.DPSGD(model, flat, self.settings.max_grad_norm, self.sigmas[index], expected,
-                        self._generator(r, index, "dp-noise"), method=self.settings.method, amp_dtype=amp_dtype)
+        return dp.DPSGD(
+            model,
+            flat,
+            self.settings.max_grad_norm,
+            self.sigmas[index],
+            expected,
+            self._generator(r, index, "dp-noise"),
+            method=self.settings.method,
+            amp_dtype=amp_dtype,
+        )
 
     def clip_update_(self, weights: torch.Tensor, start: torch.Tensor) -> None:
         """client level: ``weights`` moved so that ``weights - start`` has norm at most S."""
@@ -211,10 +242,10 @@ class Privacy:
         (weighted shared tensors, then the weight and integer counters) and SCAFFOLD's part, if any.
         """
         body_len = flat.reduced.numel() - flat.scratch.numel()
-        body, scratch = buffer[:body_len], buffer[body_len: flat.reduced.numel()]
-        control = buffer[flat.reduced.numel():]
+        body, scratch = buffer[:body_len], buffer[body_len : flat.reduced.numel()]
+        control = buffer[flat.reduced.numel() :]
         first = flat.global_slice.start
-        start_body = start[first: first + body_len]
+        start_body = start[first : first + body_len]
         body.sub_(start_body, alpha=float(scratch[0]))  # this rank's weight times its update
         if self.level == "client":
             sd = self.settings.max_update_norm / self.per_round
@@ -239,8 +270,12 @@ class Privacy:
         clipped = self.secure.last_clipped
         self.last_clipped += clipped
         if clipped:
-            log.warning("secure aggregation clipped %d coordinate(s) outside [-%g, %g] this round (raise "
-                        "train.secagg.clip)", clipped, g.clip, g.clip)
+            log.warning(
+                "secure aggregation clipped %d coordinate(s) outside [-%g, %g] this round (raise train.secagg.clip)",
+                clipped,
+                g.clip,
+                g.clip,
+            )
 
     # ---- checkpoints --------------------------------------------------------------------------
 
@@ -256,11 +291,13 @@ class Privacy:
         """final.json's ``privacy`` section."""
         out: dict[str, Any] = {"level": self.level, "secure_aggregation": self.secure is not None}
         if self.dp:
-            out.update(delta=self.settings.delta, accountant=self.settings.accountant,
-                       noise_seed=self.settings.noise_seed,
-                       epsilon={name: self.figures(i)["epsilon"] for i, name in enumerate(names)},
-                       noise_multiplier={name: self.sigmas[i] for i, name in enumerate(names)})
+            out.update(
+                delta=self.settings.delta,
+                accountant=self.settings.accountant,
+                noise_seed=self.settings.noise_seed,
+                epsilon={name: self.figures(i)["epsilon"] for i, name in enumerate(names)},
+                noise_multiplier={name: self.sigmas[i] for i, name in enumerate(names)},
+            )
         if self.secure is not None:
             out["secagg_clipped"] = self.last_clipped
         return out
-

@@ -10,6 +10,7 @@ the term, costs no graph memory and no Python loop over parameters.
 :func:`proximal_term` is the differentiable reference used by tests and by
 models that are not flattened.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

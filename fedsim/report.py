@@ -4,6 +4,7 @@ It reads the dict that :func:`fedsim.metrics.summarize` (or
 :func:`fedsim.metrics.summary_from_counts`) returns, also after a JSON round
 trip, so undefined values arrive as None and are shown as ``n/a``.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """Run lifecycle: logging, process group, run-directory lock, the federation, teardown — and one-line errors."""
+
 from __future__ import annotations
 
 import logging
@@ -34,9 +35,16 @@ def run_training(cfg: RunConfig) -> int:
         check_backbone(cfg.model.backbone)
         lock = _own_out(cfg, info.is_main)
         if info.is_main:
-            log.info("%d rank(s), backend %s on %s (%s); mode %s, %s backbone, scales %s",
-                     info.world_size, info.backend, info.device, info.reason, cfg.train.mode,
-                     cfg.model.backbone, cfg.model.scales)
+            log.info(
+                "%d rank(s), backend %s on %s (%s); mode %s, %s backbone, scales %s",
+                info.world_size,
+                info.backend,
+                info.device,
+                info.reason,
+                cfg.train.mode,
+                cfg.model.backbone,
+                cfg.model.scales,
+            )
         from fedsim.federation import Federation
 
         federation = Federation(cfg, info)

@@ -7,6 +7,7 @@ restart under ``torchrun --max-restarts`` (or a rerun after a crash) takes
 it again. Where the file system has no locks, ``OUT/.lock`` is a lease that
 names its owner (host, pid, start time) and is removed at the end of the run.
 """
+
 from __future__ import annotations
 
 import errno
@@ -61,15 +62,19 @@ class RunLock:
                 owner = _read_owner(self.path)
                 if not (_same_job(owner) and time.monotonic() < deadline):
                     os.close(fd)
-                    raise RunDirBusy(f"run directory {self.out} is in use by another run ({_describe(owner)}); "
-                                     "wait for it to end or choose another --out") from None
+                    raise RunDirBusy(
+                        f"run directory {self.out} is in use by another run ({_describe(owner)}); "
+                        "wait for it to end or choose another --out"
+                    ) from None
                 time.sleep(0.5)
         if not locked:  # no locks on this file system: a lease file that names its owner
             owner = _read_owner(self.path)
             if owner and owner.get("pid") and not _is_dead(owner) and not _same_job(owner):
                 os.close(fd)
-                raise RunDirBusy(f"run directory {self.out} is leased by another run ({_describe(owner)}; this file "
-                                 f"system has no locks: if that run is gone, delete {self.path})")
+                raise RunDirBusy(
+                    f"run directory {self.out} is leased by another run ({_describe(owner)}; this file "
+                    f"system has no locks: if that run is gone, delete {self.path})"
+                )
             self._lease = True
         try:
             _write_owner(fd)
@@ -90,8 +95,12 @@ class RunLock:
 
 
 def _owner_record() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "job": os.environ.get("TORCHELASTIC_RUN_ID", "")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "job": os.environ.get("TORCHELASTIC_RUN_ID", ""),
+    }
 
 
 def _write_owner(fd: int) -> None:
@@ -112,8 +121,12 @@ def _read_owner(path: Path) -> dict:
 def _same_job(owner: dict) -> bool:
     """The owner is an earlier attempt of this torchrun job (a restart), on this host."""
     job = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return bool(job) and owner.get("job") == job and owner.get("host") == socket.gethostname() \
+    return (
+        bool(job)
+        and owner.get("job") == job
+        and owner.get("host") == socket.gethostname()
         and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    )
 
 
 def _is_dead(owner: dict) -> bool:

@@ -84,6 +84,7 @@ Cost (BENCHMARKS.md): on CPU, per element and rank, a float32 add, W-1 AES
 keystream words and modular adds in cache, and the conversion back; the
 all-reduce moves twice fedavg's bytes with the int64 wire, as many with int32.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -102,8 +103,16 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fedsim.fixedpoint import DEFAULT_CLIP, DEFAULT_LEVELS, MODULUS, Grid, HostScratch, check_parameters, max_abs_error
 from fedsim.masks import CHECK_ELEMENTS, DEVICE_BLOCK, HOST_CHUNK, TORCH_CHUNK, mask_stream
 
-__all__ = ["DEFAULT_CLIP", "DEFAULT_LEVELS", "MODULUS", "PRGS", "WIRES", "SecureAggregation", "check_parameters",
-           "max_abs_error"]
+__all__ = [
+    "DEFAULT_CLIP",
+    "DEFAULT_LEVELS",
+    "MODULUS",
+    "PRGS",
+    "WIRES",
+    "SecureAggregation",
+    "check_parameters",
+    "max_abs_error",
+]
 
 PRGS = ("aes", "device")
 WIRES = ("int64", "int32")
@@ -149,9 +158,15 @@ class SecureAggregation:
             ``decode`` (dequantize); CPU tensors only (on CUDA it would need device syncs).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
-                 prg: str = "aes", wire: str = "int64", control_group: dist.ProcessGroup | None = None,
-                 private_key: X25519PrivateKey | None = None):
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        device: torch.device | str = "cpu",
+        prg: str = "aes",
+        wire: str = "int64",
+        control_group: dist.ProcessGroup | None = None,
+        private_key: X25519PrivateKey | None = None,
+    ):
         if prg not in PRGS:
             raise ValueError(f"prg must be one of {', '.join(PRGS)}; got {prg!r}")
         if wire not in WIRES:
@@ -180,8 +195,14 @@ class SecureAggregation:
 
     def _protocol(self) -> dict:
         """What every rank must agree on for the masks to cancel."""
-        return {"version": _VERSION, "prg": self.prg, "wire": self.wire, "device": self.device.type,
-                "block": DEVICE_BLOCK if self.prg == "device" else None, "byteorder": sys.byteorder}
+        return {
+            "version": _VERSION,
+            "prg": self.prg,
+            "wire": self.wire,
+            "device": self.device.type,
+            "block": DEVICE_BLOCK if self.prg == "device" else None,
+            "byteorder": sys.byteorder,
+        }
 
     def _agree(self, private_key: X25519PrivateKey) -> dict[int, bytes]:
         public = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -190,8 +211,10 @@ class SecureAggregation:
         keys = [entry[0] for entry in gathered]
         for peer, (_, protocol) in enumerate(gathered):
             if protocol != self._protocol():
-                raise ValueError(f"secure aggregation: rank {peer} uses {protocol}, rank {self.rank} "
-                                 f"uses {self._protocol()}; every rank must use the same prg, wire and device type")
+                raise ValueError(
+                    f"secure aggregation: rank {peer} uses {protocol}, rank {self.rank} "
+                    f"uses {self._protocol()}; every rank must use the same prg, wire and device type"
+                )
         if len(set(keys)) != len(keys):
             raise RuntimeError("secure aggregation: two ranks sent the same public key (broken randomness?)")
         secrets: dict[int, bytes] = {}
@@ -200,8 +223,7 @@ class SecureAggregation:
                 continue
             shared = private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
             low, high = sorted((self.rank, peer))
-            info = (b"fedsim-secagg/v1|" + keys[low] + keys[high]
-                    + low.to_bytes(4, "big") + high.to_bytes(4, "big"))
+            info = b"fedsim-secagg/v1|" + keys[low] + keys[high] + low.to_bytes(4, "big") + high.to_bytes(4, "big")
             secrets[peer] = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
         return secrets
 
@@ -220,12 +242,20 @@ class SecureAggregation:
             digests[peer] = hashlib.blake2b(np.ascontiguousarray(np.asarray(mask)).tobytes(), digest_size=16).digest()
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, digests, group=self.control_group)
-        bad = sorted({tuple(sorted((i, j))) for i, mine in enumerate(gathered) for j, digest in mine.items()
-                      if gathered[j].get(i) != digest})
+        bad = sorted(
+            {
+                tuple(sorted((i, j)))
+                for i, mine in enumerate(gathered)
+                for j, digest in mine.items()
+                if gathered[j].get(i) != digest
+            }
+        )
         if bad:
-            raise RuntimeError(f"secure aggregation: rank pairs {bad} derived different masks (the key agreement "
-                               f"failed, or prg={self.prg!r} gives different streams on their devices); "
-                               f"their sums would be garbage")
+            raise RuntimeError(
+                f"secure aggregation: rank pairs {bad} derived different masks (the key agreement "
+                f"failed, or prg={self.prg!r} gives different streams on their devices); "
+                f"their sums would be garbage"
+            )
 
     def _check_int32_wraps(self) -> None:
         """wire="int32" needs the backend's int32 SUM to wrap modulo 2^32: probe it (every element overflows)."""
@@ -233,13 +263,15 @@ class SecureAggregation:
         expected = [((int(v) * self.world_size + 2**31) % MODULUS) - 2**31 for v in probe[:3].tolist()] * 64
         dist.all_reduce(probe, op=dist.ReduceOp.SUM, group=self.group)
         if probe.tolist() != expected:
-            raise RuntimeError("secure aggregation: this backend's int32 all-reduce does not wrap modulo 2^32; "
-                               "use wire='int64'")
+            raise RuntimeError(
+                "secure aggregation: this backend's int32 all-reduce does not wrap modulo 2^32; use wire='int64'"
+            )
 
     # ----- the sum -----------------------------------------------------------------------------------------
 
-    def secure_sum_(self, tensor: torch.Tensor, round_index: int, clip: float = DEFAULT_CLIP,
-                    levels: int = DEFAULT_LEVELS) -> torch.Tensor:
+    def secure_sum_(
+        self, tensor: torch.Tensor, round_index: int, clip: float = DEFAULT_CLIP, levels: int = DEFAULT_LEVELS
+    ) -> torch.Tensor:
         """Replace ``tensor`` by its sum over the group, in place, with one all-reduce of masked integers.
 
         Every rank calls it with a tensor of the same size and the same ``round_index``, ``clip`` and
@@ -260,16 +292,23 @@ class SecureAggregation:
         """
         plan = Grid(self.world_size, clip, levels)
         self._check_tensor(tensor)
-        if isinstance(round_index, bool) or not isinstance(round_index, numbers.Integral) \
-                or not 0 <= int(round_index) < _CHECK_ROUND:
+        if (
+            isinstance(round_index, bool)
+            or not isinstance(round_index, numbers.Integral)
+            or not 0 <= int(round_index) < _CHECK_ROUND
+        ):
             raise ValueError(f"round_index must be an int in [0, 2**64 - 1), got {round_index!r}")
         round_index = int(round_index)
         if round_index in self._used_rounds:
-            raise ValueError(f"round_index {round_index} was already used: reusing masks would reveal the "
-                             f"difference of two contributions")
+            raise ValueError(
+                f"round_index {round_index} was already used: reusing masks would reveal the "
+                f"difference of two contributions"
+            )
         self._used_rounds.add(round_index)
-        streams = [(+1 if self.rank < peer else -1, mask_stream(self.prg, secret, round_index, tensor.device))
-                   for peer, secret in sorted(self._secrets.items())]
+        streams = [
+            (+1 if self.rank < peer else -1, mask_stream(self.prg, secret, round_index, tensor.device))
+            for peer, secret in sorted(self._secrets.items())
+        ]
         with torch.no_grad():
             if tensor.device.type == "cpu" and not self._torch_engine_on_cpu:
                 self._host_sum(tensor, plan, streams)
@@ -283,16 +322,20 @@ class SecureAggregation:
 
     def _check_tensor(self, tensor: torch.Tensor) -> None:
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32 or tensor.dim() != 1:
-            raise ValueError(f"secure_sum_ needs a 1-d float32 tensor, got "
-                             f"{getattr(tensor, 'dtype', type(tensor).__name__)} "
-                             f"of shape {tuple(getattr(tensor, 'shape', ()))}")
+            raise ValueError(
+                f"secure_sum_ needs a 1-d float32 tensor, got "
+                f"{getattr(tensor, 'dtype', type(tensor).__name__)} "
+                f"of shape {tuple(getattr(tensor, 'shape', ()))}"
+            )
         if not tensor.is_contiguous():
             raise ValueError("secure_sum_ needs a contiguous tensor (e.g. fedsim.flat's reduced region)")
         if tensor.numel() > _MAX_ELEMENTS:
             raise ValueError(f"secure_sum_ sums at most {_MAX_ELEMENTS} elements per call (one AES counter stream)")
         if tensor.device.type != self.device.type:
-            raise ValueError(f"tensor is on {tensor.device}, but this SecureAggregation was made for {self.device} "
-                             f"(the masks' PRG and the construction check depend on the device type)")
+            raise ValueError(
+                f"tensor is on {tensor.device}, but this SecureAggregation was made for {self.device} "
+                f"(the masks' PRG and the construction check depend on the device type)"
+            )
 
     def _wire_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """What the all-reduce carries: the int64 buffer, or the tensor's own memory as int32."""
@@ -333,8 +376,11 @@ class SecureAggregation:
         for start in range(0, x.size, chunk):
             end = min(start + chunk, x.size)
             work.dequantize(wire[start:end], x[start:end], plan)
-        self.last_timings = {"encode": encoded - started, "all_reduce": reduced - encoded,
-                             "decode": time.perf_counter() - reduced}
+        self.last_timings = {
+            "encode": encoded - started,
+            "all_reduce": reduced - encoded,
+            "decode": time.perf_counter() - reduced,
+        }
 
     def _torch_sum(self, tensor: torch.Tensor, plan: Grid, streams: list) -> None:
         """CUDA tensors (and, for tests, CPU ones): int64 torch arithmetic on the device, no host syncs."""

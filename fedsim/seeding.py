@@ -3,6 +3,7 @@
 So a client's data order, augmentation and MixUp in round r are the same in a
 fresh run, a resumed run and a run with a different number of ranks.
 """
+
 from __future__ import annotations
 
 import zlib

@@ -11,6 +11,7 @@ From these declarations come ``train.py``'s named flags (``flag``), ``python -m 
 ``RunConfig.digest`` leaves out (``weights=False``) and those the study runner ignores when it decides
 whether two runs are the same run (``launch=True``). This module imports only the standard library.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,10 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 try:
     from typing import dataclass_transform
 except ImportError:  # pragma: no cover - Python 3.10: the decorator only informs type checkers
+
     def dataclass_transform(**_: Any) -> Callable[[Any], Any]:
         return lambda decorated: decorated
+
 
 #: Metadata key of a declared field.
 _META = "fedsim"
@@ -58,14 +61,30 @@ class Setting:
         return choices(self.type)
 
 
-def setting(default: Any, *, flag: str | None = None, prepare: str | None = None, help: str | None = None,
-            weights: bool = True, launch: bool = False, metavar: Any = None) -> Any:
+def setting(
+    default: Any,
+    *,
+    flag: str | None = None,
+    prepare: str | None = None,
+    help: str | None = None,
+    weights: bool = True,
+    launch: bool = False,
+    metavar: Any = None,
+) -> Any:
     """A dataclass field with its declaration (see :class:`Setting`); a list default is copied per instance.
 
     ``launch=True`` implies ``weights=False``: where a run writes cannot change what it learns.
     """
-    meta = {_META: {"flag": flag, "prepare": prepare, "help": help, "weights": weights and not launch,
-                    "launch": launch, "metavar": metavar}}
+    meta = {
+        _META: {
+            "flag": flag,
+            "prepare": prepare,
+            "help": help,
+            "weights": weights and not launch,
+            "launch": launch,
+            "metavar": metavar,
+        }
+    }
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -108,9 +127,19 @@ def declared(root: type, prefix: str = "") -> tuple[Setting, ...]:
             continue
         meta = f.metadata.get(_META, {})
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        found.append(Setting(f"{prefix}{f.name}", hint, default, meta.get("flag"), meta.get("prepare"),
-                             meta.get("help"), meta.get("weights", True), meta.get("launch", False),
-                             meta.get("metavar")))
+        found.append(
+            Setting(
+                f"{prefix}{f.name}",
+                hint,
+                default,
+                meta.get("flag"),
+                meta.get("prepare"),
+                meta.get("help"),
+                meta.get("weights", True),
+                meta.get("launch", False),
+                meta.get("metavar"),
+            )
+        )
     return tuple(found)
 
 

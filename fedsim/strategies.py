@@ -16,6 +16,7 @@ the same update, so the global model stays identical everywhere. With
 ``m`` and ``v`` start at 0 and there is no bias correction, as in the paper.
 Buffers (BatchNorm running statistics) take the plain weighted mean.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,8 +31,14 @@ _CHUNK = 1 << 20
 class ServerOptimizer:
     """The server step of one run; its state (``m``, ``v``) is saved with every checkpoint."""
 
-    def __init__(self, name: str = "sgd", lr: float = 1.0, momentum: float = 0.9,
-                 betas: tuple[float, float] = (0.9, 0.99), tau: float = 1e-3):
+    def __init__(
+        self,
+        name: str = "sgd",
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.99),
+        tau: float = 1e-3,
+    ):
         if name not in SERVER_OPTIMIZERS:
             raise ValueError(f"server optimizer {name!r} is not one of: {', '.join(SERVER_OPTIMIZERS)}")
         self.name, self.lr, self.momentum, self.tau = name, float(lr), float(momentum), float(tau)

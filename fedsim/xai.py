@@ -4,6 +4,7 @@ Everything runs on the local dataset and is written to local files (and the
 local TensorBoard writer, if given): no image or map leaves the process, which
 keeps the federation's privacy boundary intact.
 """
+
 from __future__ import annotations
 
 import re
@@ -80,9 +81,17 @@ def _caption(class_names: Sequence[str], label: int, probs: np.ndarray) -> str:
     return f"true: {class_names[label]}  pred: {class_names[pred]}  p={probs[pred]:.2f}"
 
 
-def write_overlays(model: nn.Module, dataset, out_dir: Path, class_names: Sequence[str],
-                   device: torch.device | str, per_grade: int = 2, writer=None, step: int = 0,
-                   normalizer=None) -> list[Path]:
+def write_overlays(
+    model: nn.Module,
+    dataset,
+    out_dir: Path,
+    class_names: Sequence[str],
+    device: torch.device | str,
+    per_grade: int = 2,
+    writer=None,
+    step: int = 0,
+    normalizer=None,
+) -> list[Path]:
     """Save Grad-CAM panels (context overlay | detail overlay, caption) for a few pairs per grade.
 
     Args:

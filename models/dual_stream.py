@@ -5,6 +5,7 @@ vectors are concatenated and a Dense-ReLU-Dropout-Dense head maps them to the
 grades. The head returns logits: the paper's final Softmax is applied by the
 cross-entropy loss in training and by :meth:`DualStreamNet.predict_proba`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,8 +76,15 @@ class DualStreamNet(nn.Module):
         norm: The backbones' normalization layers, ``batch`` or ``group`` (see :func:`make_backbone`).
     """
 
-    def __init__(self, backbone: str = "resnetrs50", scales: str = "dual", num_classes: int = 3,
-                 hidden: int = 512, dropout: float = 0.5, norm: str = "batch"):
+    def __init__(
+        self,
+        backbone: str = "resnetrs50",
+        scales: str = "dual",
+        num_classes: int = 3,
+        hidden: int = 512,
+        dropout: float = 0.5,
+        norm: str = "batch",
+    ):
         super().__init__()
         if scales not in STREAMS:
             raise ValueError(f"scales must be one of {', '.join(STREAMS)}; got {scales!r}")
@@ -106,8 +114,15 @@ class DualStreamNet(nn.Module):
         return self.forward(context, detail).float().softmax(dim=1)
 
 
-def build_model(backbone: str = "resnetrs50", scales: str = "dual", num_classes: int = 3,
-                hidden: int = 512, dropout: float = 0.5, pretrained: str = "", norm: str = "batch") -> DualStreamNet:
+def build_model(
+    backbone: str = "resnetrs50",
+    scales: str = "dual",
+    num_classes: int = 3,
+    hidden: int = 512,
+    dropout: float = 0.5,
+    pretrained: str = "",
+    norm: str = "batch",
+) -> DualStreamNet:
     """Build the network, optionally loading local pretrained weights."""
     model = DualStreamNet(backbone, scales, num_classes, hidden, dropout, norm)
     if pretrained:
@@ -151,8 +166,12 @@ def _shape(shape) -> str:
     return "(" + ", ".join(str(int(n)) for n in shape) + ")"
 
 
-def state_mismatch(wanted: dict[str, torch.Tensor], saved: dict[str, Any],
-                   ignore_unexpected: tuple[str, ...] = (), ignore_missing: tuple[str, ...] = ()) -> str:
+def state_mismatch(
+    wanted: dict[str, torch.Tensor],
+    saved: dict[str, Any],
+    ignore_unexpected: tuple[str, ...] = (),
+    ignore_missing: tuple[str, ...] = (),
+) -> str:
     """How ``saved`` fails to fit a module whose state dict is ``wanted``; "" when it fits exactly.
 
     One line: ``N missing keys (a, b, ...), M unexpected (c, ...), K shape mismatches (name: saved (..)
@@ -166,8 +185,11 @@ def state_mismatch(wanted: dict[str, torch.Tensor], saved: dict[str, Any],
     """
     missing = [k for k in wanted if k not in saved and not (ignore_missing and k.endswith(ignore_missing))]
     unexpected = [k for k in saved if k not in wanted and not (ignore_unexpected and k.startswith(ignore_unexpected))]
-    shapes = [(k, tuple(getattr(saved[k], "shape", ())), tuple(wanted[k].shape)) for k in wanted
-              if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(wanted[k].shape)]
+    shapes = [
+        (k, tuple(getattr(saved[k], "shape", ())), tuple(wanted[k].shape))
+        for k in wanted
+        if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(wanted[k].shape)
+    ]
 
     def names(keys: list[str]) -> str:
         more = ", ..." if len(keys) > _SHOWN else ""
@@ -199,13 +221,17 @@ def _is_dual_state(state: dict[str, Any]) -> bool:
 
 
 def pretrained_mismatch(model: DualStreamNet, state: dict[str, Any]) -> str:
-    """"" when ``state`` (a whole DualStreamNet, or one backbone for every stream) fits ``model``, else why not."""
+    """ "" when ``state`` (a whole DualStreamNet, or one backbone for every stream) fits ``model``, else why not."""
     if _is_dual_state(state):
         problem = state_mismatch(model.state_dict(), state, ignore_missing=("num_batches_tracked",))
         return problem and f"does not fit a {model.scales}-stream {model.backbone_name} model: {problem}"
     stream = getattr(model, model.streams[0])
-    problem = state_mismatch(stream.state_dict(), state, ignore_unexpected=_classifier_prefixes(stream),
-                             ignore_missing=("num_batches_tracked",))
+    problem = state_mismatch(
+        stream.state_dict(),
+        state,
+        ignore_unexpected=_classifier_prefixes(stream),
+        ignore_missing=("num_batches_tracked",),
+    )
     return problem and f"does not fit the {model.backbone_name} backbone: {problem}"
 
 
@@ -235,8 +261,9 @@ def load_pretrained(model: DualStreamNet, path: str | Path) -> None:
         log.info("%s stream: %d/%d tensors loaded from %s", name, sum(k in state for k in wanted), len(wanted), path)
 
 
-def check_pretrained(backbone: str, scales: str, path: str | Path, num_classes: int = 3, hidden: int = 512,
-                     norm: str = "batch") -> None:
+def check_pretrained(
+    backbone: str, scales: str, path: str | Path, num_classes: int = 3, hidden: int = 512, norm: str = "batch"
+) -> None:
     """Check, before any work, that the weights in ``path`` fit the network (built on the meta device: cheap).
 
     Raises:

@@ -21,6 +21,7 @@ Gradients are taken with ``torch.autograd.grad`` on the captured activations,
 never ``.backward()``, so no parameter's ``.grad`` is touched (a stray gradient
 would leak into the next optimizer step of a training client).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -196,8 +197,9 @@ class GradCAM:
             tap.remove()
         self._closed = True
 
-    def cams(self, context: torch.Tensor | None, detail: torch.Tensor | None,
-             target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def cams(
+        self, context: torch.Tensor | None, detail: torch.Tensor | None, target: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Grad-CAM per stream: ``{stream: (B, H, W)}`` in [0, 1] at that stream's input size.
 
         Args:
@@ -217,8 +219,7 @@ class GradCAM:
             acts = [self._taps[s].take() for s in self.streams]
             score = logits.float().gather(1, target[:, None]).sum()
             grads = torch.autograd.grad(score, acts, allow_unused=True)
-        return {s: _cam(a, g, inputs[s].shape[-2:], self._taps[s].nhwc)
-                for s, a, g in zip(self.streams, acts, grads)}
+        return {s: _cam(a, g, inputs[s].shape[-2:], self._taps[s].nhwc) for s, a, g in zip(self.streams, acts, grads)}
 
 
 def jet_lut() -> np.ndarray:

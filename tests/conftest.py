@@ -1,4 +1,5 @@
 """Shared test helpers: real gloo process groups on loopback, paths to shared data."""
+
 from __future__ import annotations
 
 import os
@@ -33,21 +34,58 @@ if str(REPO) not in sys.path:
 
 #: A tiny run: small synthetic images and patches, test_resnet, one local epoch (CPU, seconds per round).
 SMALL = [
-    "--set", "data.synthetic.image_size=256", "--set", "data.synthetic.patients_per_grade=3",
-    "--set", "data.synthetic.images_per_patient=2", "--set", "data.context_size=64",
-    "--set", "data.detail_size=48", "--set", "data.context_fov=96", "--set", "data.patches_per_image=2",
-    "--set", "data.eval_patches_per_image=2", "--set", "model.hidden=16", "--batch-size", "8",
-    "--backbone", "test_resnet", "--local-epochs", "1", "--device", "cpu",
+    "--set",
+    "data.synthetic.image_size=256",
+    "--set",
+    "data.synthetic.patients_per_grade=3",
+    "--set",
+    "data.synthetic.images_per_patient=2",
+    "--set",
+    "data.context_size=64",
+    "--set",
+    "data.detail_size=48",
+    "--set",
+    "data.context_fov=96",
+    "--set",
+    "data.patches_per_image=2",
+    "--set",
+    "data.eval_patches_per_image=2",
+    "--set",
+    "model.hidden=16",
+    "--batch-size",
+    "8",
+    "--backbone",
+    "test_resnet",
+    "--local-epochs",
+    "1",
+    "--device",
+    "cpu",
 ]
 
 
-def torchrun(args: list[str], cache, nproc: int = 3, timeout: float = 600, extra: list[str] | None = None,
-             nnodes: int = 1, endpoint: str | None = None) -> subprocess.CompletedProcess:
+def torchrun(
+    args: list[str],
+    cache,
+    nproc: int = 3,
+    timeout: float = 600,
+    extra: list[str] | None = None,
+    nnodes: int = 1,
+    endpoint: str | None = None,
+) -> subprocess.CompletedProcess:
     """``torchrun ... train.py ARGS`` on loopback, with the data cache in ``cache``."""
     env = {**os.environ, "FEDSIM_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint or f'127.0.0.1:{free_port()}'}", *(extra or []),
-           str(REPO / "train.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--nproc_per_node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint or f'127.0.0.1:{free_port()}'}",
+        *(extra or []),
+        str(REPO / "train.py"),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -63,8 +101,9 @@ def evaluate(run, out, cache, *args: str, timeout: float = 300) -> subprocess.Co
 
 def _script(name: str, args: list[str], cache, timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "FEDSIM_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / name), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / name), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def free_port() -> int:
@@ -74,8 +113,14 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),  # as torchrun sets them on one node
-                      RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),  # as torchrun sets them on one node
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

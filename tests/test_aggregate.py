@@ -1,4 +1,5 @@
 """fedavg against a hand-computed numpy weighted mean, with real gloo ranks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -124,8 +125,9 @@ def test_flat_buffer_backs_every_tensor_and_training_keeps_views():
     for p in model.parameters():
         assert gstart <= p.grad.data_ptr() < gstart + flat.grad.numel() * 4
     assert flat.param_grads.abs().sum() > 0
-    np.testing.assert_array_equal(flat.params[: model[0].weight.numel()].numpy(),
-                                  model[0].weight.detach().flatten().numpy())
+    np.testing.assert_array_equal(
+        flat.params[: model[0].weight.numel()].numpy(), model[0].weight.detach().flatten().numpy()
+    )
 
 
 def test_channels_last_views_keep_values():

@@ -1,4 +1,5 @@
 """Batched augmentation: dihedral transforms shared by a pair, MixUp, fused normalization."""
+
 from __future__ import annotations
 
 import torch

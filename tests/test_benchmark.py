@@ -11,6 +11,7 @@ sqrt(2/9 / n)`` on ``n`` tiles with probability 1 %; that is 0.391 for the
 pooled 360 test tiles (so "<= 0.40" is a meaningful bound there) and 0.449 for
 one hospital's 90, where the test asserts the larger of 0.40 and that bound.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -76,8 +77,10 @@ def test_components_independent_and_noise_as_documented():
 def test_label_skew_follows_alpha_and_test_stays_balanced():
     skewed = plan(preset("study", alpha=0.5))
     mixes = {h: Counter(t.grade for t in skewed if t.hospital == h and t.split == "train") for h in ("H1", "H2", "H3")}
-    assert len({max(m, key=m.get) for m in mixes.values()}) > 1 or max(max(m.values()) / sum(m.values())
-                                                                      for m in mixes.values()) > 0.5
+    assert (
+        len({max(m, key=m.get) for m in mixes.values()}) > 1
+        or max(max(m.values()) / sum(m.values()) for m in mixes.values()) > 0.5
+    )
     sizes = [sum(m.values()) for m in mixes.values()]
     assert sizes == [900, 540, 360]  # 50/30/20 % of 3 x 600
     for h in ("H1", "H2", "H3", HELDOUT):
@@ -124,8 +127,13 @@ def test_manifest_read_by_the_training_loader(rendered):
     assert len(records) == len(rows)
     for record in records:
         row = rows[record.name]
-        assert (record.label, record.split, record.hospital, record.patient, record.magnification) == \
-            (int(row["label"]), row["split"], row["hospital"], row["patient"], "20x")
+        assert (record.label, record.split, record.hospital, record.patient, record.magnification) == (
+            int(row["label"]),
+            row["split"],
+            row["hospital"],
+            row["patient"],
+            "20x",
+        )
 
 
 def test_no_context_window_needs_padding(rendered):
@@ -140,11 +148,11 @@ def test_no_context_window_needs_padding(rendered):
         centres = np.concatenate([C.centres_in_box(SPEC, 3, rng), [[low, low], [high, high]]])
         contexts, details = C.extract_pairs(rgb, centres, spec)
         for (r, c), context, detail in zip(centres, contexts, details):
-            window = rgb[r - fov // 2: r - fov // 2 + fov, c - fov // 2: c - fov // 2 + fov]
+            window = rgb[r - fov // 2 : r - fov // 2 + fov, c - fov // 2 : c - fov // 2 + fov]
             assert window.shape[:2] == (fov, fov)  # inside the tile: reflect padding never reached
             assert np.array_equal(C.extract_pairs(window, np.array([[fov // 2, fov // 2]]), spec)[0][0], context)
             d = SPEC.detail
-            assert np.array_equal(detail, rgb[r - d // 2: r - d // 2 + d, c - d // 2: c - d // 2 + d])
+            assert np.array_equal(detail, rgb[r - d // 2 : r - d // 2 + d, c - d // 2 : c - d // 2 + d])
 
 
 def test_colour_control_near_chance_pooled_and_per_hospital(data):
@@ -202,13 +210,16 @@ def test_same_seed_same_bytes_and_fixed_test_split(tmp_path):
 # ------------------------------------------------------------------ command line
 
 
-@pytest.mark.parametrize("argv", [
-    ["--preset", "nope", "--out", "X"],
-    ["--preset", "demo", "--seed", "-1", "--out", "X"],
-    ["--preset", "demo", "--seed", "abc", "--out", "X"],
-    ["--preset", "demo"],
-    ["--preset", "demo", "--alpha", "-2", "--out", "X"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--preset", "nope", "--out", "X"],
+        ["--preset", "demo", "--seed", "-1", "--out", "X"],
+        ["--preset", "demo", "--seed", "abc", "--out", "X"],
+        ["--preset", "demo"],
+        ["--preset", "demo", "--alpha", "-2", "--out", "X"],
+    ],
+)
 def test_cli_bad_input_is_one_line_and_exit_2(argv, tmp_path, capsys):
     argv = [str(tmp_path / a) if a == "X" else a for a in argv]
     assert main(argv) == 2
@@ -218,8 +229,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, tmp_path, capsys):
 
 def test_cli_refuses_a_non_empty_destination(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    proc = subprocess.run([sys.executable, "-m", "data.benchmark", "--preset", "demo", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data.benchmark", "--preset", "demo", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not empty" in proc.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 

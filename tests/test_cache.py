@@ -1,5 +1,6 @@
 """The patch cache and the synthetic dataset: hospitals that yield nothing, and several processes filling
 one cache at once."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -55,8 +56,9 @@ def test_concurrent_generation_of_one_dataset(tmp_path):
     outcomes = _race(_generate, str(root))
     assert outcomes == [str(root / "manifest.csv")] * WRITERS
     alone = generate(tmp_path / "alone", SPEC, progress=False).parent
-    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg")) == \
-        sorted(p.relative_to(alone).as_posix() for p in alone.rglob("*.jpg"))
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg")) == sorted(
+        p.relative_to(alone).as_posix() for p in alone.rglob("*.jpg")
+    )
     assert not [p.name for p in root.rglob(".*tmp*")]
 
 
@@ -66,8 +68,8 @@ def test_concurrent_caching_of_one_split(tmp_path):
     assert len(set(outcomes)) == 1 and Path(outcomes[0]).is_dir(), outcomes
     records, _, _ = load_records(data)
     alone = build_split(records, PATCHES, tmp_path / "alone", SkipReport(), name="h", progress=False)
-    (shared_context, shared_detail), = CachedPairs([Path(outcomes[0])]).arrays()
-    (context, detail), = CachedPairs([alone]).arrays()
+    ((shared_context, shared_detail),) = CachedPairs([Path(outcomes[0])]).arrays()
+    ((context, detail),) = CachedPairs([alone]).arrays()
     assert np.array_equal(shared_context, context) and np.array_equal(shared_detail, detail)
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == [Path(outcomes[0]).name]
 
@@ -90,15 +92,17 @@ def test_exclusive_runs_unlocked_where_the_file_system_has_no_locks(tmp_path, mo
             ran.append(True)
     assert ran == [True, True]
     assert [r.getMessage() for r in caplog.records] == [
-        "cannot lock files here (No locks available); concurrent writers to one cache may collide"]
+        "cannot lock files here (No locks available); concurrent writers to one cache may collide"
+    ]
 
 
 def test_hospital_whose_training_images_give_no_patch_is_one_clear_error(tmp_path):
     Image.fromarray(np.full((300, 300, 3), 245, np.uint8)).save(tmp_path / "glass.png")
     records = [ImageRecord(str(tmp_path / "glass.png"), 0, "10x", "P1", "H1", "train")]
     with pytest.raises(ValueError, match=r"hospital H1: none of its 1 training images gave a patch pair \(.*1"):
-        build_hospital(records, "H1", split_specs(PatchSpec(), 2, 2, "none"), tmp_path / "cache", SkipReport(),
-                       progress=False)
+        build_hospital(
+            records, "H1", split_specs(PatchSpec(), 2, 2, "none"), tmp_path / "cache", SkipReport(), progress=False
+        )
 
 
 def test_cache_key_follows_every_record_field_and_the_reference_file(tmp_path):

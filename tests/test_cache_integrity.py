@@ -1,4 +1,5 @@
 """The patch cache on a bad disk: entries that changed after they were written, and disks that fill up."""
+
 from __future__ import annotations
 
 import collections
@@ -40,8 +41,10 @@ def records(tmp_path_factory) -> list[ImageRecord]:
 @pytest.fixture
 def new_process(monkeypatch):
     """Forget which entries this process has checked, as a fresh run would."""
+
     def forget():
         monkeypatch.setattr(cache, "_VERIFIED", {}, raising=False)
+
     return forget
 
 
@@ -71,7 +74,7 @@ def test_entry_is_a_plain_npy_of_the_pairs_and_the_same_at_every_build(records, 
         saved = io.BytesIO()
         np.save(saved, want)
         assert (first / name).read_bytes() == saved.getvalue() == (second / name).read_bytes()
-    (context, detail), = CachedPairs([first]).arrays()
+    ((context, detail),) = CachedPairs([first]).arrays()
     assert np.array_equal(context, expected[0]) and np.array_equal(detail, expected[1])
 
 
@@ -142,8 +145,11 @@ def test_corrupt_entry_that_cannot_be_rebuilt_is_one_line(records, tmp_path, new
             return False
 
     monkeypatch.setattr(cache, "exclusive", ReadOnly)
-    with pytest.raises(cache.CorruptCache, match=r"^cache entry .* is corrupt \(context\.npy differs .*\) and cannot "
-                                                 r"be rebuilt: read-only file system while writing "):
+    with pytest.raises(
+        cache.CorruptCache,
+        match=r"^cache entry .* is corrupt \(context\.npy differs .*\) and cannot "
+        r"be rebuilt: read-only file system while writing ",
+    ):
         _build(records, tmp_path / "cache")
 
 
@@ -253,13 +259,31 @@ def test_prepare_ends_a_full_disk_in_one_line(records, tmp_path, monkeypatch, ca
 
     # Prepare: a manifest of the synthetic images, and a disk whose room is enough for the small files only
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text("path,label,patient,hospital,split\n" + "".join(
-        f"{r.path},{r.label},{r.patient},H1,train\n" for r in records[:-1]))
+    manifest.write_text(
+        "path,label,patient,hospital,split\n"
+        + "".join(f"{r.path},{r.label},{r.patient},H1,train\n" for r in records[:-1])
+    )
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(files.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
     # Execute
-    code = prepare.main(["--data", str(manifest), "--out", str(tmp_path / "cache"), "--hospitals", "1",
-                         "--context-size", "64", "--detail-size", "48", "--context-fov", "96", "--min-tissue", "0.05"])
+    code = prepare.main(
+        [
+            "--data",
+            str(manifest),
+            "--out",
+            str(tmp_path / "cache"),
+            "--hospitals",
+            "1",
+            "--context-size",
+            "64",
+            "--detail-size",
+            "48",
+            "--context-fov",
+            "96",
+            "--min-tissue",
+            "0.05",
+        ]
+    )
     # Assert
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2

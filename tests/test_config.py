@@ -1,4 +1,5 @@
 """The config tree refuses every value the code cannot use, with one line naming the field, before any work."""
+
 from __future__ import annotations
 
 import os
@@ -8,61 +9,80 @@ import pytest
 from fedsim.config import ConfigError, RunConfig, check_inputs, from_dict, load_toml, parse_assignment, resolve, save
 
 
-@pytest.mark.parametrize("key, value, message", [
-    # numeric bounds: the field and the allowed range
-    ("train.mu", 1e300, "train.mu = 1e+300 is too large: it must lie in [0, 10000]"),
-    ("model.hidden", 10**9, "model.hidden = 1000000000 is too large: it must lie in [1, 65536]"),
-    ("train.seed", 2**32, "train.seed = 4294967296 is too large: it must lie in [0, 4294967295]"),
-    ("train.lr", 100.0, "train.lr = 100.0 is too large: it must lie in (0, 10]"),
-    ("train.weight_decay", 1e6, "train.weight_decay = 1000000.0 is too large: it must lie in [0, 10]"),
-    ("train.mixup_alpha", 1e9, "train.mixup_alpha = 1000000000.0 is too large: it must lie in [0, 1000]"),
-    ("train.batch_size", 10**6, "train.batch_size = 1000000 is too large: it must lie in [1, 65536]"),
-    ("train.grad_accum", 10**6, "train.grad_accum = 1000000 is too large: it must lie in [1, 65536]"),
-    ("train.rounds", 10**6, "train.rounds = 1000000 is too large: it must lie in [1, 100000]"),
-    ("train.rounds", 10**400, "train.rounds = 100000...(401 digits) is too large: it must lie in [1, 100000]"),
-    ("train.local_epochs", 10**5, "train.local_epochs = 100000 is too large: it must lie in [1, 10000]"),
-    ("train.keep_checkpoints", 10**5, "train.keep_checkpoints = 100000 is too large: it must lie in [1, 10000]"),
-    ("train.xai_per_grade", -1, "train.xai_per_grade = -1 must be a finite number >= 0"),
-    ("train.xai_per_grade", 10**4, "train.xai_per_grade = 10000 is too large: it must lie in [0, 1000]"),
-    ("data.context_size", 10**5, "data.context_size = 100000 is too large: it must lie in [1, 8192]"),
-    ("data.detail_size", 10**5, "data.detail_size = 100000 is too large: it must lie in [1, 8192]"),
-    ("data.context_fov", 10**5, "data.context_fov = 100000 is too large: it must lie in [1, 8192]"),
-    ("data.patches_per_image", 10**5, "data.patches_per_image = 100000 is too large: it must lie in [1, 4096]"),
-    ("data.num_hospitals", 10**5, "data.num_hospitals = 100000 is too large: it must lie in [0, 4096]"),
-    ("data.num_workers", 10**4, "data.num_workers = 10000 is too large: it must lie in [0, 256]"),
-    ("data.dirichlet_alpha", 1e300, "data.dirichlet_alpha = 1e+300 is too large: it must lie in (0, 1e+06]"),
-    ("data.synthetic.patients_per_grade", 10**6,
-     "data.synthetic.patients_per_grade = 1000000 is too large: it must lie in [3, 1000]"),
-    ("data.synthetic.images_per_patient", 10**6,
-     "data.synthetic.images_per_patient = 1000000 is too large: it must lie in [1, 1000]"),
-    ("data.synthetic.image_size", 10**6, "data.synthetic.image_size = 1000000 is too large: it must lie in [64, 8192]"),
-    # strict TOML types
-    ("data.path", ["a"], "data.path must be a string, got the list ['a']"),
-    ("data.stain_reference", 3, "data.stain_reference must be a string, got 3"),
-    ("out", {"a": 1}, "out must be a string, got a table"),
-    ("train.rounds", True, "train.rounds must be an integer, got the boolean true"),
-    ("train.batch_size", False, "train.batch_size must be an integer, got the boolean false"),
-    ("train.rounds", 2.5, "train.rounds must be an integer, got 2.5"),
-    ("train.rounds", {"a": 1}, "train.rounds must be an integer, got a table"),
-    ("train.rounds", [3], "train.rounds must be an integer, got the list [3]"),
-    ("train.rounds", "three", "train.rounds must be an integer, got 'three'"),
-    ("train.lr", True, "train.lr must be a number, got the boolean true"),
-    ("train.mu", "a lot", "train.mu must be a number, got 'a lot'"),
-    ("train.mu", {"x": 1.0}, "train.mu must be a number, got a table"),
-    ("train.compile", 1, "train.compile must be true or false, got 1"),
-    ("train.compile", "maybe", "train.compile must be true or false, got 'maybe'"),
-    ("data.split", [0.5, True, 0.5], "data.split[1] must be a number, got the boolean true"),
-    ("train.faulty_hospitals", [1], "train.faulty_hospitals[0] must be a string, got 1"),
-    # names
-    ("out", "", "out = '' must name a run directory"),
-    ("out", "  ", "out = '  ' must name a run directory"),
-    ("data.classes", ["Grade I", "Grade II", "Grade I"], "data.classes = ['Grade I', 'Grade II', 'Grade I'] names "
-                                                         "'Grade I' twice"),
-    ("data.classes", ["Grade I", "grade i"], "names 'Grade I' twice ('Grade I' and 'grade i' differ only in case"),
-    ("data.classes", ["Grade I", ""], "data.classes = ['Grade I', ''] holds an empty class name"),
-    ("data.partition", "random", "data.partition = 'random' is not allowed; choose one of: auto, natural, iid, "
-                                 "dirichlet"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        # numeric bounds: the field and the allowed range
+        ("train.mu", 1e300, "train.mu = 1e+300 is too large: it must lie in [0, 10000]"),
+        ("model.hidden", 10**9, "model.hidden = 1000000000 is too large: it must lie in [1, 65536]"),
+        ("train.seed", 2**32, "train.seed = 4294967296 is too large: it must lie in [0, 4294967295]"),
+        ("train.lr", 100.0, "train.lr = 100.0 is too large: it must lie in (0, 10]"),
+        ("train.weight_decay", 1e6, "train.weight_decay = 1000000.0 is too large: it must lie in [0, 10]"),
+        ("train.mixup_alpha", 1e9, "train.mixup_alpha = 1000000000.0 is too large: it must lie in [0, 1000]"),
+        ("train.batch_size", 10**6, "train.batch_size = 1000000 is too large: it must lie in [1, 65536]"),
+        ("train.grad_accum", 10**6, "train.grad_accum = 1000000 is too large: it must lie in [1, 65536]"),
+        ("train.rounds", 10**6, "train.rounds = 1000000 is too large: it must lie in [1, 100000]"),
+        ("train.rounds", 10**400, "train.rounds = 100000...(401 digits) is too large: it must lie in [1, 100000]"),
+        ("train.local_epochs", 10**5, "train.local_epochs = 100000 is too large: it must lie in [1, 10000]"),
+        ("train.keep_checkpoints", 10**5, "train.keep_checkpoints = 100000 is too large: it must lie in [1, 10000]"),
+        ("train.xai_per_grade", -1, "train.xai_per_grade = -1 must be a finite number >= 0"),
+        ("train.xai_per_grade", 10**4, "train.xai_per_grade = 10000 is too large: it must lie in [0, 1000]"),
+        ("data.context_size", 10**5, "data.context_size = 100000 is too large: it must lie in [1, 8192]"),
+        ("data.detail_size", 10**5, "data.detail_size = 100000 is too large: it must lie in [1, 8192]"),
+        ("data.context_fov", 10**5, "data.context_fov = 100000 is too large: it must lie in [1, 8192]"),
+        ("data.patches_per_image", 10**5, "data.patches_per_image = 100000 is too large: it must lie in [1, 4096]"),
+        ("data.num_hospitals", 10**5, "data.num_hospitals = 100000 is too large: it must lie in [0, 4096]"),
+        ("data.num_workers", 10**4, "data.num_workers = 10000 is too large: it must lie in [0, 256]"),
+        ("data.dirichlet_alpha", 1e300, "data.dirichlet_alpha = 1e+300 is too large: it must lie in (0, 1e+06]"),
+        (
+            "data.synthetic.patients_per_grade",
+            10**6,
+            "data.synthetic.patients_per_grade = 1000000 is too large: it must lie in [3, 1000]",
+        ),
+        (
+            "data.synthetic.images_per_patient",
+            10**6,
+            "data.synthetic.images_per_patient = 1000000 is too large: it must lie in [1, 1000]",
+        ),
+        (
+            "data.synthetic.image_size",
+            10**6,
+            "data.synthetic.image_size = 1000000 is too large: it must lie in [64, 8192]",
+        ),
+        # strict TOML types
+        ("data.path", ["a"], "data.path must be a string, got the list ['a']"),
+        ("data.stain_reference", 3, "data.stain_reference must be a string, got 3"),
+        ("out", {"a": 1}, "out must be a string, got a table"),
+        ("train.rounds", True, "train.rounds must be an integer, got the boolean true"),
+        ("train.batch_size", False, "train.batch_size must be an integer, got the boolean false"),
+        ("train.rounds", 2.5, "train.rounds must be an integer, got 2.5"),
+        ("train.rounds", {"a": 1}, "train.rounds must be an integer, got a table"),
+        ("train.rounds", [3], "train.rounds must be an integer, got the list [3]"),
+        ("train.rounds", "three", "train.rounds must be an integer, got 'three'"),
+        ("train.lr", True, "train.lr must be a number, got the boolean true"),
+        ("train.mu", "a lot", "train.mu must be a number, got 'a lot'"),
+        ("train.mu", {"x": 1.0}, "train.mu must be a number, got a table"),
+        ("train.compile", 1, "train.compile must be true or false, got 1"),
+        ("train.compile", "maybe", "train.compile must be true or false, got 'maybe'"),
+        ("data.split", [0.5, True, 0.5], "data.split[1] must be a number, got the boolean true"),
+        ("train.faulty_hospitals", [1], "train.faulty_hospitals[0] must be a string, got 1"),
+        # names
+        ("out", "", "out = '' must name a run directory"),
+        ("out", "  ", "out = '  ' must name a run directory"),
+        (
+            "data.classes",
+            ["Grade I", "Grade II", "Grade I"],
+            "data.classes = ['Grade I', 'Grade II', 'Grade I'] names 'Grade I' twice",
+        ),
+        ("data.classes", ["Grade I", "grade i"], "names 'Grade I' twice ('Grade I' and 'grade i' differ only in case"),
+        ("data.classes", ["Grade I", ""], "data.classes = ['Grade I', ''] holds an empty class name"),
+        (
+            "data.partition",
+            "random",
+            "data.partition = 'random' is not allowed; choose one of: auto, natural, iid, dirichlet",
+        ),
+    ],
+)
 def test_bad_value_is_refused_naming_the_field(key, value, message):
     with pytest.raises(ConfigError) as info:
         resolve(None, [(key, value)])
@@ -71,34 +91,48 @@ def test_bad_value_is_refused_naming_the_field(key, value, message):
     assert key.split(".")[-1] in text and "\n" not in text
 
 
-@pytest.mark.parametrize("key, value, message", [
-    # refused before these bounds came (every float field finite, the lower bounds): they stay refused
-    ("train.mu", float("inf"), "train.mu = inf must be a finite number >= 0"),
-    ("train.mu", float("nan"), "train.mu = nan must be a finite number >= 0"),
-    ("model.hidden", 0, "model.hidden = 0 must be a finite number >= 1"),
-    ("train.seed", -1, "train.seed = -1 must be a finite number >= 0"),
-    ("train.lr", 0.0, "train.lr = 0.0 must be a finite number > 0"),
-    ("train.lr", float("nan"), "train.lr = nan must be a finite number > 0"),
-    ("train.weight_decay", float("inf"), "train.weight_decay = inf must be a finite number"),
-    ("train.timeout_s", float("nan"), "train.timeout_s = nan must be a finite number >= 1.0"),
-    ("data.eval_patches_per_image", 0, "data.eval_patches_per_image = 0 must be a finite number >= 1"),
-    ("data.dirichlet_alpha", float("inf"), "data.dirichlet_alpha = inf must be a finite number > 0"),
-    ("data.min_tissue", float("nan"), "data.min_tissue = nan must lie in [0, 1]"),
-    ("data.site_shift", float("inf"), "data.site_shift = inf must lie in [0, 4]"),
-    ("model.dropout", float("nan"), "model.dropout = nan must lie in [0, 1)"),
-    ("train.dropout", float("inf"), "train.dropout = inf must be a probability in [0, 1]"),
-    ("data", 3, "data must be a table of settings"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        # refused before these bounds came (every float field finite, the lower bounds): they stay refused
+        ("train.mu", float("inf"), "train.mu = inf must be a finite number >= 0"),
+        ("train.mu", float("nan"), "train.mu = nan must be a finite number >= 0"),
+        ("model.hidden", 0, "model.hidden = 0 must be a finite number >= 1"),
+        ("train.seed", -1, "train.seed = -1 must be a finite number >= 0"),
+        ("train.lr", 0.0, "train.lr = 0.0 must be a finite number > 0"),
+        ("train.lr", float("nan"), "train.lr = nan must be a finite number > 0"),
+        ("train.weight_decay", float("inf"), "train.weight_decay = inf must be a finite number"),
+        ("train.timeout_s", float("nan"), "train.timeout_s = nan must be a finite number >= 1.0"),
+        ("data.eval_patches_per_image", 0, "data.eval_patches_per_image = 0 must be a finite number >= 1"),
+        ("data.dirichlet_alpha", float("inf"), "data.dirichlet_alpha = inf must be a finite number > 0"),
+        ("data.min_tissue", float("nan"), "data.min_tissue = nan must lie in [0, 1]"),
+        ("data.site_shift", float("inf"), "data.site_shift = inf must lie in [0, 4]"),
+        ("model.dropout", float("nan"), "model.dropout = nan must lie in [0, 1)"),
+        ("train.dropout", float("inf"), "train.dropout = inf must be a probability in [0, 1]"),
+        ("data", 3, "data must be a table of settings"),
+    ],
+)
 def test_non_finite_and_low_values_stay_refused(key, value, message):
     test_bad_value_is_refused_naming_the_field(key, value, message)
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("train.mu", 1e4, 1e4), ("train.lr", 10.0, 10.0), ("model.hidden", 65536, 65536),
-    ("train.seed", 2**32 - 1, 2**32 - 1), ("data.context_size", 8192, 8192), ("train.rounds", 100_000, 100_000),
-    ("train.xai_per_grade", 0, 0), ("train.rounds", 3.0, 3), ("train.mu", 1, 1.0), ("train.rounds", "3", 3),
-    ("train.mu", "0.5", 0.5), ("train.compile", "yes", True),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("train.mu", 1e4, 1e4),
+        ("train.lr", 10.0, 10.0),
+        ("model.hidden", 65536, 65536),
+        ("train.seed", 2**32 - 1, 2**32 - 1),
+        ("data.context_size", 8192, 8192),
+        ("train.rounds", 100_000, 100_000),
+        ("train.xai_per_grade", 0, 0),
+        ("train.rounds", 3.0, 3),
+        ("train.mu", 1, 1.0),
+        ("train.rounds", "3", 3),
+        ("train.mu", "0.5", 0.5),
+        ("train.compile", "yes", True),
+    ],
+)
 def test_values_at_the_bounds_are_accepted(key, value, expected):
     cfg = resolve(None, [(key, value)])
     section, name = key.split(".")
@@ -108,9 +142,19 @@ def test_values_at_the_bounds_are_accepted(key, value, expected):
 
 def test_set_values_parse_as_toml_else_stay_text():
     # Prepare: what --set gives to resolve
-    texts = ["data.path=/x/y", "train.rounds=3", "train.mu=0.1", "train.compile=true", "data.only_hospital=1.10",
-             "train.faulty_hospitals=H1,H2", 'train.simulate_crash="H2:3"', "data.split=[0.6, 0.2, 0.2]",
-             "out=2024-01-01", "train.resume=1", "data.classes=Grade I,Grade II"]
+    texts = [
+        "data.path=/x/y",
+        "train.rounds=3",
+        "train.mu=0.1",
+        "train.compile=true",
+        "data.only_hospital=1.10",
+        "train.faulty_hospitals=H1,H2",
+        'train.simulate_crash="H2:3"',
+        "data.split=[0.6, 0.2, 0.2]",
+        "out=2024-01-01",
+        "train.resume=1",
+        "data.classes=Grade I,Grade II",
+    ]
 
     # Execute
     cfg = resolve(None, [parse_assignment(t) for t in texts])
@@ -176,7 +220,7 @@ def test_non_utf8_preset_stops_the_study_dry_run(tmp_path, capsys):
     from fedsim import experiments
 
     preset = tmp_path / "latin1.toml"
-    preset.write_bytes('[train]\nrounds = 1\n# é\n'.encode("latin-1"))
+    preset.write_bytes("[train]\nrounds = 1\n# é\n".encode("latin-1"))
     code = experiments.main(["--preset", str(preset), "--out", str(tmp_path / "study"), "--dry-run"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2

@@ -1,4 +1,5 @@
 """Tests of image decoding, folder scanning and manifests (data/images.py, data/datasets.py)."""
+
 from __future__ import annotations
 
 import io
@@ -33,8 +34,7 @@ def _tile(index: int = 0, size: int = 24) -> np.ndarray:
         if HE_SAMPLE.is_file():
             with Image.open(HE_SAMPLE) as img:
                 region = np.asarray(img.convert("RGB").crop((800, 800, 1312, 1312)))
-            _CROPS.extend(region[y:y + 64, x:x + 64] for y in range(0, 512, 64)
-                          for x in range(0, 512, 64))
+            _CROPS.extend(region[y : y + 64, x : x + 64] for y in range(0, 512, 64) for x in range(0, 512, 64))
         else:
             rng = np.random.default_rng(0)
             _CROPS.extend(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(8))
@@ -51,58 +51,121 @@ def _save(path: Path, index: int = 0) -> Path:
 
 # --- class and magnification names -------------------------------------------------
 
-@pytest.mark.parametrize("name, expected", [
-    ("CRC_Grade__1__Well_Diff", 0),
-    ("CRC_Grade__2__Mod_Diff", 1),
-    ("CRC_Grade__3__Poorly_Diff", 2),
-    ("Grade_1", 0), ("grade2", 1), ("G3", 2), ("g1", 0),
-    ("Grade I", 0), ("Grade II", 1), ("Grade III", 2), ("GRADE-iii", 2), ("grade_ii", 1),
-    ("well", 0), ("Well_Diff", 0), ("well-differentiated", 0),
-    ("moderately", 1), ("mod_diff", 1), ("Moderate", 1), ("Moderately-Differentiated", 1),
-    ("poorly", 2), ("poor_diff", 2), ("POORLY_DIFFERENTIATED", 2),
-    # traps
-    ("Normal_Colon", None), ("normal", None), ("Mixed_Normal_Tumoral_Colon", None),
-    ("mixed", None), ("II", None), ("III", None), ("Batch_2", None), ("10x", None),
-    ("Grade_1_Poorly", None), ("Grade 4", None), ("images", None), ("", None),
-    ("Welldone", None), ("model", None),
-    ("GradeIII", 2), ("gradeii", 1), ("Grade II-III", None), ("Grade 1-2", None), ("Grade_3_2019", 2),
-])
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("CRC_Grade__1__Well_Diff", 0),
+        ("CRC_Grade__2__Mod_Diff", 1),
+        ("CRC_Grade__3__Poorly_Diff", 2),
+        ("Grade_1", 0),
+        ("grade2", 1),
+        ("G3", 2),
+        ("g1", 0),
+        ("Grade I", 0),
+        ("Grade II", 1),
+        ("Grade III", 2),
+        ("GRADE-iii", 2),
+        ("grade_ii", 1),
+        ("well", 0),
+        ("Well_Diff", 0),
+        ("well-differentiated", 0),
+        ("moderately", 1),
+        ("mod_diff", 1),
+        ("Moderate", 1),
+        ("Moderately-Differentiated", 1),
+        ("poorly", 2),
+        ("poor_diff", 2),
+        ("POORLY_DIFFERENTIATED", 2),
+        # traps
+        ("Normal_Colon", None),
+        ("normal", None),
+        ("Mixed_Normal_Tumoral_Colon", None),
+        ("mixed", None),
+        ("II", None),
+        ("III", None),
+        ("Batch_2", None),
+        ("10x", None),
+        ("Grade_1_Poorly", None),
+        ("Grade 4", None),
+        ("images", None),
+        ("", None),
+        ("Welldone", None),
+        ("model", None),
+        ("GradeIII", 2),
+        ("gradeii", 1),
+        ("Grade II-III", None),
+        ("Grade 1-2", None),
+        ("Grade_3_2019", 2),
+    ],
+)
 def test_grade_from_folder(name: str, expected: int | None) -> None:
     assert grade_from_folder(name) == expected
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("Normal_Colon", 3), ("normal", 3), ("NORMAL", 3),
-    ("Mixed_Normal_Tumoral_Colon", 4), ("mixed", 4),
-    ("CRC_Grade__3__Poorly_Diff", 2), ("Grade_2_Normal", None), ("tumour", None),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("Normal_Colon", 3),
+        ("normal", 3),
+        ("NORMAL", 3),
+        ("Mixed_Normal_Tumoral_Colon", 4),
+        ("mixed", 4),
+        ("CRC_Grade__3__Poorly_Diff", 2),
+        ("Grade_2_Normal", None),
+        ("tumour", None),
+    ],
+)
 def test_grade_from_folder_with_extras(name: str, expected: int | None) -> None:
     assert grade_from_folder(name, extras=True) == expected
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("4x", "4x"), ("10X", "10x"), ("20x", "20x"), ("40x", "40x"), ("4X", "4x"),
-    ("x40", "40x"), ("X10", "10x"), ("40X_slide3.jpg", "40x"), ("p07_x20_001.png", "20x"),
-    ("040x", "40x"), ("P10x3", None), ("5x", None), ("400x", None), ("x", None),
-    ("10x_40x", None), ("slide.jpg", None), ("Grade_1", None),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("4x", "4x"),
+        ("10X", "10x"),
+        ("20x", "20x"),
+        ("40x", "40x"),
+        ("4X", "4x"),
+        ("x40", "40x"),
+        ("X10", "10x"),
+        ("40X_slide3.jpg", "40x"),
+        ("p07_x20_001.png", "20x"),
+        ("040x", "40x"),
+        ("P10x3", None),
+        ("5x", None),
+        ("400x", None),
+        ("x", None),
+        ("10x_40x", None),
+        ("slide.jpg", None),
+        ("Grade_1", None),
+    ],
+)
 def test_magnification_from_name(name: str, expected: str | None) -> None:
     assert magnification_from_name(name) == expected
 
 
 def test_resolve_classes_orders_and_rejects() -> None:
     assert resolve_classes(("mixed", "Grade III", "grade 1", "Grade II")) == (
-        "Grade I", "Grade II", "Grade III", "Mixed")
+        "Grade I",
+        "Grade II",
+        "Grade III",
+        "Mixed",
+    )
     with pytest.raises(ValueError, match="unknown class name 'Tumour'"):
         resolve_classes(("Tumour",))
 
 
-@pytest.mark.parametrize("classes, message", [
-    (["Grade I", "grade 1", "Grade II"], "'Grade I' and 'grade 1' both mean 'Grade I'"),
-    (["G1", "Grade I", "Grade II"], "'G1' and 'Grade I' both mean 'Grade I'"),
-    (["Grade II", "Grade III", "poorly"], "'Grade III' and 'poorly' both mean 'Grade III'"),
-    (["Grade I", "Grade II", "Grade I"], "'Grade I' is given twice"),
-])
+@pytest.mark.parametrize(
+    "classes, message",
+    [
+        (["Grade I", "grade 1", "Grade II"], "'Grade I' and 'grade 1' both mean 'Grade I'"),
+        (["G1", "Grade I", "Grade II"], "'G1' and 'Grade I' both mean 'Grade I'"),
+        (["Grade II", "Grade III", "poorly"], "'Grade III' and 'poorly' both mean 'Grade III'"),
+        (["Grade I", "Grade II", "Grade I"], "'Grade I' is given twice"),
+    ],
+)
 def test_resolve_classes_refuses_a_class_named_twice(classes: list[str], message: str) -> None:
     # Execute / Assert: one line naming both spellings, not a silently shorter class list
     with pytest.raises(ValueError, match=message) as info:
@@ -116,6 +179,7 @@ def test_is_image_name_case_insensitive() -> None:
 
 
 # --- folder trees -----------------------------------------------------------------
+
 
 def _crc_tree(root: Path) -> dict[str, tuple[str, str]]:
     """A CRC-HGD-like tree; returns {file name: (class folder, magnification)}."""
@@ -147,8 +211,11 @@ def test_scan_tree_crc_hgd_layout(tmp_path: Path) -> None:
     records, report, names = scan_tree(tmp_path)
     assert names == GRADE_NAMES
     got = {Path(r.path).name: (r.label, r.magnification) for r in records}
-    want = {name: (grade_from_folder(folder), mag) for name, (folder, mag) in expected.items()
-            if grade_from_folder(folder) is not None}
+    want = {
+        name: (grade_from_folder(folder), mag)
+        for name, (folder, mag) in expected.items()
+        if grade_from_folder(folder) is not None
+    }
     assert got == want
     assert all(Path(r.path).is_absolute() and Path(r.path).is_file() for r in records)
     assert [r.path for r in records] == sorted(r.path for r in records)
@@ -186,6 +253,7 @@ def test_scan_tree_missing_root(tmp_path: Path) -> None:
 
 # --- decoding ---------------------------------------------------------------------
 
+
 def _jpeg_bytes() -> bytes:
     """A JPEG large enough that cutting it in half keeps the header intact."""
     buffer = io.BytesIO()
@@ -193,14 +261,16 @@ def _jpeg_bytes() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("name, payload, reason", [
-    ("zero.jpg", b"", "empty file"),
-    ("text.jpg", b"this is a text file, not a JPEG\n", "unreadable"),
-    ("cut.jpg", None, "truncated"),
-    ("header_only.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF", "truncated"),
-])
-def test_load_rgb_unusable_files(tmp_path: Path, name: str, payload: bytes | None,
-                                 reason: str) -> None:
+@pytest.mark.parametrize(
+    "name, payload, reason",
+    [
+        ("zero.jpg", b"", "empty file"),
+        ("text.jpg", b"this is a text file, not a JPEG\n", "unreadable"),
+        ("cut.jpg", None, "truncated"),
+        ("header_only.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF", "truncated"),
+    ],
+)
+def test_load_rgb_unusable_files(tmp_path: Path, name: str, payload: bytes | None, reason: str) -> None:
     data = _jpeg_bytes()
     path = tmp_path / name
     path.write_bytes(data[: len(data) // 2] if payload is None else payload)
@@ -307,6 +377,7 @@ def test_load_records_counts_bad_files(tmp_path: Path) -> None:
 
 # --- skip report ------------------------------------------------------------------
 
+
 def test_skip_report_counts_and_merges(tmp_path: Path) -> None:
     first, second = SkipReport(max_examples=2), SkipReport(max_examples=2)
     for i in range(3):
@@ -364,6 +435,7 @@ def test_skip_report_counts_only_has_no_paths(tmp_path: Path) -> None:
 
 # --- manifests --------------------------------------------------------------------
 
+
 def _manifest(tmp_path: Path, text: str) -> Path:
     for name in ("a.jpg", "b.jpg", "c.png", "d.jpg", "e.jpg"):
         _save(tmp_path / "imgs" / name)
@@ -389,14 +461,20 @@ def test_read_manifest(tmp_path: Path) -> None:
     path = _manifest(tmp_path, MANIFEST)
     records, report, names = read_manifest(path)
     assert names == GRADE_NAMES
-    got = [(Path(r.path).name, r.label, r.magnification, r.patient, r.hospital, r.split)
-           for r in records]
-    assert got == [("a.jpg", 0, "40x", "P1", "Site A", "train"),
-                   ("b.jpg", 1, "10x", "P2", "Site B", "val"),
-                   ("c.png", 2, UNKNOWN, "P4", "Site B", "test")]
+    got = [(Path(r.path).name, r.label, r.magnification, r.patient, r.hospital, r.split) for r in records]
+    assert got == [
+        ("a.jpg", 0, "40x", "P1", "Site A", "train"),
+        ("b.jpg", 1, "10x", "P2", "Site B", "val"),
+        ("c.png", 2, UNKNOWN, "P4", "Site B", "test"),
+    ]
     assert all(Path(r.path).is_absolute() and Path(r.path).is_file() for r in records)
-    assert report.counts == {"missing file": 1, "bad label": 1, "class not requested": 1,
-                             "empty file": 1, "duplicate path": 1}
+    assert report.counts == {
+        "missing file": 1,
+        "bad label": 1,
+        "class not requested": 1,
+        "empty file": 1,
+        "duplicate path": 1,
+    }
     assert report.examples["missing file"] == ["manifest.csv:4: imgs/missing.jpg"]
     assert report.examples["bad label"] == ["manifest.csv:6: imgs/d.jpg"]
     records, _, names = read_manifest(path, GRADE_NAMES + ("Normal",))
@@ -411,12 +489,15 @@ def test_read_manifest_magnification_from_path(tmp_path: Path) -> None:
     assert [r.magnification for r in records] == ["20x"] and report.counts == {"duplicate path": 1}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("path,grade\nimgs/a.jpg,0\n", "required column 'label'"),
-    ("file,label\nimgs/a.jpg,0\n", "required column 'path'"),
-    ("", "is empty"),
-    ("path,label\n", "has no rows"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("path,grade\nimgs/a.jpg,0\n", "required column 'label'"),
+        ("file,label\nimgs/a.jpg,0\n", "required column 'path'"),
+        ("", "is empty"),
+        ("path,label\n", "has no rows"),
+    ],
+)
 def test_read_manifest_errors(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(text)
@@ -429,8 +510,11 @@ def test_read_manifest_refuses_a_column_named_twice(tmp_path: Path) -> None:
     path = _manifest(tmp_path, "path,label,Path\nimgs/a.jpg,0,imgs/b.jpg\n")
 
     # Execute / Assert
-    with pytest.raises(ValueError, match=r"manifest .*manifest\.csv names the column 'path' twice "
-                                         r"\(as 'path' and 'Path', line 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"manifest .*manifest\.csv names the column 'path' twice "
+        r"\(as 'path' and 'Path', line 1\)",
+    ):
         read_manifest(path)
 
 

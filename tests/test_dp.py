@@ -5,6 +5,7 @@ once in 1.7 million runs for a normal estimate); draws are seeded, so a run
 either always passes or always fails. Float tolerances are first-order
 rounding bounds of the computation under test, derived below.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,6 +42,7 @@ def one_thread():
 
 
 # ---- accounting ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("accountant", dp.ACCOUNTANTS)
 def test_epsilon_is_the_opacus_accountant(accountant):
@@ -110,8 +112,11 @@ def test_ledger_charges_only_rounds_trained_and_round_trips():
     assert sometimes.history() == [(sigma, q, 3 * steps), (1.5, q, 7)]
     assert sometimes.epsilon() == dp.epsilon_of_history([(sigma, q, 3 * steps), (1.5, q, 7)], delta)
     before = sometimes.epsilon()
-    assert sometimes.epsilon_if(sigma, q, steps) == dp.epsilon_of_history(
-        [(sigma, q, 3 * steps), (1.5, q, 7), (sigma, q, steps)], delta) > before
+    assert (
+        sometimes.epsilon_if(sigma, q, steps)
+        == dp.epsilon_of_history([(sigma, q, 3 * steps), (1.5, q, 7), (sigma, q, steps)], delta)
+        > before
+    )
     assert sometimes.epsilon() == before  # asking did not charge
 
     state = sometimes.state_dict()
@@ -134,6 +139,7 @@ def test_client_level_accounting_is_the_same_accountant_over_rounds():
 
 
 # ---- models ---------------------------------------------------------------------------------
+
 
 def group_norm_dual(backbone: str = "test_resnet", hidden: int = 16, dropout: float = 0.0) -> DualStreamNet:
     """The dual-stream net with GroupNorm backbones built by timm."""
@@ -162,13 +168,20 @@ def _reduction_bound(model: nn.Module, inputs) -> tuple[int, int]:
         layers += 1
         if isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
-            longest = max(longest, module.in_channels // module.groups * kh * kw,  # forward
-                          module.out_channels * kh * kw, out.shape[-2] * out.shape[-1])  # input, weight gradients
+            longest = max(
+                longest,
+                module.in_channels // module.groups * kh * kw,  # forward
+                module.out_channels * kh * kw,
+                out.shape[-2] * out.shape[-1],
+            )  # input, weight gradients
         elif isinstance(module, nn.Linear):
             longest = max(longest, module.in_features, module.out_features)
         elif isinstance(module, nn.GroupNorm):
-            longest = max(longest, module.num_channels // module.num_groups * out.shape[-2] * out.shape[-1],
-                          out.shape[-2] * out.shape[-1])
+            longest = max(
+                longest,
+                module.num_channels // module.num_groups * out.shape[-2] * out.shape[-1],
+                out.shape[-2] * out.shape[-1],
+            )
         else:
             raise AssertionError(f"no bound for {type(module).__name__}")
 
@@ -201,7 +214,7 @@ def _tiny_case(dtype: torch.dtype):
     reference = []
     for i in range(5):
         flat.zero_grad()
-        F.cross_entropy(model(context[i:i + 1], detail[i:i + 1]), labels[i:i + 1]).backward()
+        F.cross_entropy(model(context[i : i + 1], detail[i : i + 1]), labels[i : i + 1]).backward()
         reference.append(flat.param_grads.clone())
     flat.zero_grad()
     longest, layers = _reduction_bound(model, (context[:1], detail[:1]))
@@ -242,7 +255,7 @@ def test_per_sample_gradients_are_clipped_and_summed(tiny_case, method):
     try:
         for i in range(5):  # one sample at a time: flat.grad holds that sample's clipped gradient
             flat.zero_grad()
-            engine.backward(tuple(x[i:i + 1] for x in inputs), labels[i:i + 1])
+            engine.backward(tuple(x[i : i + 1] for x in inputs), labels[i : i + 1])
             got = flat.param_grads
             assert float(engine.last_norms[0]) == pytest.approx(float(norms[i]), rel=tol)
             assert float(got.norm()) <= clip * (1 + tol)
@@ -306,8 +319,10 @@ def test_per_sample_gradients_with_channels_last_tensors(tiny_case, method):
         engine.close()
 
 
-@pytest.mark.parametrize("groups,stride,dilation,padding,bias,side", [
-    (1, 1, 1, 1, False, 6), (2, 2, 1, 1, True, 7), (1, 1, 2, (2, 0), True, 6), (4, 1, 1, 1, False, 1)])
+@pytest.mark.parametrize(
+    "groups,stride,dilation,padding,bias,side",
+    [(1, 1, 1, 1, False, 6), (2, 2, 1, 1, True, 7), (1, 1, 2, (2, 0), True, 6), (4, 1, 1, 1, False, 1)],
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv_rule_matches_autograd(groups, stride, dilation, padding, bias, side, channels_last):
     torch.manual_seed(0)
@@ -320,7 +335,7 @@ def test_conv_rule_matches_autograd(groups, stride, dilation, padding, bias, sid
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     got = conv2d_grad_sample(conv, [x], grad_out)
     for i in range(3):
-        want = torch.autograd.grad(conv(x[i:i + 1]), list(conv.parameters()), grad_out[i:i + 1])
+        want = torch.autograd.grad(conv(x[i : i + 1]), list(conv.parameters()), grad_out[i : i + 1])
         for param, expected in zip(conv.parameters(), want):
             # float64 dot products of length <= C_in * 9 * H * W: relative error <= K * u.
             bound = 8 * 9 * side * side * torch.finfo(torch.float64).eps
@@ -357,6 +372,7 @@ def test_dpsgd_refuses_models_it_cannot_privatize():
 
 
 # ---- noise ----------------------------------------------------------------------------------
+
 
 def _check_std(values: torch.Tensor, std: float) -> None:
     """Mean 0 and standard deviation ``std`` within Z standard errors; and 2% within the bound.
@@ -420,6 +436,7 @@ def test_clip_update_bounds_the_norm_and_keeps_the_direction():
 
 # ---- Poisson sampling ---------------------------------------------------------------------------
 
+
 def test_poisson_batches_have_binomial_sizes_and_are_independent():
     n, q = 1000, 0.05
     sampler = dp.PoissonBatchSampler(n, q, torch.Generator().manual_seed(0), steps=2000)
@@ -458,13 +475,18 @@ def test_empty_poisson_batches_reach_the_dp_step_as_empty_tensors(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "context.npy", rng.integers(0, 256, (count, 16, 16, 3), dtype=np.uint8))
     np.save(tmp_path / "detail.npy", rng.integers(0, 256, (count, 8, 8, 3), dtype=np.uint8))
-    meta = [{"image": i, "path": f"img{i}", "label": i % 3, "magnification": "20x", "patient": f"p{i}",
-             "hospital": "H1"} for i in range(count)]
+    meta = [
+        {"image": i, "path": f"img{i}", "label": i % 3, "magnification": "20x", "patient": f"p{i}", "hospital": "H1"}
+        for i in range(count)
+    ]
     (tmp_path / "patches.json").write_text(json.dumps({"count": count, "patches": meta}))
     dataset = CachedPairs([tmp_path])
     # P(empty) = 0.9^6 = 0.53 a step: 30 steps all non-empty has probability 1e-10.
-    loader = DataLoader(dataset, batch_sampler=dp.PoissonBatchSampler(count, 0.1, torch.Generator().manual_seed(0),
-                                                                       steps=30), collate_fn=collate_batch)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=dp.PoissonBatchSampler(count, 0.1, torch.Generator().manual_seed(0), steps=30),
+        collate_fn=collate_batch,
+    )
     batches = list(loader)
     empty = [b for b in batches if b[2].shape[0] == 0]
     assert empty and len(batches) == 30

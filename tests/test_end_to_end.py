@@ -1,4 +1,5 @@
 """One real torchrun job: 3 hospitals, 2 rounds, tiny backbone, embedded synthetic data."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,18 @@ def test_run_writes_every_output(demo_run):
     final = json.loads((out / "final.json").read_text())
     assert 0 <= final["accuracy"] <= 1 and set(final["per_hospital_accuracy"]) == {"H1", "H2", "H3"}
     for level in ("image", "patch"):
-        for key in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "per_class_recall", "per_class_precision",
-                    "per_magnification_accuracy", "per_hospital_accuracy", "confusion_matrix", "ci95"):
+        for key in (
+            "accuracy",
+            "balanced_accuracy",
+            "macro_f1",
+            "qwk",
+            "per_class_recall",
+            "per_class_precision",
+            "per_magnification_accuracy",
+            "per_hospital_accuracy",
+            "confusion_matrix",
+            "ci95",
+        ):
             assert key in final[level], (level, key)
         low, high = final[level]["ci95"]["accuracy"]
         assert low <= final[level]["accuracy"] <= high
@@ -65,8 +76,16 @@ def test_tensorboard_has_every_clients_drift_for_every_round(demo_run):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for hospital in ("H1", "H2", "H3"):
-        for figure in ("drift", "rel_drift", "divergence", "cosine", "train_loss", "prox", "val_acc_local",
-                       "val_acc_global"):
+        for figure in (
+            "drift",
+            "rel_drift",
+            "divergence",
+            "cosine",
+            "train_loss",
+            "prox",
+            "val_acc_local",
+            "val_acc_global",
+        ):
             tag = f"client/{hospital}/{figure}"
             assert tag in tags, tag
             assert [e.step for e in events.Scalars(tag)] == [0, 1]
@@ -129,20 +148,74 @@ def test_crc_hgd_tree_prepared_then_trained(demo_run, tmp_path):
     for folder in synthetic.glob("CRC_Grade__*"):
         shutil.copytree(folder, tree / folder.name)
     cache = tmp_path / "patches"
-    settings = ["--set", "data.context_size=64", "--set", "data.detail_size=48", "--set", "data.context_fov=96",
-                "--set", "data.patches_per_image=2", "--set", "data.eval_patches_per_image=2"]
+    settings = [
+        "--set",
+        "data.context_size=64",
+        "--set",
+        "data.detail_size=48",
+        "--set",
+        "data.context_fov=96",
+        "--set",
+        "data.patches_per_image=2",
+        "--set",
+        "data.eval_patches_per_image=2",
+    ]
     env = {**os.environ, "FEDSIM_CACHE": str(tmp_path / "fedsim")}
 
     # Execute: the cache is built ahead, then training on 2 hospitals (iid partition) reads it
-    prep = subprocess.run([sys.executable, "-m", "data.prepare", "--data", str(tree), "--out", str(cache),
-                           "--hospitals", "2", "--partition", "iid", "--context-size", "64", "--detail-size", "48",
-                           "--context-fov", "96", "--patches-per-image", "2", "--eval-patches-per-image", "2",
-                           "--patient-regex", r"^(H\d+_P\d+)"], cwd=REPO, env=env, capture_output=True, text=True)
+    prep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data.prepare",
+            "--data",
+            str(tree),
+            "--out",
+            str(cache),
+            "--hospitals",
+            "2",
+            "--partition",
+            "iid",
+            "--context-size",
+            "64",
+            "--detail-size",
+            "48",
+            "--context-fov",
+            "96",
+            "--patches-per-image",
+            "2",
+            "--eval-patches-per-image",
+            "2",
+            "--patient-regex",
+            r"^(H\d+_P\d+)",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert prep.returncode == 0, prep.stderr[-3000:]
     prepared = sorted(p.name for p in cache.iterdir() if p.is_dir())
-    run = torchrun([*SMALL, *settings, "--rounds", "1", "--data", str(tree), "--partition", "iid",
-                    "--set", r'data.patient_regex="^(H\\d+_P\\d+)"', "--set", f"data.cache_dir={cache}",
-                    "--out", str(tmp_path / "run")], tmp_path / "fedsim", nproc=2)
+    run = torchrun(
+        [
+            *SMALL,
+            *settings,
+            "--rounds",
+            "1",
+            "--data",
+            str(tree),
+            "--partition",
+            "iid",
+            "--set",
+            r'data.patient_regex="^(H\\d+_P\\d+)"',
+            "--set",
+            f"data.cache_dir={cache}",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        tmp_path / "fedsim",
+        nproc=2,
+    )
 
     # Assert: trained on the tree, reusing exactly the prepared folders; splits written
     assert run.returncode == 0, run.stderr[-3000:]
@@ -162,8 +235,20 @@ def test_paper_preset_trains_on_a_tree_without_hospitals_by_default(demo_run, tm
     for folder in next((out.parent / "cache").glob("synthetic-*")).glob("CRC_Grade__*"):
         shutil.copytree(folder, tree / folder.name)
 
-    run = torchrun(["--config", str(REPO / "configs" / "paper.toml"), "--data", str(tree), *SMALL, "--rounds", "1",
-                    "--out", str(tmp_path / "run")], tmp_path / "fedsim")
+    run = torchrun(
+        [
+            "--config",
+            str(REPO / "configs" / "paper.toml"),
+            "--data",
+            str(tree),
+            *SMALL,
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        tmp_path / "fedsim",
+    )
 
     assert run.returncode == 0, run.stderr[-3000:]
     assert "data.partition = auto: iid (no hospital column: a stratified split into 3 hospitals)" in run.stderr
@@ -175,8 +260,22 @@ def test_paper_preset_trains_on_a_tree_without_hospitals_by_default(demo_run, tm
 def _one_hospital(tmp_path, setting: str):
     """One round of one hospital without torchrun, with one extra setting; (run folder, process)."""
     out = tmp_path / "run"
-    proc = train_single([*SMALL, "--rounds", "1", "--num-hospitals", "1", "--set", setting, "--out", str(out),
-                         "--set", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path / "fedsim")
+    proc = train_single(
+        [
+            *SMALL,
+            "--rounds",
+            "1",
+            "--num-hospitals",
+            "1",
+            "--set",
+            setting,
+            "--out",
+            str(out),
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+        tmp_path / "fedsim",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -222,8 +321,11 @@ def test_centralized_mode_on_two_ranks(demo_run, tmp_path, hospitals):
     # The pooled data of the hospitals, sharded over 2 ranks that average gradients every step; with one
     # hospital, rank 1 caches none of its own and trains on its shard of the pool.
     out_dir = tmp_path / "run"
-    proc = torchrun([*SMALL, "--rounds", "1", "--mode", "centralized", "--num-hospitals", str(hospitals),
-                     "--out", str(out_dir)], demo_run[0].parent / "cache", nproc=2)
+    proc = torchrun(
+        [*SMALL, "--rounds", "1", "--mode", "centralized", "--num-hospitals", str(hospitals), "--out", str(out_dir)],
+        demo_run[0].parent / "cache",
+        nproc=2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = [f"H{k + 1}" for k in range(hospitals)]
     record = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])

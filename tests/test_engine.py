@@ -1,4 +1,5 @@
 """The federation engine on its own: server optimizers, SCAFFOLD, participants, one all-reduce per round."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,8 +48,9 @@ def _numpy_server(name: str, w, deltas, lr, momentum=0.9, b1=0.9, b2=0.99, tau=1
     return w
 
 
-@pytest.mark.parametrize("name, lr", [("sgd", 1.0), ("sgd", 0.5), ("avgm", 1.0), ("adam", 0.1), ("yogi", 0.1),
-                                      ("adagrad", 0.1)])
+@pytest.mark.parametrize(
+    "name, lr", [("sgd", 1.0), ("sgd", 0.5), ("avgm", 1.0), ("adam", 0.1), ("yogi", 0.1), ("adagrad", 0.1)]
+)
 def test_server_optimizers_match_their_closed_form_over_two_rounds(name, lr):
     # Prepare: global weights and the aggregated means of two rounds
     rng = np.random.default_rng(0)
@@ -89,13 +91,16 @@ def _engine(data, algorithm: str, lr: float, per_round: int = 0, faults: Faults 
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[0.5, -0.25, 1.0]]))
     flat = flatten(model)
-    clients = [Client(k, f"H{k + 1}", len(y), [(torch.from_numpy(x), torch.from_numpy(y))])
-               for k, (x, y) in enumerate(data)]
-    settings = EngineSettings(local_epochs=1, lr=lr, local_optimizer="sgd", algorithm=algorithm,
-                              clients_per_round=per_round, faults=faults)
+    clients = [
+        Client(k, f"H{k + 1}", len(y), [(torch.from_numpy(x), torch.from_numpy(y))]) for k, (x, y) in enumerate(data)
+    ]
+    settings = EngineSettings(
+        local_epochs=1, lr=lr, local_optimizer="sgd", algorithm=algorithm, clients_per_round=per_round, faults=faults
+    )
     step = StepSettings(torch.device("cpu"), None, False, 0.0, 0.0, False, 1)
-    engine = Engine(model, flat, clients, [c.name for c in clients], [c.num_samples for c in clients], settings,
-                    step, loss_fn=_mse)
+    engine = Engine(
+        model, flat, clients, [c.name for c in clients], [c.num_samples for c in clients], settings, step, loss_fn=_mse
+    )
     return engine, model
 
 
@@ -138,6 +143,7 @@ def test_one_all_reduce_per_round_whatever_the_clients_per_rank(group_of_one, mo
     # Prepare: three clients on one rank, the collective counted
     calls = []
     real = dist.all_reduce
+
     def counted(tensor, *args, **kwargs):
         calls.append(tensor.numel())
         return real(tensor, *args, **kwargs)

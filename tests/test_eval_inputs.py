@@ -1,4 +1,5 @@
 """Weights and checkpoints that do not fit are one line (exit code 2), and eval.json has final.json's keys."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,18 @@ from fedsim.evaluate import REPORT_KEYS, check_report_schema, headline, summarie
 from models import build_model, load_pretrained
 
 CLASSES = ["Grade I", "Grade II", "Grade III"]
-TINY = {"data": {"synthetic": {"image_size": 256, "patients_per_grade": 3, "images_per_patient": 2},
-                 "context_size": 64, "detail_size": 48, "context_fov": 96, "patches_per_image": 2,
-                 "eval_patches_per_image": 2},
-        "model": {"backbone": "test_resnet", "hidden": 16}, "train": {"device": "cpu"}}
+TINY = {
+    "data": {
+        "synthetic": {"image_size": 256, "patients_per_grade": 3, "images_per_patient": 2},
+        "context_size": 64,
+        "detail_size": 48,
+        "context_fov": 96,
+        "patches_per_image": 2,
+        "eval_patches_per_image": 2,
+    },
+    "model": {"backbone": "test_resnet", "hidden": 16},
+    "train": {"device": "cpu"},
+}
 
 
 def _tree(**model) -> dict:
@@ -28,8 +37,14 @@ def fake_checkpoint(path, model_tree: dict | None = None, weights_of: dict | Non
     built = from_dict({**_tree(**(weights_of or model_tree or {})), "out": str(path.parent)}).model
     torch.manual_seed(0)
     model = build_model(built.backbone, built.scales, len(CLASSES), built.hidden)
-    state = {"model": model.state_dict(), "round": 0, "config": cfg.to_dict(), "config_digest": cfg.digest(),
-             "class_names": list(CLASSES), "hospitals": ["H1", "H2", "H3"]}
+    state = {
+        "model": model.state_dict(),
+        "round": 0,
+        "config": cfg.to_dict(),
+        "config_digest": cfg.digest(),
+        "class_names": list(CLASSES),
+        "hospitals": ["H1", "H2", "H3"],
+    }
     for key in drop:
         state.pop(key)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,8 +100,12 @@ def test_dual_stream_weights_of_another_model_are_one_line(tmp_path):
     with pytest.raises(ValueError) as info:
         load_pretrained(build_model("test_resnet", num_classes=3, hidden=16), path)
     text = str(info.value)
-    assert "does not fit a dual-stream test_resnet model: 3 shape mismatches (head.0.weight: saved (8, 192) vs model " \
-           "(16, 192)" in text and "\n" not in text
+    assert (
+        "does not fit a dual-stream test_resnet model: 3 shape mismatches (head.0.weight: saved (8, 192) vs model "
+        "(16, 192)"
+        in text
+        and "\n" not in text
+    )
     with pytest.raises(ValueError, match=r"does not fit a detail-stream test_resnet model: \d+ unexpected \(context\."):
         load_pretrained(build_model("test_resnet", "detail", num_classes=3, hidden=8), path)
 
@@ -112,17 +131,28 @@ def test_whole_model_weights_that_fit_load(tmp_path):
 # ---- eval.py on checkpoints that do not fit ------------------------------------------------
 
 
-@pytest.mark.parametrize("model_tree, weights_of, drop, message", [
-    ({"backbone": "resnet10t"}, {"backbone": "test_resnet"}, (),
-     "does not fit the dual-stream resnet10t model of its config (3 classes, hidden 16): "),
-    ({"hidden": 32}, {"hidden": 16}, (), "shape mismatches (head.0.weight: saved (16, 192) vs model (32, 192)"),
-    ({"scales": "detail"}, {"scales": "dual"}, (), "unexpected (context."),
-    ({}, None, ("config",), "lacks config: not a checkpoint written by train.py"),
-    ({}, None, ("class_names",), "lacks class_names"),
-    ({}, None, ("config", "class_names"), "lacks config and class_names"),
-    ({"backbone": "resnet_nope"}, {"backbone": "test_resnet"}, (),
-     "model.backbone = 'resnet_nope' is not a timm model"),
-])
+@pytest.mark.parametrize(
+    "model_tree, weights_of, drop, message",
+    [
+        (
+            {"backbone": "resnet10t"},
+            {"backbone": "test_resnet"},
+            (),
+            "does not fit the dual-stream resnet10t model of its config (3 classes, hidden 16): ",
+        ),
+        ({"hidden": 32}, {"hidden": 16}, (), "shape mismatches (head.0.weight: saved (16, 192) vs model (32, 192)"),
+        ({"scales": "detail"}, {"scales": "dual"}, (), "unexpected (context."),
+        ({}, None, ("config",), "lacks config: not a checkpoint written by train.py"),
+        ({}, None, ("class_names",), "lacks class_names"),
+        ({}, None, ("config", "class_names"), "lacks config and class_names"),
+        (
+            {"backbone": "resnet_nope"},
+            {"backbone": "test_resnet"},
+            (),
+            "model.backbone = 'resnet_nope' is not a timm model",
+        ),
+    ],
+)
 def test_eval_refuses_a_checkpoint_that_does_not_fit(tmp_path, capfd, model_tree, weights_of, drop, message):
     # Prepare
     path = tmp_path / "run" / "checkpoint.pt"
@@ -145,10 +175,13 @@ def test_eval_refuses_a_checkpoint_that_does_not_fit(tmp_path, capfd, model_tree
     assert not (tmp_path / "eval").exists()  # refused before any work
 
 
-@pytest.mark.parametrize("config_backbone, weights_backbone, keys", [
-    ("resnet10t", "test_resnet", "12 unexpected (context.layer3.0.conv3.weight, context.layer3.0.bn3.weight, "),
-    ("test_resnet", "resnet10t", "12 missing keys (context.layer3.0.conv3.weight, context.layer3.0.bn3.weight, "),
-])
+@pytest.mark.parametrize(
+    "config_backbone, weights_backbone, keys",
+    [
+        ("resnet10t", "test_resnet", "12 unexpected (context.layer3.0.conv3.weight, context.layer3.0.bn3.weight, "),
+        ("test_resnet", "resnet10t", "12 missing keys (context.layer3.0.conv3.weight, context.layer3.0.bn3.weight, "),
+    ],
+)
 def test_eval_names_the_keys_and_shapes_of_another_backbone(tmp_path, capfd, config_backbone, weights_backbone, keys):
     path = tmp_path / "checkpoint.pt"
     fake_checkpoint(path, {"backbone": config_backbone}, {"backbone": weights_backbone})
@@ -156,15 +189,20 @@ def test_eval_names_the_keys_and_shapes_of_another_backbone(tmp_path, capfd, con
     assert code == 2 and len(err) == 1
     assert keys in err[0]
     small, large = ("16", "24") if config_backbone == "resnet10t" else ("24", "16")
-    assert (f"141 shape mismatches (context.conv1.0.weight: saved ({small}, 3, 3, 3) vs model ({large}, 3, 3, 3), "
-            in err[0])
+    assert (
+        f"141 shape mismatches (context.conv1.0.weight: saved ({small}, 3, 3, 3) vs model ({large}, 3, 3, 3), "
+        in err[0]
+    )
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "checkpoint not found"),
-    (bytes(range(256)) * 8, "is corrupt or truncated"),
-    (b"PK\x03\x04" + b"\x00" * 100, "is corrupt or truncated"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "checkpoint not found"),
+        (bytes(range(256)) * 8, "is corrupt or truncated"),
+        (b"PK\x03\x04" + b"\x00" * 100, "is corrupt or truncated"),
+    ],
+)
 def test_eval_refuses_a_missing_or_corrupt_checkpoint(tmp_path, capfd, content, message):
     path = tmp_path / "checkpoint.pt"
     if content is not None:
@@ -175,11 +213,14 @@ def test_eval_refuses_a_missing_or_corrupt_checkpoint(tmp_path, capfd, content, 
     assert err[0].startswith("eval.py: error: ") and message in err[0] and str(path) in err[0]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
-    (["--bootstrap", "-1"], "--bootstrap -1 must be 0"),
-    (["--data", "/nonexistent/crc"], "--data /nonexistent/crc: data path does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+        (["--bootstrap", "-1"], "--bootstrap -1 must be 0"),
+        (["--data", "/nonexistent/crc"], "--data /nonexistent/crc: data path does not exist"),
+    ],
+)
 def test_eval_refuses_bad_options_before_reading_the_checkpoint(tmp_path, capfd, args, message):
     code, err = run_eval(capfd, "--checkpoint", str(tmp_path / "none.pt"), *args)
     assert code == 2 and len(err) == 1 and message in err[0]
@@ -192,9 +233,17 @@ class _Split:
     """What summaries() reads of a dataset: the metadata of every patch pair."""
 
     def __init__(self, hospital: str, n_images: int, rng: np.random.Generator):
-        self.meta = [{"image": f"{hospital}-{i}", "label": i % 3, "magnification": ("10x", "20x")[i % 2],
-                      "hospital": hospital, "patient": f"{hospital}-p{i // 2}"}
-                     for i in range(n_images) for _ in (0, 1)]  # two patch pairs per image
+        self.meta = [
+            {
+                "image": f"{hospital}-{i}",
+                "label": i % 3,
+                "magnification": ("10x", "20x")[i % 2],
+                "hospital": hospital,
+                "patient": f"{hospital}-p{i // 2}",
+            }
+            for i in range(n_images)
+            for _ in (0, 1)
+        ]  # two patch pairs per image
         self.labels = np.asarray([m["label"] for m in self.meta])
         self.probs = rng.dirichlet(np.ones(3), size=len(self.meta))
 
@@ -213,8 +262,10 @@ def test_report_schema_holds_for_eval_and_final_reports():
     assert report["per_hospital_accuracy"] == report["image"]["per_hospital_accuracy"]
 
     # final.json's content: per-hospital counts pooled
-    per_hospital = [{"hospital": s.meta[0]["hospital"],
-                     **summaries(s, s.probs, s.labels, idx(s), CLASSES, 20, 0, counts=True)} for s in splits]
+    per_hospital = [
+        {"hospital": s.meta[0]["hospital"], **summaries(s, s.probs, s.labels, idx(s), CLASSES, 20, 0, counts=True)}
+        for s in splits
+    ]
     final = json.loads(json.dumps(final_report(per_hospital, CLASSES)))
     assert check_report_schema(final) == []
     assert set(final["per_hospital_accuracy"]) == {"H1", "H2"}

@@ -1,4 +1,5 @@
 """Studies: the plan, reuse of finished runs, the statistics, the results files, one real tiny study."""
+
 from __future__ import annotations
 
 import csv
@@ -23,11 +24,34 @@ from fedsim.study.plan import PRESETS, VARIANTS, Plan, Run, settings_key, train_
 from fedsim.study.results import write_results
 
 TINY = [
-    "--rounds", "1", "--local-epochs", "1", "--backbone", "test_resnet", "--batch-size", "8",
-    "--set", "data.synthetic.image_size=256", "--set", "data.synthetic.patients_per_grade=3",
-    "--set", "data.synthetic.images_per_patient=2", "--set", "data.context_size=64",
-    "--set", "data.detail_size=48", "--set", "data.context_fov=96", "--set", "data.patches_per_image=2",
-    "--set", "data.eval_patches_per_image=2", "--set", "model.hidden=16", "--device", "cpu",
+    "--rounds",
+    "1",
+    "--local-epochs",
+    "1",
+    "--backbone",
+    "test_resnet",
+    "--batch-size",
+    "8",
+    "--set",
+    "data.synthetic.image_size=256",
+    "--set",
+    "data.synthetic.patients_per_grade=3",
+    "--set",
+    "data.synthetic.images_per_patient=2",
+    "--set",
+    "data.context_size=64",
+    "--set",
+    "data.detail_size=48",
+    "--set",
+    "data.context_fov=96",
+    "--set",
+    "data.patches_per_image=2",
+    "--set",
+    "data.eval_patches_per_image=2",
+    "--set",
+    "model.hidden=16",
+    "--device",
+    "cpu",
 ]
 BASE_NAMES = [name for name, _, _ in VARIANTS]
 
@@ -42,13 +66,24 @@ def run_of(plan: Plan, variant: str, seed: int = 0) -> Run:
 
 
 def fake_final(accuracy: float, grade3: float = 0.5, magnifications: dict | None = None) -> dict:
-    image = {"accuracy": accuracy, "balanced_accuracy": accuracy - 0.01, "macro_f1": accuracy - 0.02,
-             "qwk": accuracy - 0.1, "per_class_recall": {"Grade I": 0.9, "Grade II": 0.8, "Grade III": grade3},
-             "confusion_matrix": [[1, 0, 0], [0, 1, 0], [0, 0, 1]], "n": 12}
+    image = {
+        "accuracy": accuracy,
+        "balanced_accuracy": accuracy - 0.01,
+        "macro_f1": accuracy - 0.02,
+        "qwk": accuracy - 0.1,
+        "per_class_recall": {"Grade I": 0.9, "Grade II": 0.8, "Grade III": grade3},
+        "confusion_matrix": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+        "n": 12,
+    }
     if magnifications is not None:
         image["per_magnification_accuracy"] = magnifications
-    return {"accuracy": accuracy, "per_hospital_accuracy": {"H1": accuracy}, "image": image, "patch": image,
-            "hospitals": {}}
+    return {
+        "accuracy": accuracy,
+        "per_hospital_accuracy": {"H1": accuracy},
+        "image": image,
+        "patch": image,
+        "hospitals": {},
+    }
 
 
 def finish(run: Run, final: dict) -> None:
@@ -245,10 +280,16 @@ def _t_central_mass(t: float, df: int) -> float:
     return 2 * h / 3 * (ys[0] + ys[-1] + 4 * sum(ys[1:-1:2]) + 2 * sum(ys[2:-1:2]))
 
 
-@pytest.mark.parametrize(("values", "level", "table_t"), [
-    ([0.5, 0.7], 0.95, 12.706), ([0.80, 0.83, 0.86], 0.95, 4.303), ([i / 10 for i in range(10)], 0.95, 2.262),
-    ([i / 31 for i in range(31)], 0.95, 2.042), ([0.1, 0.4, 0.2, 0.5, 0.3], 0.90, 2.132),
-])
+@pytest.mark.parametrize(
+    ("values", "level", "table_t"),
+    [
+        ([0.5, 0.7], 0.95, 12.706),
+        ([0.80, 0.83, 0.86], 0.95, 4.303),
+        ([i / 10 for i in range(10)], 0.95, 2.262),
+        ([i / 31 for i in range(31)], 0.95, 2.042),
+        ([0.1, 0.4, 0.2, 0.5, 0.3], 0.90, 2.132),
+    ],
+)
 def test_confidence_interval_matches_t_tables(values, level, table_t):
     # Execute
     n, mean, half = stats.mean_ci(values, level)
@@ -387,10 +428,22 @@ def test_single_seed_reports_na(tmp_path):
 
 def _study(out: Path, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "FEDSIM_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "fedsim.experiments", "--out", str(out), "--only", "fedavg", "--seeds", "1",
-           "--nproc", "2", "--", *TINY]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedsim.experiments",
+        "--out",
+        str(out),
+        "--only",
+        "fedavg",
+        "--seeds",
+        "1",
+        "--nproc",
+        "2",
+        "--",
+        *TINY,
+    ]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_real_study_runs_once_and_is_reused(tmp_path):

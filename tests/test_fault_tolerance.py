@@ -1,4 +1,5 @@
 """Resume, killed ranks, dropped/straggling/diverging clients, multi-node on loopback, bad settings."""
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,11 @@ def test_killed_rank_restarts_and_ends_identical(uninterrupted, cache, tmp_path)
 
     # Execute: torchrun restarts the group; it resumes after round 1. A second restart is allowed because gloo's
     # rendezvous right after a kill can be refused once on a loaded machine; the crash itself happens only once.
-    proc = torchrun([*SMALL, "--rounds", "3", "--out", str(out), "--set", 'train.simulate_crash="H2:2"'],
-                    cache, extra=["--max-restarts=2"])
+    proc = torchrun(
+        [*SMALL, "--rounds", "3", "--out", str(out), "--set", 'train.simulate_crash="H2:2"'],
+        cache,
+        extra=["--max-restarts=2"],
+    )
 
     # Assert
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -136,7 +140,10 @@ def test_fedbn_resume_falls_back_past_a_corrupt_checkpoint(cache, tmp_path):
     assert "resuming after round 1" in second.stderr
     assert [r["round"] for r in _rounds(out)] == [0, 1, 2]
     assert sorted(p.name for p in (out / "clients" / "H1").iterdir()) == [
-        "round-0001.pt", "round-0002.pt", "round-0003.pt"]
+        "round-0001.pt",
+        "round-0002.pt",
+        "round-0003.pt",
+    ]
     # eval.py says whose BatchNorm a FedBN checkpoint carries
     evaluated = evaluate(out, tmp_path / "eval", cache, "--bootstrap", "10")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
@@ -146,8 +153,20 @@ def test_fedbn_resume_falls_back_past_a_corrupt_checkpoint(cache, tmp_path):
 
 def test_dropout_of_one_client_and_of_all(cache, tmp_path):
     # Execute: H2 always drops out; then every client drops out
-    one = torchrun([*SMALL, "--rounds", "2", "--dropout", "1", "--set", 'train.faulty_hospitals=["H2"]',
-                    "--out", str(tmp_path / "one")], cache)
+    one = torchrun(
+        [
+            *SMALL,
+            "--rounds",
+            "2",
+            "--dropout",
+            "1",
+            "--set",
+            'train.faulty_hospitals=["H2"]',
+            "--out",
+            str(tmp_path / "one"),
+        ],
+        cache,
+    )
     every = torchrun([*SMALL, "--rounds", "2", "--dropout", "1", "--out", str(tmp_path / "all")], cache)
 
     # Assert: H2 contributes nothing, the others are averaged and stay in sync
@@ -163,8 +182,22 @@ def test_dropout_of_one_client_and_of_all(cache, tmp_path):
 
 
 def test_straggler_does_partial_work(cache, tmp_path):
-    proc = torchrun([*SMALL, "--rounds", "1", "--local-epochs", "3", "--straggler", "1",
-                     "--set", 'train.faulty_hospitals=["H1"]', "--out", str(tmp_path / "run")], cache)
+    proc = torchrun(
+        [
+            *SMALL,
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "3",
+            "--straggler",
+            "1",
+            "--set",
+            'train.faulty_hospitals=["H1"]',
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        cache,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     clients = {c["hospital"]: c for c in _rounds(tmp_path / "run")[0]["clients"]}
     assert clients["H1"]["status"] == "straggler" and 1 <= clients["H1"]["epochs"] <= 2
@@ -176,8 +209,20 @@ def test_straggler_does_partial_work(cache, tmp_path):
 
 def test_nan_client_is_excluded_and_global_stays_finite(cache, tmp_path):
     # Two local epochs: the second runs forward passes with the NaN weights, which poison BatchNorm statistics too
-    proc = torchrun([*SMALL, "--rounds", "2", "--local-epochs", "2", "--set", 'train.simulate_nan=["H3"]',
-                     "--out", str(tmp_path / "run")], cache)
+    proc = torchrun(
+        [
+            *SMALL,
+            "--rounds",
+            "2",
+            "--local-epochs",
+            "2",
+            "--set",
+            'train.simulate_nan=["H3"]',
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        cache,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for record in _rounds(tmp_path / "run"):
         _assert_sits_out(record, "H3", "diverged")
@@ -209,27 +254,30 @@ def test_two_launches_form_one_group_of_four(cache, tmp_path):
     assert len({tuple(c["weights_checksum"]) for c in record["clients"]}) == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--mu", "-1"], "train.mu = -1.0 must be a finite number >= 0"),
-    (["--rounds", "0"], "train.rounds = 0 must be a finite number >= 1"),
-    (["--backbone", "resnet_nope"], "is not a timm model"),
-    (["--data", "/nonexistent/crc-hgd"], "data path does not exist"),
-    (["--set", "train.clients_per_round=2"], "train.clients_per_round = 2 but the federation has 1 hospitals"),
-    (["--mode", "sideways"], "train.mode = 'sideways' is not allowed; choose one of: federated, centralized"),
-    (["--set", "train.nope=1"], "unknown setting train.nope"),
-    (["--set", 'train.simulate_crash="H2"'], "must look like HOSPITAL:ROUND"),
-    (["--set", "data.site_shift=5"], "data.site_shift = 5.0 must lie in [0, 4]"),
-    (["--set", "train.timeout_s=inf"], "train.timeout_s = inf must be a finite number >= 1.0"),
-    (["--set", "data.split=[nan, 0.5, 0.5]"], "must be three non-negative fractions summing to 1"),
-    (["--set", 'data.patient_regex="(P"'], "data.patient_regex = '(P' is not a regular expression"),
-    (["--set", 'data.classes=["Grade I"]'], "must name at least two classes"),
-    # Settings that do not fit the data: checked once the data is read, before any image is cached
-    (["--set", "data.split=[1.0, 0.0, 0.0]"], "the data has no validation and no test images"),
-    (["--set", "data.split=[0.8, 0.2, 0.0]"], "the data has no test images"),
-    (["--set", 'train.faulty_hospitals=["H9"]'], "train.faulty_hospitals names 'H9', which is not a hospital"),
-    (["--set", 'train.simulate_nan=["h1"]'], "train.simulate_nan names 'h1', which is not a hospital"),
-    (["--set", 'train.simulate_crash="H4:1"'], "train.simulate_crash names 'H4', which is not a hospital"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mu", "-1"], "train.mu = -1.0 must be a finite number >= 0"),
+        (["--rounds", "0"], "train.rounds = 0 must be a finite number >= 1"),
+        (["--backbone", "resnet_nope"], "is not a timm model"),
+        (["--data", "/nonexistent/crc-hgd"], "data path does not exist"),
+        (["--set", "train.clients_per_round=2"], "train.clients_per_round = 2 but the federation has 1 hospitals"),
+        (["--mode", "sideways"], "train.mode = 'sideways' is not allowed; choose one of: federated, centralized"),
+        (["--set", "train.nope=1"], "unknown setting train.nope"),
+        (["--set", 'train.simulate_crash="H2"'], "must look like HOSPITAL:ROUND"),
+        (["--set", "data.site_shift=5"], "data.site_shift = 5.0 must lie in [0, 4]"),
+        (["--set", "train.timeout_s=inf"], "train.timeout_s = inf must be a finite number >= 1.0"),
+        (["--set", "data.split=[nan, 0.5, 0.5]"], "must be three non-negative fractions summing to 1"),
+        (["--set", 'data.patient_regex="(P"'], "data.patient_regex = '(P' is not a regular expression"),
+        (["--set", 'data.classes=["Grade I"]'], "must name at least two classes"),
+        # Settings that do not fit the data: checked once the data is read, before any image is cached
+        (["--set", "data.split=[1.0, 0.0, 0.0]"], "the data has no validation and no test images"),
+        (["--set", "data.split=[0.8, 0.2, 0.0]"], "the data has no test images"),
+        (["--set", 'train.faulty_hospitals=["H9"]'], "train.faulty_hospitals names 'H9', which is not a hospital"),
+        (["--set", 'train.simulate_nan=["h1"]'], "train.simulate_nan names 'h1', which is not a hospital"),
+        (["--set", 'train.simulate_crash="H4:1"'], "train.simulate_crash names 'H4', which is not a hospital"),
+    ],
+)
 def test_bad_settings_give_one_line_and_exit_code(args, message, cache, tmp_path, capfd, monkeypatch):
     # In-process: the same main() a rank runs, without paying for a new interpreter per case.
     import train
@@ -261,8 +309,21 @@ def test_world_size_must_match_natural_partition(uninterrupted, cache, tmp_path)
 
 def test_timeout_names_the_hung_hospital(cache, tmp_path):
     # H3 stops responding in round 1; the others must not wait forever
-    proc = torchrun([*SMALL, "--rounds", "1", "--set", 'train.simulate_hang="H3:1"', "--set", "train.timeout_s=15",
-                     "--out", str(tmp_path / "run")], cache, timeout=300)
+    proc = torchrun(
+        [
+            *SMALL,
+            "--rounds",
+            "1",
+            "--set",
+            'train.simulate_hang="H3:1"',
+            "--set",
+            "train.timeout_s=15",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        cache,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "hospital(s) H3" in proc.stderr and "did not arrive within 15s" in proc.stderr
 
@@ -278,8 +339,13 @@ def _launch(tmp_path, env: dict) -> subprocess.CompletedProcess:
     echo.write_text('#!/bin/sh\necho "$@"\n')
     echo.chmod(0o755)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FEDSIM_HOME"))}
-    return subprocess.run(["bash", str(spool / "slurm_script"), "--rounds", "1"], capture_output=True, text=True,
-                          env={**clean, "MODE": "local", "PYTHON": str(echo), **env}, timeout=60)
+    return subprocess.run(
+        ["bash", str(spool / "slurm_script"), "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        env={**clean, "MODE": "local", "PYTHON": str(echo), **env},
+        timeout=60,
+    )
 
 
 def test_launch_script_finds_train_py_when_run_as_a_copy(tmp_path):

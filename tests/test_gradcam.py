@@ -1,4 +1,5 @@
 """Grad-CAM maps (models/gradcam.py) and the per-grade overlay panels (fedsim/xai.py)."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ def _hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def _reference_cam(feats: list[torch.Tensor], logits: torch.Tensor, target: torch.Tensor,
-                   sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+def _reference_cam(
+    feats: list[torch.Tensor], logits: torch.Tensor, target: torch.Tensor, sizes: list[tuple[int, int]]
+) -> list[torch.Tensor]:
     """Grad-CAM written out directly from feature maps the test computed itself."""
     grads = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), feats)
     out = []
@@ -213,8 +215,10 @@ def _write_cache(folder: Path, labels: list[int]) -> CachedPairs:
     folder.mkdir()
     np.save(folder / "context.npy", rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8))
     np.save(folder / "detail.npy", rng.integers(0, 256, (n, 48, 48, 3), dtype=np.uint8))
-    patches = [{"image": i, "path": f"img{i}.png", "label": k, "magnification": "20x", "patient": "p",
-                "hospital": "H1"} for i, k in enumerate(labels)]
+    patches = [
+        {"image": i, "path": f"img{i}.png", "label": k, "magnification": "20x", "patient": "p", "hospital": "H1"}
+        for i, k in enumerate(labels)
+    ]
     (folder / "patches.json").write_text(json.dumps({"count": n, "patches": patches}))
     return CachedPairs([folder])
 

@@ -1,4 +1,5 @@
 """Hospitals are not ranks: several per process, sampled per round, with state that survives resume."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,17 @@ def sampled(tmp_path_factory, cache):
     return out
 
 
-SAMPLED = [*SMALL, "--rounds", "3", "--num-hospitals", "6", "--set", "train.clients_per_round=4",
-           "--set", "data.synthetic.patients_per_grade=3"]
+SAMPLED = [
+    *SMALL,
+    "--rounds",
+    "3",
+    "--num-hospitals",
+    "6",
+    "--set",
+    "train.clients_per_round=4",
+    "--set",
+    "data.synthetic.patients_per_grade=3",
+]
 
 
 def test_sampled_participants_are_the_seeds_and_records_are_complete(sampled):
@@ -77,8 +87,12 @@ def test_sampled_participants_are_the_seeds_and_records_are_complete(sampled):
 def test_sampled_run_killed_and_restarted_ends_bit_identical(sampled, cache, tmp_path):
     # Prepare: H2 (rank 1) is killed in the middle of round 2; torchrun restarts the group
     out = tmp_path / "run"
-    proc = torchrun([*SAMPLED, "--out", str(out), "--set", 'train.simulate_crash="H2:2"'], cache, nproc=2,
-                    extra=["--max-restarts=2"])
+    proc = torchrun(
+        [*SAMPLED, "--out", str(out), "--set", 'train.simulate_crash="H2:2"'],
+        cache,
+        nproc=2,
+        extra=["--max-restarts=2"],
+    )
 
     # Assert: it resumed after round 1 and ends with the uninterrupted run's weights and participants
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -86,12 +100,24 @@ def test_sampled_run_killed_and_restarted_ends_bit_identical(sampled, cache, tmp
     assert [r["round"] for r in _records(out)] == [0, 1, 2]
     a, b = _weights(out), _weights(sampled)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [[c["status"] for c in r["clients"]] for r in _records(out)] == \
-        [[c["status"] for c in r["clients"]] for r in _records(sampled)]
+    assert [[c["status"] for c in r["clients"]] for r in _records(out)] == [
+        [c["status"] for c in r["clients"]] for r in _records(sampled)
+    ]
 
 
-STATEFUL = [*SMALL, "--num-hospitals", "2", "--set", 'train.bn="local"', "--set", 'train.client_optimizer="persistent"',
-            "--set", 'train.server_optimizer="adam"', "--set", "train.server_lr=0.01"]
+STATEFUL = [
+    *SMALL,
+    "--num-hospitals",
+    "2",
+    "--set",
+    'train.bn="local"',
+    "--set",
+    'train.client_optimizer="persistent"',
+    "--set",
+    'train.server_optimizer="adam"',
+    "--set",
+    "train.server_lr=0.01",
+]
 
 
 def test_persistent_optimizers_fedbn_and_the_server_state_survive_resume(cache, tmp_path):
@@ -113,8 +139,10 @@ def test_persistent_optimizers_fedbn_and_the_server_state_survive_resume(cache, 
         y = torch.load(tmp_path / "parts" / "clients" / hospital / "round-0003.pt", weights_only=True)["state"]
         assert torch.equal(x["local"], y["local"])
         assert x["optimizer"]["state"].keys() == y["optimizer"]["state"].keys()
-        assert all(torch.equal(x["optimizer"]["state"][i]["exp_avg"], y["optimizer"]["state"][i]["exp_avg"])
-                   for i in x["optimizer"]["state"])
+        assert all(
+            torch.equal(x["optimizer"]["state"][i]["exp_avg"], y["optimizer"]["state"][i]["exp_avg"])
+            for i in x["optimizer"]["state"]
+        )
     # The two hospitals' own BatchNorm tensors differ: each kept its own.
     h1 = torch.load(tmp_path / "whole" / "clients" / "H1" / "round-0003.pt", weights_only=True)["state"]["local"]
     h2 = torch.load(tmp_path / "whole" / "clients" / "H2" / "round-0003.pt", weights_only=True)["state"]["local"]
@@ -124,13 +152,17 @@ def test_persistent_optimizers_fedbn_and_the_server_state_survive_resume(cache, 
 
 def test_scaffold_run_carries_its_control_variate(cache, tmp_path):
     out = tmp_path / "run"
-    proc = train_single([*SMALL, "--rounds", "2", "--num-hospitals", "2", "--set", 'train.algorithm="scaffold"',
-                         "--out", str(out)], cache)
+    proc = train_single(
+        [*SMALL, "--rounds", "2", "--num-hospitals", "2", "--set", 'train.algorithm="scaffold"', "--out", str(out)],
+        cache,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["engine"]["control"].abs().sum() > 0
-    assert torch.load(out / "clients" / "H1" / "round-0002.pt", weights_only=True)["state"]["control"].shape == \
-        state["engine"]["control"].shape
+    assert (
+        torch.load(out / "clients" / "H1" / "round-0002.pt", weights_only=True)["state"]["control"].shape
+        == state["engine"]["control"].shape
+    )
 
 
 def test_readme_python_api_example_runs_as_written(tmp_path):
@@ -140,18 +172,26 @@ def test_readme_python_api_example_runs_as_written(tmp_path):
     script = tmp_path / "example.py"
     script.write_text(code)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 3 and all("trained" in line and "not sampled" in line for line in lines)
     # On two ranks (the round's participants dealt to them in turn) rank 0 prints the same participants; the other
     # rank's copy of the same lines is silenced, since two processes writing one pipe interleave within lines.
     ranked = tmp_path / "example_rank0.py"
-    ranked.write_text('import os, sys\nif os.environ.get("RANK", "0") != "0":\n    sys.stdout = open(os.devnull, "w")\n'
-                      + code)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ranked)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    ranked.write_text(
+        'import os, sys\nif os.environ.get("RANK", "0") != "0":\n    sys.stdout = open(os.devnull, "w")\n' + code
+    )
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ranked)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     statuses = lambda text: [re.sub(r" loss [0-9.]+", "", line) for line in text.strip().splitlines()]  # noqa: E731
     assert statuses(two.stdout) == statuses(proc.stdout)

@@ -1,4 +1,5 @@
 """Tests for fedsim.metrics, checked against values worked out by hand."""
+
 from __future__ import annotations
 
 import json

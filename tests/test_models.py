@@ -1,4 +1,5 @@
 """Dual/single-stream output shapes; the real ResNetRS50 is built once to check its shapes."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,8 +27,9 @@ def test_output_shapes(scales, streams):
 
 def test_single_stream_ignores_the_other_input():
     model = build_model("test_resnet", scales="detail", num_classes=3, hidden=8).eval()
-    torch.testing.assert_close(model(None, torch.ones(1, 3, 32, 32)),
-                               model(torch.zeros(1, 3, 9, 9), torch.ones(1, 3, 32, 32)))
+    torch.testing.assert_close(
+        model(None, torch.ones(1, 3, 32, 32)), model(torch.zeros(1, 3, 9, 9), torch.ones(1, 3, 32, 32))
+    )
 
 
 def test_resnetrs50_dual_stream_shapes():

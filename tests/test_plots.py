@@ -1,4 +1,5 @@
 """Tests for fedsim.plots: the confusion matrix picture and the Grad-CAM panel layout."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Figures pooled from per-hospital counts equal figures computed from the samples."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,28 +26,48 @@ def test_single_site_counts_reproduce_summarize():
     # Execute
     direct = metrics.summarize(y, probs, NAMES, magnifications=mags, patients=patients, n_boot=200, seed=5)
     counts = metrics.count_summary(y, pred, 3, magnifications=mags, patients=patients, n_boot=200, seed=5)
-    pooled = metrics.summary_from_counts(counts["confusion_matrix"], NAMES,
-                                         per_magnification=counts["per_magnification"],
-                                         per_hospital_accuracy={}, bootstrap=counts["bootstrap"])
+    pooled = metrics.summary_from_counts(
+        counts["confusion_matrix"],
+        NAMES,
+        per_magnification=counts["per_magnification"],
+        per_hospital_accuracy={},
+        bootstrap=counts["bootstrap"],
+    )
 
     # Assert: the same numbers, CIs included (same resamples)
-    for key in ("n", "accuracy", "balanced_accuracy", "macro_f1", "qwk", "per_class_recall", "per_class_precision",
-                "per_magnification_accuracy", "confusion_matrix", "ci95"):
+    for key in (
+        "n",
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "qwk",
+        "per_class_recall",
+        "per_class_precision",
+        "per_magnification_accuracy",
+        "confusion_matrix",
+        "ci95",
+    ):
         assert pooled[key] == direct[key], key
 
 
 def test_two_sites_pool_like_the_concatenated_samples():
     # Prepare
     a, b = _site(1), _site(2, 80)
-    counts = [metrics.count_summary(y, p, 3, magnifications=m, patients=pt, n_boot=100, seed=s)
-              for s, (y, p, m, pt) in enumerate((a, b))]
+    counts = [
+        metrics.count_summary(y, p, 3, magnifications=m, patients=pt, n_boot=100, seed=s)
+        for s, (y, p, m, pt) in enumerate((a, b))
+    ]
 
     # Execute
     pooled = metrics.summary_from_counts(
-        sum(np.asarray(c["confusion_matrix"]) for c in counts), NAMES,
-        per_magnification={m: sum(np.asarray(c["per_magnification"][m]) for c in counts)
-                           for m in ("4x", "10x", "20x", "40x")},
-        per_hospital_accuracy={"A": 0.5}, bootstrap=sum(np.asarray(c["bootstrap"]) for c in counts))
+        sum(np.asarray(c["confusion_matrix"]) for c in counts),
+        NAMES,
+        per_magnification={
+            m: sum(np.asarray(c["per_magnification"][m]) for c in counts) for m in ("4x", "10x", "20x", "40x")
+        },
+        per_hospital_accuracy={"A": 0.5},
+        bootstrap=sum(np.asarray(c["bootstrap"]) for c in counts),
+    )
 
     # Assert: point figures equal those of all samples together; the CI brackets the estimate
     y = np.concatenate([a[0], b[0]])

@@ -1,4 +1,5 @@
 """The privacy boundary: only model tensors and per-client scalar figures cross ranks."""
+
 from __future__ import annotations
 
 import csv
@@ -11,9 +12,14 @@ import torch.distributed as dist
 from conftest import run_ranks
 
 CONFIG = {
-    "data": {"synthetic": {"image_size": 256, "patients_per_grade": 3, "images_per_patient": 2},
-             "context_size": 64, "detail_size": 48, "context_fov": 96, "patches_per_image": 2,
-             "eval_patches_per_image": 2},
+    "data": {
+        "synthetic": {"image_size": 256, "patients_per_grade": 3, "images_per_patient": 2},
+        "context_size": 64,
+        "detail_size": 48,
+        "context_fov": 96,
+        "patches_per_image": 2,
+        "eval_patches_per_image": 2,
+    },
     "model": {"backbone": "test_resnet", "hidden": 16},
     "train": {"rounds": 2, "local_epochs": 1, "batch_size": 8, "device": "cpu"},
 }
@@ -75,9 +81,17 @@ def _manifest_with_broken_images(folder) -> str:
 def _federate_and_record(rank: int, world: int, out: str, cache: str, data: str):
     os.environ["FEDSIM_CACHE"] = cache
     sent = []
-    originals = {name: getattr(dist, name) for name in
-                 ("all_reduce", "broadcast", "all_gather", "gather_object", "all_gather_object",
-                  "broadcast_object_list")}
+    originals = {
+        name: getattr(dist, name)
+        for name in (
+            "all_reduce",
+            "broadcast",
+            "all_gather",
+            "gather_object",
+            "all_gather_object",
+            "broadcast_object_list",
+        )
+    }
 
     def spy(name):
         def call(*args, **kwargs):
@@ -87,6 +101,7 @@ def _federate_and_record(rank: int, world: int, out: str, cache: str, data: str)
             else:
                 sent.append((name, "object", _describe(payload), _strings(payload)))
             return originals[name](*args, **kwargs)
+
         return call
 
     for name in originals:

@@ -1,4 +1,5 @@
 """DP-SGD, DP-FedAvg and secure aggregation in real federations (gloo ranks, the embedded data)."""
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,16 @@ from fedsim import dp
 from fedsim.config import ConfigError, from_dict
 
 CONFIG = {
-    "data": {"synthetic": {"image_size": 256, "patients_per_grade": 3, "images_per_patient": 2},
-             "context_size": 64, "detail_size": 48, "context_fov": 96, "patches_per_image": 2,
-             "eval_patches_per_image": 2},
+    "data": {
+        "synthetic": {"image_size": 256, "patients_per_grade": 3, "images_per_patient": 2},
+        "context_size": 64,
+        "detail_size": 48,
+        "context_fov": 96,
+        "patches_per_image": 2,
+        "eval_patches_per_image": 2,
+    },
     "model": {"backbone": "test_resnet", "hidden": 16},
-    "train": {"rounds": 1, "local_epochs": 1, "batch_size": 8, "device": "cpu", "mixup_alpha": 0.0,
-              "xai_per_grade": 0},
+    "train": {"rounds": 1, "local_epochs": 1, "batch_size": 8, "device": "cpu", "mixup_alpha": 0.0, "xai_per_grade": 0},
 }
 UNIT_ROUNDOFF = 2.0**-24  # float32
 
@@ -48,6 +53,7 @@ def _federate(rank: int, world: int, tree: dict, cache: str, spy: bool = False):
     originals = {name: getattr(dist, name) for name in ("all_reduce", "broadcast", "all_gather_object")}
     secure_sum = SecureAggregation.secure_sum_
     if spy:
+
         def wrap(name):
             def call(*args, **kwargs):
                 payload = args[1] if name == "all_gather_object" else args[0]
@@ -56,6 +62,7 @@ def _federate(rank: int, world: int, tree: dict, cache: str, spy: bool = False):
                 else:
                     sent.append((name, type(payload).__name__))
                 return originals[name](*args, **kwargs)
+
             return call
 
         def record_plaintext(self, tensor, *args, **kwargs):
@@ -73,8 +80,11 @@ def _federate(rank: int, world: int, tree: dict, cache: str, spy: bool = False):
             setattr(dist, name, fn)
         SecureAggregation.secure_sum_ = secure_sum
     # numpy, not tensors: a tensor crosses the result queue as shared memory of a process about to exit
-    return (federation.flat.data.numpy().copy(), [(n, t if isinstance(t, str) else t.numpy()) for n, t in sent],
-            [t.numpy() for t in plain])
+    return (
+        federation.flat.data.numpy().copy(),
+        [(n, t if isinstance(t, str) else t.numpy()) for n, t in sent],
+        [t.numpy() for t in plain],
+    )
 
 
 def _records(out) -> list[dict]:
@@ -82,6 +92,7 @@ def _records(out) -> list[dict]:
 
 
 # ---- secure aggregation ---------------------------------------------------------------------------------------
+
 
 def test_secure_aggregation_sends_uniform_integers_and_matches_plain_fedavg(tmp_path):
     # Prepare
@@ -159,8 +170,9 @@ def test_dp_sgd_run_charges_the_accountant_and_resumes_its_ledger(tmp_path, dp_s
             assert c["epsilon"] == pytest.approx(dp.epsilon(1.1, q, steps, 1e-4), rel=1e-9)
             assert c["accountant"] == "rdp" and c["noise_multiplier"] == 1.1
     resumed_records = _records(parts["out"])
-    assert [[c["epsilon"] for c in r["clients"]] for r in resumed_records] == \
-        [[c["epsilon"] for c in r["clients"]] for r in records]
+    assert [[c["epsilon"] for c in r["clients"]] for r in resumed_records] == [
+        [c["epsilon"] for c in r["clients"]] for r in records
+    ]
     assert np.array_equal(whole_run[0][0], resumed[0][0])  # the ledger and the noise resume exactly
     final = json.loads(Path(whole["out"], "final.json").read_text(encoding="utf-8"))
     assert final["privacy"]["level"] == "sample"
@@ -190,12 +202,19 @@ def test_dp_sgd_budget_stops_a_hospital(tmp_path, dp_sgd_run):
 
 # ---- DP-FedAvg --------------------------------------------------------------------------------------------------
 
+
 def test_client_level_dp_clips_updates_weighs_equally_and_accounts_per_round(tmp_path):
     # Prepare: four hospitals on two ranks, two per round; no noise, so the clipping shows exactly
     cache = str(tmp_path / "cache")
     bound = 0.05
-    tree = _config(str(tmp_path / "run"), rounds=2, clients_per_round=2, dp__level="client",
-                   dp__noise_multiplier=0.0, dp__max_update_norm=bound)
+    tree = _config(
+        str(tmp_path / "run"),
+        rounds=2,
+        clients_per_round=2,
+        dp__level="client",
+        dp__noise_multiplier=0.0,
+        dp__max_update_norm=bound,
+    )
     tree["data"]["num_hospitals"] = 4
 
     # Execute
@@ -216,8 +235,14 @@ def test_client_level_budget_ends_the_run(tmp_path):
     cache = str(tmp_path / "cache")
     sigma, delta = 2.0, 1e-3
     budget = (dp.client_epsilon(sigma, 2, 2, 1, delta) + dp.client_epsilon(sigma, 2, 2, 2, delta)) / 2
-    tree = _config(str(tmp_path / "run"), rounds=3, dp__level="client", dp__noise_multiplier=sigma,
-                   dp__delta=delta, dp__max_epsilon=budget)
+    tree = _config(
+        str(tmp_path / "run"),
+        rounds=3,
+        dp__level="client",
+        dp__noise_multiplier=sigma,
+        dp__delta=delta,
+        dp__max_epsilon=budget,
+    )
 
     run_ranks(_federate, 2, tree, cache, timeout=600)
 
@@ -230,17 +255,21 @@ def test_client_level_budget_ends_the_run(tmp_path):
 
 # ---- settings ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("train,model,message", [
-    ({"dp": {"level": "sample"}, "mixup_alpha": 0.2}, {}, "MixUp mixes samples"),
-    ({"dp": {"level": "sample"}, "mixup_alpha": 0.0}, {"norm": "batch"}, "model.norm = batch"),
-    ({"dp": {"level": "sample"}, "mixup_alpha": 0.0, "bn": "local"}, {}, "train.bn = local"),
-    ({"dp": {"level": "sample"}, "mixup_alpha": 0.0, "grad_accum": 2}, {}, "grad_accum"),
-    ({"dp": {"level": "client"}, "mode": "centralized"}, {}, "centralized"),
-    ({"dp": {"level": "client"}, "algorithm": "scaffold"}, {}, "control variates"),
-    ({"secure_aggregation": True, "mode": "centralized"}, {}, "federated runs"),
-    ({"secagg": {"levels": 1000}}, {}, "power of two"),
-    ({"dp": {"level": "sample", "delta": 0.5}, "mixup_alpha": 0.0}, {}, "train.dp.delta"),
-])
+
+@pytest.mark.parametrize(
+    "train,model,message",
+    [
+        ({"dp": {"level": "sample"}, "mixup_alpha": 0.2}, {}, "MixUp mixes samples"),
+        ({"dp": {"level": "sample"}, "mixup_alpha": 0.0}, {"norm": "batch"}, "model.norm = batch"),
+        ({"dp": {"level": "sample"}, "mixup_alpha": 0.0, "bn": "local"}, {}, "train.bn = local"),
+        ({"dp": {"level": "sample"}, "mixup_alpha": 0.0, "grad_accum": 2}, {}, "grad_accum"),
+        ({"dp": {"level": "client"}, "mode": "centralized"}, {}, "centralized"),
+        ({"dp": {"level": "client"}, "algorithm": "scaffold"}, {}, "control variates"),
+        ({"secure_aggregation": True, "mode": "centralized"}, {}, "federated runs"),
+        ({"secagg": {"levels": 1000}}, {}, "power of two"),
+        ({"dp": {"level": "sample", "delta": 0.5}, "mixup_alpha": 0.0}, {}, "train.dp.delta"),
+    ],
+)
 def test_settings_privacy_cannot_honour_are_refused(train, model, message):
     with pytest.raises(ConfigError, match=message):
         from_dict({"train": train, "model": model})
@@ -264,9 +293,19 @@ def test_client_level_noise_on_the_mean_has_std_sigma_s_over_k():
     try:
         flat = flatten(nn.Linear(400, 250))  # 100,250 coordinates
         sigma, bound, k = 1.1, 0.5, 2
-        privacy = Privacy(DPConfig(level="client", noise_multiplier=sigma, max_update_norm=bound,
-                                   noise_seed="derived"), False, SecAggConfig(), [10, 10], 8, 1, 3, k, 0,
-                          torch.device("cpu"), 1)
+        privacy = Privacy(
+            DPConfig(level="client", noise_multiplier=sigma, max_update_norm=bound, noise_seed="derived"),
+            False,
+            SecAggConfig(),
+            [10, 10],
+            8,
+            1,
+            3,
+            k,
+            0,
+            torch.device("cpu"),
+            1,
+        )
         start = flat.data.clone()
         flat.pack_scratch()
         buffer = flat.reduced

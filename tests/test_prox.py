@@ -1,4 +1,5 @@
 """The FedProx term: value, gradient mu*(w - w_global), and mu = 0."""
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,7 @@ def test_term_value_is_half_mu_squared_norm():
     # sums; the term adds them in float32 (3 roundings of non-negative values) and scales by float32(mu/2) (2 more):
     # five roundings of at most 2^-24 relative each
     assert abs(value - 0.5 * mu * sq) <= 6 * 2**-24 * value
-    assert abs(value - 0.5 * mu * sq ** 0.5) > 1e-6
+    assert abs(value - 0.5 * mu * sq**0.5) > 1e-6
 
 
 def test_term_gradient_is_mu_times_difference():
@@ -65,8 +66,10 @@ def test_fused_flat_gradient_matches_autograd():
     # roundings of values below 1, ~1e-7, under the default atol 1e-5; the two values sum the same squares in
     # another order, ~34 * 2^-24 relative at most
     torch.testing.assert_close(flat.param_grads, expected)
-    torch.testing.assert_close(torch.tensor(proximal_value(flat.params, anchor, mu)),
-                               proximal_term(model.parameters(), global_params, mu).detach())
+    torch.testing.assert_close(
+        torch.tensor(proximal_value(flat.params, anchor, mu)),
+        proximal_term(model.parameters(), global_params, mu).detach(),
+    )
 
 
 def test_mu_zero_leaves_the_loss_and_gradients_untouched():
@@ -106,7 +109,7 @@ def test_fedbn_local_batchnorm_parameters_take_no_proximal_pull():
     _optimizer_step(flat, torch.optim.SGD(model.parameters(), lr=1.0), anchor, settings, None)
 
     # Assert: BatchNorm affine parameters untouched, the others pulled by mu * (w - w_global)
-    torch.testing.assert_close(model[1].weight.detach(), moved[: 4])
+    torch.testing.assert_close(model[1].weight.detach(), moved[:4])
     torch.testing.assert_close(model[1].bias.detach(), moved[4:8])
     global_after = flat.global_params.detach()
     torch.testing.assert_close(global_after, torch.cat([p.flatten() for p in global_before]) * 0.5 + anchor * 0.5)

@@ -1,4 +1,5 @@
 """Run files that survive anything: one owner per run directory, a commit point per round, one-line errors."""
+
 from __future__ import annotations
 
 import errno
@@ -49,10 +50,13 @@ def uninterrupted(tmp_path_factory, cache):
     return out
 
 
-@pytest.mark.parametrize("crash", ["H1:1:before-checkpoint", "H1:2:training", "H1:2:before-checkpoint",
-                                   "H1:2:checkpoint", "H1:2:after-checkpoint"])
+@pytest.mark.parametrize(
+    "crash",
+    ["H1:1:before-checkpoint", "H1:2:training", "H1:2:before-checkpoint", "H1:2:checkpoint", "H1:2:after-checkpoint"],
+)
 def test_a_crash_anywhere_in_the_round_then_a_rerun_gives_one_line_and_one_event_per_round(
-        crash, uninterrupted, cache, tmp_path):
+    crash, uninterrupted, cache, tmp_path
+):
     # Prepare: the run is killed (SIGKILL) at one point of the round's commit sequence
     out = tmp_path / "run"
     args = [*ONE, "--out", str(out), "--set", f'train.simulate_crash="{crash}"']
@@ -83,16 +87,28 @@ def test_two_runs_on_one_folder_one_is_refused(cache, tmp_path):
     import os
 
     env = {**os.environ, "FEDSIM_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
 
     # Assert: one ran, the other was refused at once with one line naming the folder and its owner
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], [err[-2000:] for _, err in results]
     refused = next(err for code, err in results if code == 2)
-    assert refused.strip().splitlines()[-1].startswith(f"train.py: error: run directory {out} is in use by another "
-                                                       "run (pid ")
+    assert (
+        refused.strip()
+        .splitlines()[-1]
+        .startswith(f"train.py: error: run directory {out} is in use by another run (pid ")
+    )
     assert _rounds(out) == [0, 1]
 
 

@@ -1,4 +1,5 @@
 """Secure aggregation (fedsim.secagg) with real gloo ranks: the sum, what crosses ranks, the keys, the checks."""
+
 from __future__ import annotations
 
 import hashlib
@@ -75,8 +76,13 @@ def _sum_every_way(rank: int, world: int):
     plain = x.clone()
     dist.all_reduce(plain)  # the plain float32 sum it replaces
     out = {"plain": plain.numpy()}
-    for prg, wire, engine in [("aes", "int64", "host"), ("aes", "int32", "host"), ("aes", "int64", "torch"),
-                              ("device", "int32", "torch"), ("device", "int64", "host")]:
+    for prg, wire, engine in [
+        ("aes", "int64", "host"),
+        ("aes", "int32", "host"),
+        ("aes", "int64", "torch"),
+        ("device", "int32", "torch"),
+        ("device", "int64", "host"),
+    ]:
         agg = SecureAggregation(prg=prg, wire=wire)
         agg._torch_engine_on_cpu = engine == "torch"  # the CUDA code path, on CPU tensors
         y = x.clone()
@@ -183,14 +189,24 @@ def _plaintexts(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _record_what_is_sent(rank: int, world: int):
     sent = []
-    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather_object", "broadcast",
-                                                          "all_gather", "gather_object", "broadcast_object_list")}
+    originals = {
+        name: getattr(dist, name)
+        for name in (
+            "all_reduce",
+            "all_gather_object",
+            "broadcast",
+            "all_gather",
+            "gather_object",
+            "broadcast_object_list",
+        )
+    }
 
     def spy(name):
         def call(*args, **kwargs):
             payload = args[0] if args else None
             sent.append((name, payload.clone() if isinstance(payload, torch.Tensor) else None))
             return originals[name](*args, **kwargs)
+
         return call
 
     for name in originals:
@@ -246,8 +262,9 @@ def test_what_leaves_a_rank_is_uniform_noise_uncorrelated_with_its_values(ranks)
                 rounds.append(values)
             # Fresh masks every round: the difference of two rounds' values does not give the difference
             # of the contributions away either.
-            _assert_uniform_and_uncorrelated(rounds[1] - rounds[0], plaintexts[1] - plaintexts[0],
-                                             (rank, wire, engine, "round 4 - round 3"))
+            _assert_uniform_and_uncorrelated(
+                rounds[1] - rounds[0], plaintexts[1] - plaintexts[0], (rank, wire, engine, "round 4 - round 3")
+            )
     # The same plaintext shape on every rank, yet different values sent.
     assert not np.array_equal(results[0]["int64", "host", 3][0][1], results[1]["int64", "host", 3][0][1])
 
@@ -362,8 +379,14 @@ def test_bad_calls_raise_before_any_communication(ranks):
         np.testing.assert_array_equal(value, np.zeros(8, np.float32))
 
 
-SCENARIOS = {"sum": _sum_every_way, "edges": _dropped_rank_and_edges, "sent": _record_what_is_sent,
-             "keys": _agree_twice, "disagree": _disagree, "bad calls": _bad_calls}
+SCENARIOS = {
+    "sum": _sum_every_way,
+    "edges": _dropped_rank_and_edges,
+    "sent": _record_what_is_sent,
+    "keys": _agree_twice,
+    "disagree": _disagree,
+    "bad calls": _bad_calls,
+}
 
 
 def test_mask_streams_are_counter_based_and_fresh_per_round_and_block():
@@ -384,5 +407,6 @@ def test_mask_streams_are_counter_based_and_fresh_per_round_and_block():
     assert not torch.equal(first, second)
     assert int(first.min()) >= 0 and int(first.max()) < 2**32
     again = secagg.mask_stream("device", secret, 5, cpu)
-    np.testing.assert_array_equal(torch.cat([again.take_torch(3), again.take_torch(2 * block - 3)]).numpy(),
-                                  torch.cat([first, second]).numpy())
+    np.testing.assert_array_equal(
+        torch.cat([again.take_torch(3), again.take_torch(2 * block - 3)]).numpy(), torch.cat([first, second]).numpy()
+    )

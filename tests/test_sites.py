@@ -1,4 +1,5 @@
 """Tests of data.sites: simulated per-hospital lab differences."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ def he_crops(he_pixels: np.ndarray) -> list[np.ndarray]:
 
 def _render(amounts: np.ndarray, haematoxylin, eosin, gains=(1.0, 1.0)) -> np.ndarray:
     """Beer-Lambert image (uint8) of H and E amounts (H, W, 2) with the given stain vectors."""
-    od = (amounts[..., :1] * gains[0] * np.asarray(unit_vector(haematoxylin))
-          + amounts[..., 1:] * gains[1] * np.asarray(unit_vector(eosin)))
+    od = amounts[..., :1] * gains[0] * np.asarray(unit_vector(haematoxylin)) + amounts[..., 1:] * gains[1] * np.asarray(
+        unit_vector(eosin)
+    )
     return np.clip(np.rint(256.0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8)
 
 
@@ -61,8 +63,9 @@ def test_restaining_follows_beer_lambert():
     # and other dye strengths, equals the same amounts rendered with the lab's stains.
     rng = np.random.default_rng(0)
     amounts = rng.uniform(0.0, 1.2, (64, 64, 2))
-    lab = SiteProfile(haematoxylin=unit_vector((0.55, 0.75, 0.36)), eosin=unit_vector((0.12, 0.95, 0.25)),
-                      h_gain=1.3, e_gain=0.8)
+    lab = SiteProfile(
+        haematoxylin=unit_vector((0.55, 0.75, 0.36)), eosin=unit_vector((0.12, 0.95, 0.25)), h_gain=1.3, e_gain=0.8
+    )
     source = _render(amounts, STANDARD_HAEMATOXYLIN, STANDARD_EOSIN)
     expected = _render(amounts, lab.haematoxylin, lab.eosin, (lab.h_gain, lab.e_gain))
     diff = np.abs(lab.apply(source).astype(int) - expected.astype(int))
@@ -131,8 +134,9 @@ def _pooled_records(root: Path, crops: list[np.ndarray]) -> list[ImageRecord]:
     for i, crop in enumerate(crops):
         path = root / f"img{i}.png"
         Image.fromarray(crop).save(path)
-        records += [ImageRecord(str(path), label=i % 3, patient=f"{h}-{i}", hospital=h, split="train")
-                    for h in ("H1", "H2")]
+        records += [
+            ImageRecord(str(path), label=i % 3, patient=f"{h}-{i}", hospital=h, split="train") for h in ("H1", "H2")
+        ]
     return records
 
 
@@ -170,13 +174,32 @@ def test_prepare_writes_site_profiles(tmp_path, he_crops, capsys):
             rows.append(f"{path},{i % 3},{hospital}-{i},{hospital}\n")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("path,label,patient,hospital\n" + "".join(rows))
-    args = ["--data", str(manifest), "--out", str(tmp_path / "cache"), "--hospitals", "2", "--split", "1", "0", "0",
-            "--context-size", "96", "--detail-size", "64", "--context-fov", "128", "--site-shift", "1"]
+    args = [
+        "--data",
+        str(manifest),
+        "--out",
+        str(tmp_path / "cache"),
+        "--hospitals",
+        "2",
+        "--split",
+        "1",
+        "0",
+        "0",
+        "--context-size",
+        "96",
+        "--detail-size",
+        "64",
+        "--context-fov",
+        "128",
+        "--site-shift",
+        "1",
+    ]
     assert main(args) == 0
     saved = json.loads((tmp_path / "cache" / "site_profiles.json").read_text())
     assert set(saved["hospitals"]) == {"H1", "H2"} and saved["site_shift"] == 1.0
-    assert SiteProfile(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["hospitals"]["H2"].items()}) \
-        == SiteProfile.for_hospital(0, "H2", 1.0)
+    assert SiteProfile(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in saved["hospitals"]["H2"].items()}
+    ) == SiteProfile.for_hospital(0, "H2", 1.0)
     for bad in ("-0.5", "inf"):
         with pytest.raises(SystemExit) as exit_info:
             main([*args[:-1], bad])

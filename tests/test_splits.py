@@ -1,4 +1,5 @@
 """Tests of patient-level splits and hospital partitions (data/splits.py)."""
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,9 @@ def _cohort(patients_per_grade: int = 20, seed: int = 1) -> list[ImageRecord]:
         for k in range(patients_per_grade):
             patient = f"G{grade}P{k:02d}"
             for i in range(rng.randint(5, 12)):
-                records.append(ImageRecord(f"/data/{grade}/{patient}_{i}.jpg", grade,
-                                           rng.choice(MAGNIFICATIONS), patient))
+                records.append(
+                    ImageRecord(f"/data/{grade}/{patient}_{i}.jpg", grade, rng.choice(MAGNIFICATIONS), patient)
+                )
     return records
 
 
@@ -54,6 +56,7 @@ def _assert_patients_whole(records: list[ImageRecord], field: str) -> None:
 
 
 # --- splits -----------------------------------------------------------------------
+
 
 def test_split_keeps_patients_whole_and_stratifies() -> None:
     records = _cohort()
@@ -158,6 +161,7 @@ def test_apportion_sums_and_rounds() -> None:
 
 # --- partitions -------------------------------------------------------------------
 
+
 def _split_cohort(patients_per_grade: int = 20) -> list[ImageRecord]:
     return split_by_patient(_cohort(patients_per_grade), seed=0)
 
@@ -210,8 +214,7 @@ def test_partition_auto_without_hospitals_is_stratified_iid(tmp_path: Path) -> N
     for split in SPLITS:
         for grade in range(3):
             patients = {r.patient for r in out if r.split == split and grades[r.patient] == grade}
-            per_hospital = Counter(h for p, h in {(r.patient, r.hospital) for r in out}
-                                   if p in patients)
+            per_hospital = Counter(h for p, h in {(r.patient, r.hospital) for r in out} if p in patients)
             counts = [per_hospital[h] for h in hospital_names(out)]
             assert max(counts) - min(counts) <= 1, (split, grade)
     totals = [len(p) for p in _patients_by(out, "hospital").values()]
@@ -249,10 +252,15 @@ def test_resolve_partition() -> None:
 
     # Execute / Assert
     assert [resolve_partition(records, m) for m in ("auto", "natural", "iid", "dirichlet")] == [
-        "iid", "natural", "iid", "dirichlet"]
+        "iid",
+        "natural",
+        "iid",
+        "dirichlet",
+    ]
     assert resolve_partition(named, "auto") == "natural"
-    with pytest.raises(ValueError, match=f"partition = auto: {len(records) - 5} of {len(records)} "
-                                         "records have no hospital"):
+    with pytest.raises(
+        ValueError, match=f"partition = auto: {len(records) - 5} of {len(records)} records have no hospital"
+    ):
         resolve_partition(partly, "auto")
     with pytest.raises(ValueError, match="unknown partition method 'by-grade'"):
         resolve_partition(records, "by-grade")
@@ -268,9 +276,14 @@ def test_partition_iid_is_balanced() -> None:
     splits = {r.patient: r.split for r in out}
     for split in SPLITS:
         for grade in range(3):
-            per_hospital = Counter(r.hospital for r in out if r.patient in grades
-                                   and grades[r.patient] == grade and splits[r.patient] == split
-                                   and r.path.endswith("_0.jpg"))
+            per_hospital = Counter(
+                r.hospital
+                for r in out
+                if r.patient in grades
+                and grades[r.patient] == grade
+                and splits[r.patient] == split
+                and r.path.endswith("_0.jpg")
+            )
             assert max(per_hospital.values()) - min(per_hospital.values()) <= 1
             assert len(per_hospital) == 4 or sum(per_hospital.values()) < 4
     totals = [len(p) for p in _patients_by(out, "hospital").values()]
@@ -281,8 +294,7 @@ def _label_skew(records: list[ImageRecord]) -> float:
     """Mean share of each hospital's training patients that its commonest grade has."""
     grades = patient_grades(records)
     shares = []
-    for _hospital, patients in _patients_by([r for r in records if r.split == "train"],
-                                            "hospital").items():
+    for _hospital, patients in _patients_by([r for r in records if r.split == "train"], "hospital").items():
         counts = Counter(grades[p] for p in patients)
         shares.append(max(counts.values()) / len(patients))
     return sum(shares) / len(shares)
@@ -337,6 +349,7 @@ def test_hospital_names_natural_sort() -> None:
 
 
 # --- table and files --------------------------------------------------------------
+
 
 def test_count_table_lists_hospitals_grades_and_magnifications() -> None:
     records = partition(_split_cohort(6), 10, "iid")  # 12 training patients

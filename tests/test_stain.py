@@ -1,4 +1,5 @@
 """Tests of data.stain: batched Macenko and Reinhard stain normalization."""
+
 from __future__ import annotations
 
 import io
@@ -232,8 +233,9 @@ def test_worker_threads_share_and_restore_the_intra_op_threads(crops: list[np.nd
         expected = Macenko(workers=1).normalize(batch)
         assert seen == [4]
         results: list[torch.Tensor] = []
-        callers = [threading.Thread(target=lambda: results.append(Macenko(workers=2).normalize(batch)))
-                   for _ in range(3)]
+        callers = [
+            threading.Thread(target=lambda: results.append(Macenko(workers=2).normalize(batch))) for _ in range(3)
+        ]
         for caller in callers:
             caller.start()
         for caller in callers:

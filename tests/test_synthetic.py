@@ -1,4 +1,5 @@
 """Tests of the synthetic CRC-HGD generator (data/synthetic.py)."""
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,7 @@ from data.synthetic import (
 )
 
 #: Small enough to render in a second or two, big enough to hold glands and nuclei.
-SPEC = SyntheticSpec(num_hospitals=2, patients_per_grade=2, images_per_patient=4,
-                     image_size=256, seed=7)
+SPEC = SyntheticSpec(num_hospitals=2, patients_per_grade=2, images_per_patient=4, image_size=256, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +66,8 @@ def mean_haematoxylin(rgb: np.ndarray) -> float:
 def test_manifest_header_and_row_count(dataset: Path) -> None:
     with open(dataset / "manifest.csv", newline="") as handle:
         header = next(csv.reader(handle))
-    assert tuple(header) == MANIFEST_COLUMNS == ("path", "label", "magnification", "patient",
-                                                 "hospital")
-    expected = SPEC.num_hospitals * len(GRADE_NAMES) * SPEC.patients_per_grade \
-        * SPEC.images_per_patient
+    assert tuple(header) == MANIFEST_COLUMNS == ("path", "label", "magnification", "patient", "hospital")
+    expected = SPEC.num_hospitals * len(GRADE_NAMES) * SPEC.patients_per_grade * SPEC.images_per_patient
     assert len(read_rows(dataset)) == expected
 
 
@@ -136,16 +134,16 @@ def test_same_spec_gives_identical_bytes(dataset: Path, tmp_path: Path) -> None:
 
 
 def test_another_seed_gives_other_images(dataset: Path, tmp_path: Path) -> None:
-    spec = SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=1,
-                         image_size=256, seed=SPEC.seed + 1)
+    spec = SyntheticSpec(
+        num_hospitals=1, patients_per_grade=1, images_per_patient=1, image_size=256, seed=SPEC.seed + 1
+    )
     other = generate(tmp_path / "other", spec, progress=False).parent
     name = read_rows(other)[0]["path"]
     assert (other / name).read_bytes() != (dataset / name).read_bytes()
 
 
 def test_second_call_returns_at_once_without_rewriting(tmp_path: Path) -> None:
-    spec = SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=2,
-                         image_size=128)
+    spec = SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=2, image_size=128)
     manifest = generate(tmp_path / "d", spec, progress=False)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "d").rglob("*") if p.is_file()}
     assert generate(tmp_path / "d", spec, progress=True) == manifest
@@ -153,8 +151,7 @@ def test_second_call_returns_at_once_without_rewriting(tmp_path: Path) -> None:
 
 
 def test_interrupted_run_is_resumed(tmp_path: Path) -> None:
-    spec = SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=2,
-                         image_size=128)
+    spec = SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=2, image_size=128)
     root = tmp_path / "d"
     generate(root, spec, progress=False)
     complete = all_files(root)
@@ -170,13 +167,11 @@ def test_interrupted_run_is_resumed(tmp_path: Path) -> None:
 
 
 def test_no_manifest_means_regeneration_for_a_changed_spec(tmp_path: Path) -> None:
-    small = SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=2,
-                          image_size=128)
+    small = SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=2, image_size=128)
     root = tmp_path / "d"
     generate(root, small, progress=False)
     (root / "manifest.csv").unlink()
-    fewer = SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=1,
-                          image_size=128, seed=1)
+    fewer = SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=1, image_size=128, seed=1)
     generate(root, fewer, progress=False)
     rows = read_rows(root)
     assert len(rows) == len(GRADE_NAMES)
@@ -193,13 +188,14 @@ def test_refuses_a_folder_that_is_not_a_synthetic_dataset(tmp_path: Path) -> Non
 
 
 def test_refuses_to_overwrite_a_finished_dataset_of_another_spec(tmp_path: Path) -> None:
-    spec = SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=1,
-                         image_size=128)
+    spec = SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=1, image_size=128)
     generate(tmp_path / "d", spec, progress=False)
     with pytest.raises(FileExistsError):
-        generate(tmp_path / "d", SyntheticSpec(num_hospitals=1, patients_per_grade=1,
-                                               images_per_patient=1, image_size=128, seed=5),
-                 progress=False)
+        generate(
+            tmp_path / "d",
+            SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=1, image_size=128, seed=5),
+            progress=False,
+        )
 
 
 def test_default_root_follows_cache_variable_and_spec(tmp_path: Path, monkeypatch) -> None:
@@ -207,8 +203,7 @@ def test_default_root_follows_cache_variable_and_spec(tmp_path: Path, monkeypatc
     root = default_root(SPEC)
     assert root.parent == tmp_path and root.name.startswith("synthetic-")
     assert default_root(SyntheticSpec(**SPEC.to_dict())) == root
-    assert default_root(SyntheticSpec(image_size=256, seed=8)) != default_root(
-        SyntheticSpec(image_size=256, seed=7))
+    assert default_root(SyntheticSpec(image_size=256, seed=8)) != default_root(SyntheticSpec(image_size=256, seed=7))
     monkeypatch.delenv("FEDSIM_CACHE")
     assert default_root(SPEC).parent == Path.home() / ".cache" / "fedsim"
 
@@ -248,8 +243,7 @@ def rendered_haematoxylin(grade: int, count: int = 12, **cues: int) -> float:
     for i in range(count):
         rng = np.random.default_rng([99, grade, i])
         mag = MAGNIFICATIONS[i % len(MAGNIFICATIONS)]
-        values.append(mean_haematoxylin(render_image(grade, mag, StainProfile(), rng, 192,
-                                                     **cues)))
+        values.append(mean_haematoxylin(render_image(grade, mag, StainProfile(), rng, 192, **cues)))
     return float(np.mean(values))
 
 
@@ -276,8 +270,11 @@ def white_of(rgb: np.ndarray) -> np.ndarray:
 def lumen_solidity(rgb: np.ndarray) -> float:
     """Area-weighted solidity of the unstained regions inside the image (1 for convex ones)."""
     size = rgb.shape[0]
-    regions = [p for p in regionprops(label(white_of(rgb)))
-               if 20 < p.area < 3000 and min(p.bbox[:2]) > 0 and max(p.bbox[2:]) < size]
+    regions = [
+        p
+        for p in regionprops(label(white_of(rgb)))
+        if 20 < p.area < 3000 and min(p.bbox[:2]) > 0 and max(p.bbox[2:]) < size
+    ]
     if not regions:
         return float("nan")
     return float(np.average([p.solidity for p in regions], weights=[p.area for p in regions]))
@@ -377,18 +374,21 @@ def test_stain_profiles_are_deterministic_and_h1_is_near_standard() -> None:
 # ---------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("field, value", [
-    ("num_hospitals", 0),
-    ("patients_per_grade", 0),
-    ("patients_per_grade", True),
-    ("images_per_patient", 1.5),
-    ("image_size", 16),
-    ("magnifications", ("5x",)),
-    ("magnifications", ()),
-    ("magnifications", ("4x", "4x")),
-    ("seed", -1),
-    ("jpeg_quality", 101),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_hospitals", 0),
+        ("patients_per_grade", 0),
+        ("patients_per_grade", True),
+        ("images_per_patient", 1.5),
+        ("image_size", 16),
+        ("magnifications", ("5x",)),
+        ("magnifications", ()),
+        ("magnifications", ("4x", "4x")),
+        ("seed", -1),
+        ("jpeg_quality", 101),
+    ],
+)
 def test_spec_validation_names_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         SyntheticSpec(**{field: value})

@@ -1,4 +1,5 @@
 """Tests of data.tissue: Otsu threshold, tissue masks and windowed tissue fractions."""
+
 from __future__ import annotations
 
 import numpy as np

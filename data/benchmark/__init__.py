@@ -22,17 +22,27 @@ need no padding.
 Render a dataset with ``python -m data.benchmark --preset {demo,study,paper}
 --seed S --out DIR`` (:mod:`~data.benchmark.dataset`).
 """
+
 from data.benchmark.design import (
-                                   BENCHMARK_VERSION,
-                                   HELDOUT,
-                                   PRESETS,
-                                   BenchmarkSpec,
-                                   ceiling,
-                                   centre_box,
-                                   geometry,
-                                   grade_of,
-                                   preset,
+    BENCHMARK_VERSION,
+    HELDOUT,
+    PRESETS,
+    BenchmarkSpec,
+    ceiling,
+    centre_box,
+    geometry,
+    grade_of,
+    preset,
 )
 
-__all__ = ["BENCHMARK_VERSION", "HELDOUT", "PRESETS", "BenchmarkSpec", "ceiling", "centre_box", "geometry",
-           "grade_of", "preset"]
+__all__ = [
+    "BENCHMARK_VERSION",
+    "HELDOUT",
+    "PRESETS",
+    "BenchmarkSpec",
+    "ceiling",
+    "centre_box",
+    "geometry",
+    "grade_of",
+    "preset",
+]

@@ -3,6 +3,7 @@
 Writes the image tree, ``manifest.csv``, ``benchmark.json`` and ``examples.png``
 without training. Bad input prints one line (``error: ...``) and exits 2.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -13,6 +13,7 @@
   at most 5/9 on balanced data.
 * :func:`chance_upper` and friends -- the binomial bounds the tests use.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,13 +82,13 @@ def pair_features(rgb: np.ndarray, spec: BenchmarkSpec, centres: np.ndarray | No
 class ControlData:
     """Features and truths of the tiles of a rendered dataset (one row per manifest row)."""
 
-    features: np.ndarray      # (n, 110)
+    features: np.ndarray  # (n, 110)
     grade: np.ndarray
     arch: np.ndarray
     nuclear: np.ndarray
     arch_shown: np.ndarray
     nuclear_shown: np.ndarray
-    hospital: np.ndarray      # names
+    hospital: np.ndarray  # names
     split: np.ndarray
 
     def take(self, keep: np.ndarray) -> ControlData:
@@ -100,11 +101,20 @@ def control_data(root: str | os.PathLike, spec: BenchmarkSpec) -> ControlData:
 
     rows = read_manifest_rows(root)
     feats = np.stack([pair_features(load_rgb(Path(root) / r["path"]), spec) for r in rows])
-    ints = {c: np.array([int(r[c]) for r in rows]) for c in ("label", "arch_level", "nuclear_level",
-                                                               "arch_shown", "nuclear_shown")}
-    return ControlData(feats, ints["label"], ints["arch_level"], ints["nuclear_level"], ints["arch_shown"],
-                       ints["nuclear_shown"], np.array([r["hospital"] for r in rows]),
-                       np.array([r["split"] for r in rows]))
+    ints = {
+        c: np.array([int(r[c]) for r in rows])
+        for c in ("label", "arch_level", "nuclear_level", "arch_shown", "nuclear_shown")
+    }
+    return ControlData(
+        feats,
+        ints["label"],
+        ints["arch_level"],
+        ints["nuclear_level"],
+        ints["arch_shown"],
+        ints["nuclear_shown"],
+        np.array([r["hospital"] for r in rows]),
+        np.array([r["split"] for r in rows]),
+    )
 
 
 @dataclass
@@ -114,7 +124,7 @@ class LogisticModel:
     classes: np.ndarray
     mean: np.ndarray
     scale: np.ndarray
-    weights: np.ndarray       # (features + 1, classes), last row the bias
+    weights: np.ndarray  # (features + 1, classes), last row the bias
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         z = (np.asarray(x, float) - self.mean) / self.scale
@@ -150,13 +160,13 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, max_iter: int = 
         grad = z.T @ (np.exp(log_p) - onehot) / n + 2 * l2 / n * penalty * w
         return value, grad.ravel()
 
-    result = optimize.minimize(loss, np.zeros((d + 1) * k), jac=True, method="L-BFGS-B",
-                               options={"maxiter": max_iter})
+    result = optimize.minimize(loss, np.zeros((d + 1) * k), jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
     return LogisticModel(classes, mean, scale, result.x.reshape(d + 1, k))
 
 
-def colour_control(data: ControlData, target: str = "grade", train: str = "train", l2: float = 1.0
-                   ) -> tuple[LogisticModel, np.ndarray]:
+def colour_control(
+    data: ControlData, target: str = "grade", train: str = "train", l2: float = 1.0
+) -> tuple[LogisticModel, np.ndarray]:
     """Fit colour features -> ``target`` (``grade`` or ``hospital``) on one split; predictions for every row."""
     fit_rows = data.split == train
     model = fit_logistic(data.features[fit_rows], getattr(data, target)[fit_rows], l2)

@@ -7,6 +7,7 @@ and ignores the others. Everything is written into a hidden folder beside the
 destination and renamed into place at the end, so an interrupted render leaves
 no half-written dataset under the destination's name.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,8 +26,18 @@ from data.files import write_atomic, write_json, write_with
 from data.synthetic import CLASS_FOLDERS
 
 MANIFEST_NAME, SPEC_NAME, EXAMPLES_NAME = "manifest.csv", "benchmark.json", "examples.png"
-MANIFEST_COLUMNS = ("path", "label", "magnification", "patient", "hospital", "split",
-                    "arch_level", "nuclear_level", "arch_shown", "nuclear_shown")
+MANIFEST_COLUMNS = (
+    "path",
+    "label",
+    "magnification",
+    "patient",
+    "hospital",
+    "split",
+    "arch_level",
+    "nuclear_level",
+    "arch_shown",
+    "nuclear_shown",
+)
 
 
 def relpath(tile: Tile) -> str:
@@ -36,8 +47,18 @@ def relpath(tile: Tile) -> str:
 
 def manifest_row(tile: Tile) -> list[str]:
     """A tile's manifest row, in :data:`MANIFEST_COLUMNS` order."""
-    return [relpath(tile), str(tile.grade), MAGNIFICATION, tile.patient, tile.hospital, tile.split,
-            str(tile.arch), str(tile.nuclear), str(tile.arch_shown), str(tile.nuclear_shown)]
+    return [
+        relpath(tile),
+        str(tile.grade),
+        MAGNIFICATION,
+        tile.patient,
+        tile.hospital,
+        tile.split,
+        str(tile.arch),
+        str(tile.nuclear),
+        str(tile.arch_shown),
+        str(tile.nuclear_shown),
+    ]
 
 
 def manifest_text(tiles: Iterable[Tile]) -> str:
@@ -51,9 +72,14 @@ def manifest_text(tiles: Iterable[Tile]) -> str:
 
 def document(spec: BenchmarkSpec, sites: dict[str, HospitalProfile]) -> dict:
     """What ``benchmark.json`` holds: the spec, the data settings it implies, the sites, the ceiling."""
-    return {"benchmark_version": BENCHMARK_VERSION, "spec": spec.to_dict(), "data_settings": geometry(spec),
-            "ceiling": ceiling(spec.noise), "heldout_hospital": HELDOUT,
-            "hospitals": {name: p.to_dict() for name, p in sites.items()}}
+    return {
+        "benchmark_version": BENCHMARK_VERSION,
+        "spec": spec.to_dict(),
+        "data_settings": geometry(spec),
+        "ceiling": ceiling(spec.noise),
+        "heldout_hospital": HELDOUT,
+        "hospitals": {name: p.to_dict() for name, p in sites.items()},
+    }
 
 
 class Progress:
@@ -70,6 +96,7 @@ class Progress:
             return iter(items)
         if self.bar:
             from tqdm import tqdm  # only needed on a terminal
+
             return iter(tqdm(items, desc=label, unit="tile", file=self.stream, leave=False))
         print(f"{label}: {len(items)} tiles", file=self.stream, flush=True)
         return iter(items)
@@ -97,8 +124,12 @@ def check_destination(out: Path) -> None:
         raise FileExistsError(f"{out} already exists and is not empty; choose another --out or delete it")
 
 
-def render_dataset(spec: BenchmarkSpec, out: str | os.PathLike, progress: Progress | None = None,
-                   examples: Callable[[Path, list[Tile]], None] | None = None) -> Path:
+def render_dataset(
+    spec: BenchmarkSpec,
+    out: str | os.PathLike,
+    progress: Progress | None = None,
+    examples: Callable[[Path, list[Tile]], None] | None = None,
+) -> Path:
     """Render the benchmark into ``out`` (which must not exist or be empty); returns ``out/manifest.csv``.
 
     Args:

@@ -24,6 +24,7 @@ which the label follows) and the shown ones (``arch_shown``, ``nuclear_shown``).
 A perfect reader of the images is then right :func:`ceiling` of the time
 (0.923 at 6 % noise).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -179,11 +180,21 @@ PRESETS: dict[str, BenchmarkSpec] = {
     # Seconds on one core: for trying the renderer and the Quick start.
     "demo": BenchmarkSpec(preset="demo"),
     # CPU study: one 48 px patch pair per 216 px tile, power from many tiles.
-    "study": BenchmarkSpec(preset="study", train=600, val=100, test=400, heldout=400, detail=48, context=48,
-                           jitter=12, nucleus_radius=4.0),
+    "study": BenchmarkSpec(
+        preset="study", train=600, val=100, test=400, heldout=400, detail=48, context=48, jitter=12, nucleus_radius=4.0
+    ),
     # The paper's patch sizes: 224 px detail, 896 px context field resized to 320 (GPU).
-    "paper": BenchmarkSpec(preset="paper", train=600, val=100, test=400, heldout=400, detail=224, context=320,
-                           jitter=56, nucleus_radius=7.0),
+    "paper": BenchmarkSpec(
+        preset="paper",
+        train=600,
+        val=100,
+        test=400,
+        heldout=400,
+        detail=224,
+        context=320,
+        jitter=56,
+        nucleus_radius=7.0,
+    ),
 }
 
 
@@ -218,10 +229,17 @@ def geometry(spec: BenchmarkSpec) -> dict:
     """
     low, high = centre_box(spec)
     return {
-        "detail_size": spec.detail, "context_fov": spec.context_fov, "context_size": spec.context,
-        "patches_per_image": 1, "eval_patches_per_image": 1, "tile_size": spec.tile_size,
-        "centre_box": [low, high], "context_downsample": spec.context_fov / spec.context,
-        "partition": "natural", "num_hospitals": spec.hospitals, "heldout_hospitals": [HELDOUT],
+        "detail_size": spec.detail,
+        "context_fov": spec.context_fov,
+        "context_size": spec.context,
+        "patches_per_image": 1,
+        "eval_patches_per_image": 1,
+        "tile_size": spec.tile_size,
+        "centre_box": [low, high],
+        "context_downsample": spec.context_fov / spec.context,
+        "partition": "natural",
+        "num_hospitals": spec.hospitals,
+        "heldout_hospitals": [HELDOUT],
         "magnification": MAGNIFICATION,
     }
 
@@ -232,10 +250,10 @@ class Tile:
 
     hospital: str
     split: str
-    index: int                # 0-based within (hospital, split)
-    arch: int                 # true levels; the label follows from them
+    index: int  # 0-based within (hospital, split)
+    arch: int  # true levels; the label follows from them
     nuclear: int
-    arch_shown: int           # levels the image shows
+    arch_shown: int  # levels the image shows
     nuclear_shown: int
 
     @property
@@ -283,6 +301,7 @@ def make_tiles(spec: BenchmarkSpec, hospital: str, split: str, pairs: list[tuple
     rng = np.random.default_rng([root, NOISE_STREAM, hospital_code(hospital), _SPLIT_CODE[split]])
     tiles = []
     for index, (a, n) in enumerate(pairs):
-        tiles.append(Tile(hospital, split, index, a, n, shown_level(a, spec.noise, rng),
-                          shown_level(n, spec.noise, rng)))
+        tiles.append(
+            Tile(hospital, split, index, a, n, shown_level(a, spec.noise, rng), shown_level(n, spec.noise, rng))
+        )
     return tiles

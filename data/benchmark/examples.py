@@ -4,6 +4,7 @@ Each cell shows the whole tile, the context field (outer box) and the detail
 field (inner box) around the tile's centre, with the tile's true and shown
 levels underneath, so the page says what every stream sees.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -26,6 +26,7 @@ All of it comes from ``spec.test_seed``, not the data seed: the test images
 must stay the same while the training tiles are redrawn, and a test image is
 its hospital's staining of its tissue.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,9 +85,11 @@ class HospitalProfile:
     def describe(self) -> str:
         """One line for logs."""
         mix = "/".join(f"{s:.2f}" for s in self.grade_mix)
-        return (f"{self.name}: H x{self.h_gain:.2f}, E x{self.e_gain:.2f}, glass "
-                f"{'/'.join(f'{v:.0f}' for v in self.glass)}, blur {self.blur_sigma:.2f} px, "
-                f"JPEG q{self.jpeg_quality}, grade mix {mix}, size {self.size:.2f}")
+        return (
+            f"{self.name}: H x{self.h_gain:.2f}, E x{self.e_gain:.2f}, glass "
+            f"{'/'.join(f'{v:.0f}' for v in self.glass)}, blur {self.blur_sigma:.2f} px, "
+            f"JPEG q{self.jpeg_quality}, grade mix {mix}, size {self.size:.2f}"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,17 +134,24 @@ def training_profiles(spec: BenchmarkSpec) -> list[HospitalProfile]:
     profiles = []
     for h in range(spec.hospitals):
         turn = np.random.default_rng([spec.test_seed, SITE_STREAM, 100, h])
-        profiles.append(HospitalProfile(
-            name=f"H{h + 1}",
-            haematoxylin=rotate_vector(STANDARD_HAEMATOXYLIN, MAX_TURN * u["turn_h"][h], turn),
-            eosin=rotate_vector(STANDARD_EOSIN, MAX_TURN * u["turn_e"][h], turn),
-            h_gain=_log_between(*GAIN_RANGE, u["gain_h"][h]),
-            e_gain=_log_between(*GAIN_RANGE, u["gain_e"][h]),
-            glass=_glass(BRIGHTNESS_RANGE[0] + u["brightness"][h] * (BRIGHTNESS_RANGE[1] - BRIGHTNESS_RANGE[0]),
-                         MAX_TINT * u["tint"][h], turn),
-            blur_sigma=float(BLUR_MAX * u["blur"][h]),
-            jpeg_quality=int(round(JPEG_RANGE[1] - u["jpeg"][h] * (JPEG_RANGE[1] - JPEG_RANGE[0]))),
-            grade_mix=_mix(spec, h), size=spec.sizes[h] / total))
+        profiles.append(
+            HospitalProfile(
+                name=f"H{h + 1}",
+                haematoxylin=rotate_vector(STANDARD_HAEMATOXYLIN, MAX_TURN * u["turn_h"][h], turn),
+                eosin=rotate_vector(STANDARD_EOSIN, MAX_TURN * u["turn_e"][h], turn),
+                h_gain=_log_between(*GAIN_RANGE, u["gain_h"][h]),
+                e_gain=_log_between(*GAIN_RANGE, u["gain_e"][h]),
+                glass=_glass(
+                    BRIGHTNESS_RANGE[0] + u["brightness"][h] * (BRIGHTNESS_RANGE[1] - BRIGHTNESS_RANGE[0]),
+                    MAX_TINT * u["tint"][h],
+                    turn,
+                ),
+                blur_sigma=float(BLUR_MAX * u["blur"][h]),
+                jpeg_quality=int(round(JPEG_RANGE[1] - u["jpeg"][h] * (JPEG_RANGE[1] - JPEG_RANGE[0]))),
+                grade_mix=_mix(spec, h),
+                size=spec.sizes[h] / total,
+            )
+        )
     if spec.confound:
         dark = max(range(len(profiles)), key=lambda i: (profiles[i].h_gain, -i))
         mix = [0.5 * s + 0.5 * c for s, c in zip(profiles[dark].grade_mix, CONFOUND_MIX)]
@@ -162,10 +172,14 @@ def heldout_profile(spec: BenchmarkSpec) -> HospitalProfile:
         name=HELDOUT,
         haematoxylin=rotate_vector(STANDARD_HAEMATOXYLIN, rng.uniform(20.0, 25.0), rng),
         eosin=rotate_vector(STANDARD_EOSIN, rng.uniform(20.0, 25.0), rng),
-        h_gain=float(rng.uniform(1.45, 1.55)), e_gain=float(rng.uniform(0.62, 0.68)),
+        h_gain=float(rng.uniform(1.45, 1.55)),
+        e_gain=float(rng.uniform(0.62, 0.68)),
         glass=_glass(float(rng.uniform(236.0, 246.0)), MAX_TINT, rng),
-        blur_sigma=float(rng.uniform(0.5, 1.0)), jpeg_quality=int(rng.integers(80, 91)),
-        grade_mix=(1 / 3, 1 / 3, 1 / 3), size=0.0)
+        blur_sigma=float(rng.uniform(0.5, 1.0)),
+        jpeg_quality=int(rng.integers(80, 91)),
+        grade_mix=(1 / 3, 1 / 3, 1 / 3),
+        size=0.0,
+    )
 
 
 def profiles(spec: BenchmarkSpec) -> dict[str, HospitalProfile]:
@@ -177,8 +191,18 @@ def profiles(spec: BenchmarkSpec) -> dict[str, HospitalProfile]:
 
 def standard_profile() -> HospitalProfile:
     """Ruifrok & Johnston's stains, no blur, no tint: for looking at the tissue itself."""
-    return HospitalProfile("standard", unit_vector(STANDARD_HAEMATOXYLIN), unit_vector(STANDARD_EOSIN), 1.0, 1.0,
-                           (245.0, 245.0, 245.0), 0.0, 95, (1 / 3, 1 / 3, 1 / 3), 0.0)
+    return HospitalProfile(
+        "standard",
+        unit_vector(STANDARD_HAEMATOXYLIN),
+        unit_vector(STANDARD_EOSIN),
+        1.0,
+        1.0,
+        (245.0, 245.0, 245.0),
+        0.0,
+        95,
+        (1 / 3, 1 / 3, 1 / 3),
+        0.0,
+    )
 
 
 def plan(spec: BenchmarkSpec) -> list[Tile]:

@@ -25,6 +25,7 @@ is topology, i.e. how much of the pale space's rim is epithelium:
 
 (Lined shares measured on 40 study-size tiles per level.)
 """
+
 from __future__ import annotations
 
 import math
@@ -125,8 +126,9 @@ def _quantile_mask(field: np.ndarray, fraction: float, within: np.ndarray | None
     return mask if within is None else mask & within
 
 
-def _pale_field(rng: np.random.Generator, arch: int, size: int, spacing: float, centres: np.ndarray,
-                owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pale_field(
+    rng: np.random.Generator, arch: int, size: int, spacing: float, centres: np.ndarray, owner: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Low values where the pale space goes, and the pale space's centre in every unit (K, 2).
 
     Every level draws the same round, slightly wobbly space; only its offset
@@ -176,9 +178,17 @@ def build_layout(rng: np.random.Generator, size: int, detail: int, arch: int) ->
     polar = _polarised(arch, nest, septum, lumens[owner], spacing)
     stroma, pale_soft = _soft(septum), _soft(pale)
     epithelium = np.clip(1.0 - stroma - pale_soft, 0.0, 1.0)
-    return Layout(stroma, pale_soft, epithelium, nest, septum, polar,
-                  lumens[owner, 0].astype(np.float32), lumens[owner, 1].astype(np.float32),
-                  ndimage.distance_transform_edt(~pale).astype(np.float32))
+    return Layout(
+        stroma,
+        pale_soft,
+        epithelium,
+        nest,
+        septum,
+        polar,
+        lumens[owner, 0].astype(np.float32),
+        lumens[owner, 1].astype(np.float32),
+        ndimage.distance_transform_edt(~pale).astype(np.float32),
+    )
 
 
 def background_stains(rng: np.random.Generator, layout: Layout, detail: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,8 +218,9 @@ def tumour_spots(rng: np.random.Generator, layout: Layout, radius: float) -> np.
     Polarised nuclei point their long axis at their lumen's centre (with a
     little spread); the others are oriented at random.
     """
-    spots = _scatter_fixed(rng, layout.nest, layout.apart > APICAL_BAND * radius,
-                           radius * math.sqrt(math.pi / NUCLEAR_COVER))
+    spots = _scatter_fixed(
+        rng, layout.nest, layout.apart > APICAL_BAND * radius, radius * math.sqrt(math.pi / NUCLEAR_COVER)
+    )
     if not len(spots):
         return spots
     size = layout.nest.shape[0]
@@ -226,8 +237,9 @@ def stromal_spots(rng: np.random.Generator, layout: Layout, radius: float) -> np
     return _scatter_fixed(rng, layout.septum, layout.apart > APICAL_BAND * radius, 5.5 * radius, keep=0.6)
 
 
-def _scatter_fixed(rng: np.random.Generator, region: np.ndarray, allowed: np.ndarray, spacing: float,
-                   keep: float = 1.0) -> np.ndarray:
+def _scatter_fixed(
+    rng: np.random.Generator, region: np.ndarray, allowed: np.ndarray, spacing: float, keep: float = 1.0
+) -> np.ndarray:
     """Points as ``_scatter(region, spacing)`` would give in number, placed only where ``allowed``.
 
     The spacing shrinks to fit the same count into the allowed part, so the

@@ -19,6 +19,7 @@ Nuclear shape is drawn by ranking the pixels of a box by their normalised
 radius (an ellipse with boundary harmonics 3-6) and keeping the ``k`` nearest,
 so the area is exact whatever the membrane's roughness.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,11 +42,11 @@ AREA_CV = 0.08
 class NuclearLook:
     """Where a nuclear level puts its dark values (lengths in px)."""
 
-    chromatin_sigma: float    # correlation length of the chromatin texture
-    roughness: float          # membrane irregularity (harmonic amplitude)
-    nucleolus_radius: float   # 0 = no nucleolus
+    chromatin_sigma: float  # correlation length of the chromatin texture
+    roughness: float  # membrane irregularity (harmonic amplitude)
+    nucleolus_radius: float  # 0 = no nucleolus
     nucleolus_weight: float
-    rim_weight: float         # darker membrane
+    rim_weight: float  # darker membrane
 
 
 LOOKS = (
@@ -69,8 +70,12 @@ def _boxes(spots: np.ndarray, half: int, size: int) -> tuple[np.ndarray, np.ndar
     cols = np.floor(spots[:, 0]).astype(int)[:, None] + span
     dy = (rows - spots[:, 1:2]).astype(np.float32)[:, :, None]
     dx = (cols - spots[:, 0:1]).astype(np.float32)[:, None, :]
-    return rows, cols, np.broadcast_to(dx, (len(spots), 2 * half + 1, 2 * half + 1)), \
-        np.broadcast_to(dy, (len(spots), 2 * half + 1, 2 * half + 1))
+    return (
+        rows,
+        cols,
+        np.broadcast_to(dx, (len(spots), 2 * half + 1, 2 * half + 1)),
+        np.broadcast_to(dy, (len(spots), 2 * half + 1, 2 * half + 1)),
+    )
 
 
 def _radius_map(rng: np.random.Generator, dx, dy, angle: np.ndarray, elongation: float, roughness: float):
@@ -93,21 +98,33 @@ def _radius_map(rng: np.random.Generator, dx, dy, angle: np.ndarray, elongation:
 def _texture(rng: np.random.Generator, look: NuclearLook, rho: np.ndarray, dx, dy, radius: float) -> np.ndarray:
     """Texture score of every box pixel: higher is darker."""
     n, b, _ = rho.shape
-    chrom = ndimage.gaussian_filter(rng.standard_normal((n, b, b)).astype(np.float32),
-                                    (0, look.chromatin_sigma, look.chromatin_sigma), mode="reflect")
+    chrom = ndimage.gaussian_filter(
+        rng.standard_normal((n, b, b)).astype(np.float32),
+        (0, look.chromatin_sigma, look.chromatin_sigma),
+        mode="reflect",
+    )
     chrom /= chrom.reshape(n, -1).std(axis=1)[:, None, None] + 1e-6
     score = chrom + look.rim_weight * np.clip((rho - 0.65) / 0.35, 0.0, 1.0)
     if look.nucleolus_radius > 0:
         where = rng.uniform(0, 2 * np.pi, n)
         reach = radius * 0.3 * np.sqrt(rng.random(n))
         ox, oy = (reach * np.cos(where))[:, None, None], (reach * np.sin(where))[:, None, None]
-        bump = np.exp(-((dx - ox) ** 2 + (dy - oy) ** 2) / (2 * look.nucleolus_radius ** 2))
+        bump = np.exp(-((dx - ox) ** 2 + (dy - oy) ** 2) / (2 * look.nucleolus_radius**2))
         score = score + look.nucleolus_weight * bump
     return score
 
 
-def paint(rng: np.random.Generator, hema: np.ndarray, eos: np.ndarray, spots: np.ndarray, radius: float,
-          look: NuclearLook, density: float, elongation: float = ELONGATION, contrast: float = 1.6) -> None:
+def paint(
+    rng: np.random.Generator,
+    hema: np.ndarray,
+    eos: np.ndarray,
+    spots: np.ndarray,
+    radius: float,
+    look: NuclearLook,
+    density: float,
+    elongation: float = ELONGATION,
+    contrast: float = 1.6,
+) -> None:
     """Draw nuclei at ``spots`` ((N, 3): x, y, orientation) into the dye maps, in place.
 
     A nucleus replaces what lies under it: its pixels get the ranked dye values
@@ -134,8 +151,9 @@ def paint(rng: np.random.Generator, hema: np.ndarray, eos: np.ndarray, spots: np
     _scatter_into(hema, eos, rows, cols, inside, value)
 
 
-def _ranked_values(score: np.ndarray, inside: np.ndarray, by_radius: np.ndarray, k: np.ndarray,
-                   density: float, contrast: float) -> np.ndarray:
+def _ranked_values(
+    score: np.ndarray, inside: np.ndarray, by_radius: np.ndarray, k: np.ndarray, density: float, contrast: float
+) -> np.ndarray:
     """Dye of every box pixel: within each of :data:`SHELLS` radial shells, the shell's pixels ranked by
     ``score`` get the quantiles of :func:`dye_quantiles`.
 

@@ -8,6 +8,7 @@ site's own), adds sensor noise, and the tile is stored at the site's JPEG
 quality. A tile depends only on the spec, its own seed stream and its
 hospital's profile, so tiles can be rendered in any order or in parallel.
 """
+
 from __future__ import annotations
 
 import io

@@ -5,6 +5,7 @@ covers the run's resolved settings (those that differ from the config defaults) 
 ranks, so variants with identical settings share one run and a finished run is found again by its
 hash, whatever variant first produced it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,13 @@ TRAIN = REPO / "train.py"
 PRESETS = {"demo": REPO / "configs" / "demo.toml", "paper": REPO / "configs" / "paper.toml"}
 
 #: Settings every variant starts from: the paper's federated configuration.
-BASE: dict[str, str] = {"--mode": "federated", "--mu": "0.01", "--bn": "average", "--scales": "dual",
-                        "--stain": "macenko"}
+BASE: dict[str, str] = {
+    "--mode": "federated",
+    "--mu": "0.01",
+    "--bn": "average",
+    "--scales": "dual",
+    "--stain": "macenko",
+}
 
 #: (name, group, flags that differ from BASE). Variants whose settings resolve alike share a run.
 VARIANTS: tuple[tuple[str, str, dict[str, str]], ...] = (
@@ -90,8 +96,17 @@ class Run:
 
     def command(self) -> list[str]:
         """The torchrun command line of the run."""
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
-                str(TRAIN), *self.args, "--out", str(self.folder)]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={self.nproc}",
+            str(TRAIN),
+            *self.args,
+            "--out",
+            str(self.folder),
+        ]
 
 
 @dataclass(frozen=True)
@@ -121,14 +136,18 @@ def variants(hospitals: Sequence[str]) -> list[Variant]:
     """The study's variants; ``local-<H>`` for each hospital when train.py can run one alone."""
     table = list(VARIANTS)
     if supports_local_only():
-        local = [(f"local-{h}", "federation", {"--mode": "centralized", "--set": f"data.only_hospital={json.dumps(h)}"})
-                 for h in hospitals]
+        local = [
+            (f"local-{h}", "federation", {"--mode": "centralized", "--set": f"data.only_hospital={json.dumps(h)}"})
+            for h in hospitals
+        ]
         at = [name for name, _, _ in table].index("centralized") + 1
         table[at:at] = local
     else:
         log.info("local-only needs data.only_hospital; skipping the local-<hospital> variants")
-    return [Variant(name, group, tuple(x for pair in {**BASE, **flags}.items() for x in pair))
-            for name, group, flags in table]
+    return [
+        Variant(name, group, tuple(x for pair in {**BASE, **flags}.items() for x in pair))
+        for name, group, flags in table
+    ]
 
 
 def select(available: list[Variant], only: str | None) -> list[Variant]:
@@ -140,13 +159,15 @@ def select(available: list[Variant], only: str | None) -> list[Variant]:
     unknown = [w for w in wanted if w not in known]
     if unknown:
         hint = " (local-only needs data.only_hospital)" if unknown[0].startswith("local-") else ""
-        raise StudyError(f"--only: unknown variant or group {unknown[0]!r}{hint}; choose from: "
-                         f"{', '.join(sorted(known))}")
+        raise StudyError(
+            f"--only: unknown variant or group {unknown[0]!r}{hint}; choose from: {', '.join(sorted(known))}"
+        )
     return [v for v in available if v.name in wanted or v.group in wanted]
 
 
-def train_args(variant: Variant, seed: int, preset: Path, data: str | None, extra: Sequence[str],
-               hospitals: int) -> list[str]:
+def train_args(
+    variant: Variant, seed: int, preset: Path, data: str | None, extra: Sequence[str], hospitals: int
+) -> list[str]:
     """train.py arguments of one job; the variant's flags and the seed come last so that they win."""
     args = ["--config", str(preset)]
     if data:
@@ -217,8 +238,9 @@ def find_folder(root: Path, name: str, seed: int, key: str) -> Path:
     return found[0] if found else root / f"{name}-s{seed}-{key}"
 
 
-def build_plan(chosen: Sequence[Variant], seeds: int, preset: Path, data: str | None,
-               extra: Sequence[str], nproc: int, out: Path) -> Plan:
+def build_plan(
+    chosen: Sequence[Variant], seeds: int, preset: Path, data: str | None, extra: Sequence[str], nproc: int, out: Path
+) -> Plan:
     """Jobs for every chosen variant and seed, with identical settings mapped to one run."""
     runs: dict[str, Run] = {}
     jobs = []
@@ -237,8 +259,10 @@ def build_plan(chosen: Sequence[Variant], seeds: int, preset: Path, data: str | 
 def describe(plan: Plan) -> str:
     """Human-readable plan: each run, its state and the variants it serves."""
     done = sum(run.done for run in plan.runs)
-    head = (f"{len(plan.jobs)} jobs -> {len(plan.runs)} runs ({len(plan.jobs) - len(plan.runs)} shared): "
-            f"{done} done, {len(plan.runs) - done} to run; out {plan.out}")
+    head = (
+        f"{len(plan.jobs)} jobs -> {len(plan.runs)} runs ({len(plan.jobs) - len(plan.runs)} shared): "
+        f"{done} done, {len(plan.runs) - done} to run; out {plan.out}"
+    )
     lines = [head]
     for run in plan.runs:
         state = "done" if run.done else "resume" if (run.folder / "checkpoints").is_dir() else "to run"

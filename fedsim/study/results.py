@@ -4,6 +4,7 @@
 Student t intervals over seeds and paired t-tests of the paper's comparisons,
 ``OUT/results.png`` the same means as a bar chart.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,15 +21,22 @@ from fedsim.study.plan import Plan
 from fedsim.study.stats import Paired, mean_ci, paired_t
 
 #: (key in results.csv, label in results.md and results.png): the metrics summarized over seeds.
-METRICS: tuple[tuple[str, str], ...] = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
-                                       ("qwk", "QWK"), ("grade3_recall", "Grade III recall"))
+METRICS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("qwk", "QWK"),
+    ("grade3_recall", "Grade III recall"),
+)
 
 #: Paired comparisons across seeds: (variant, reference).
-COMPARISONS: tuple[tuple[str, str], ...] = (("fedprox", "centralized"), ("dual", "detail"),
-                                           ("dual", "context"), ("macenko", "none"))
+COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("fedprox", "centralized"),
+    ("dual", "detail"),
+    ("dual", "context"),
+    ("macenko", "none"),
+)
 
-CSV_COLUMNS = ("variant", "group", "seed", "run", "accuracy", "balanced_accuracy", "macro_f1", "qwk",
-               "grade3_recall")
+CSV_COLUMNS = ("variant", "group", "seed", "run", "accuracy", "balanced_accuracy", "macro_f1", "qwk", "grade3_recall")
 
 
 def read_final(folder: Path) -> dict[str, Any]:
@@ -55,8 +63,16 @@ def result_rows(plan: Plan, failed: dict[str, int]) -> list[dict[str, Any]]:
         final = read_final(job.run.folder)
         name = job.run.folder.name
         status = "ok" if final else f"failed (exit {failed[name]})" if name in failed else "missing"
-        rows.append({"variant": job.variant.name, "group": job.variant.group, "seed": job.seed, "run": name,
-                     **metric_values(final), "status": status})
+        rows.append(
+            {
+                "variant": job.variant.name,
+                "group": job.variant.group,
+                "seed": job.seed,
+                "run": name,
+                **metric_values(final),
+                "status": status,
+            }
+        )
     return rows
 
 
@@ -83,8 +99,9 @@ def summarize_results(rows: list[dict[str, Any]], plan: Plan) -> StudyTable:
     for job in plan.jobs:
         group = table.setdefault(job.variant.group, {})
         if job.variant.name not in group:
-            group[job.variant.name] = {key: mean_ci(list(values_of(rows, job.variant.name, key).values()))
-                                       for key, _ in METRICS}
+            group[job.variant.name] = {
+                key: mean_ci(list(values_of(rows, job.variant.name, key).values())) for key, _ in METRICS
+            }
     return table
 
 
@@ -116,8 +133,10 @@ def _fmt_p(p: float) -> str:
 def render_markdown(rows: list[dict[str, Any]], plan: Plan) -> str:
     """results.md: a table per group, then the paired comparisons."""
     ok = sum(row["status"] == "ok" for row in rows)
-    intro = (f"{ok} of {len(rows)} variant-seed results finished ({len(plan.runs)} distinct runs). "
-             "Values: mean over seeds ± half-width of the 95% Student t interval (image level, test split).")
+    intro = (
+        f"{ok} of {len(rows)} variant-seed results finished ({len(plan.runs)} distinct runs). "
+        "Values: mean over seeds ± half-width of the 95% Student t interval (image level, test split)."
+    )
     lines = ["# Study results", "", intro, ""]
     header = ["variant", "n seeds", *(label for _, label in METRICS)]
     for group, table in summarize_results(rows, plan).items():

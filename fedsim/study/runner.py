@@ -3,6 +3,7 @@
 A run's output is appended to its own ``log.txt``; a failed run is reported
 with the last lines of that log and the study goes on with the next one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,18 +49,40 @@ def run_all(plan: Plan, launcher: Callable[[Run], int] | None = None) -> dict[st
     failed: dict[str, int] = {}
     for i, run in enumerate(todo, 1):
         names = ", ".join(sorted({name for name, _ in run.jobs}))
-        log.info("[%d/%d] %s (%s) on %d rank(s); log in %s", i, len(todo), run.folder.name, names, run.nproc,
-                 run.folder / "log.txt")
+        log.info(
+            "[%d/%d] %s (%s) on %d rank(s); log in %s",
+            i,
+            len(todo),
+            run.folder.name,
+            names,
+            run.nproc,
+            run.folder / "log.txt",
+        )
         started = time.monotonic()
         code = launcher(run)
         seconds = time.monotonic() - started
         if code == 0 and run.done:
             accuracy = read_final(run.folder).get("accuracy")
-            log.info("[%d/%d] %s (%s) done in %.0f s, accuracy %s", i, len(todo), run.folder.name, names,
-                     seconds, fmt(accuracy))
+            log.info(
+                "[%d/%d] %s (%s) done in %.0f s, accuracy %s",
+                i,
+                len(todo),
+                run.folder.name,
+                names,
+                seconds,
+                fmt(accuracy),
+            )
             continue
         failed[run.folder.name] = code
-        log.error("[%d/%d] %s (%s) failed with exit code %d after %.0f s%s; last lines of its log:\n%s",
-                  i, len(todo), run.folder.name, names, code, seconds,
-                  "" if code else " without final.json", log_tail(run.folder))
+        log.error(
+            "[%d/%d] %s (%s) failed with exit code %d after %.0f s%s; last lines of its log:\n%s",
+            i,
+            len(todo),
+            run.folder.name,
+            names,
+            code,
+            seconds,
+            "" if code else " without final.json",
+            log_tail(run.folder),
+        )
     return failed

@@ -4,6 +4,7 @@ With a handful of seeds per variant the normal approximation is too narrow;
 the t distribution (from :mod:`scipy.stats`) gives the honest width. scipy is
 imported when a statistic is first computed, so planning a study does not pay for it.
 """
+
 from __future__ import annotations
 
 import math
