@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from data.datasets import SkipReport
+from data.errors import DataError
 from data.files import WriteError, atomic_writer, ensure_free_space, exclusive, storage_error, write_json
 from data.images import BadImage, load_rgb
 from data.patches import NoTissue, PatchSpec, extract_pairs, sample_centres
@@ -42,7 +43,6 @@ from data.records import ImageRecord
 from data.sites import site_profile
 from data.stain import build_normalizer
 from data.tissue import tissue_mask
-from fedsim.errors import DataError
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 5

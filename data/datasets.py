@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from data.errors import DataError
 from data.files import write_atomic
 from data.images import BadImage, is_image_name, probe
 from data.records import (
@@ -29,7 +30,6 @@ from data.records import (
     UNKNOWN,
     ImageRecord,
 )
-from fedsim.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from data.datasets import patient_from_name
+from data.errors import DataError
 from data.files import atomic_writer
 from data.records import MAGNIFICATIONS, SPLITS, UNKNOWN, ImageRecord
-from fedsim.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from fedsim.errors import DataError
+from data.errors import DataError
 
 ImageLike = np.ndarray | torch.Tensor
 

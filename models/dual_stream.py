@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from fedsim.errors import UserError, WeightsError
+from data.errors import UserError, WeightsError
 
 log = logging.getLogger(__name__)
 
