@@ -18,13 +18,11 @@ from data.stain import (
     REINHARD_STD_REF,
     Macenko,
     Reinhard,
-    _masked_percentiles,
-    _percentiles,
-    _search_percentile,
     build_normalizer,
     lab_to_rgb,
     rgb_to_lab,
 )
+from data.stain.percentiles import _masked_percentiles, _percentiles, _search_percentile
 from data.synthetic import StainProfile, render_image
 
 # top-left corners of tissue-rich 224 x 224 crops of the sample (row, column)
