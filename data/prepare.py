@@ -34,7 +34,7 @@ log = logging.getLogger("data.prepare")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The data source, the cache folder and the hospitals, then every data setting the cache depends on.
 
-    Those settings are the config's own (declared with ``prepare=`` in fedsim/config.py), with the
+    Those settings are the config's own (declared with ``prepare=`` in the tables of fedsim/config/), with the
     config's defaults: a cache prepared with the defaults is the one training with the defaults looks for.
     """
     p = argparse.ArgumentParser(description="Build the patch-pair cache of a dataset.")

@@ -299,3 +299,15 @@ def test_save_is_atomic_json(tmp_path, monkeypatch):
     assert synced, "config.json is fsync'd before the rename"
     assert from_dict(json.loads(path.read_text())) == RunConfig()
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_the_package_keeps_every_public_name_of_the_old_module():
+    # fedsim/config.py became the package fedsim/config/; callers import from fedsim.config alone.
+    import fedsim.config
+
+    tables = ["DPConfig", "DataConfig", "ModelConfig", "RunConfig", "SecAggConfig", "SyntheticConfig", "TrainConfig"]
+    loading = ["check_inputs", "field_type", "from_dict", "load_toml", "parse_assignment", "resolve", "save"]
+    bounds = [name for name in fedsim.config.__all__ if name.startswith("MAX_")]
+    assert len(bounds) == 17
+    assert set(fedsim.config.__all__) >= {*tables, *loading, "ConfigError", "SETTINGS", "set_dotted", "setting_of"}
+    assert all(hasattr(fedsim.config, name) for name in fedsim.config.__all__)
