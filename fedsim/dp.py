@@ -1,489 +1,69 @@
-"""Differential privacy: sample-level DP-SGD per hospital, client-level DP-FedAvg, and their accounting.
+"""Differential privacy for fedsim: one import for sample-level DP-SGD, client-level DP-FedAvg and their accounting.
 
-**DP-SGD** (Abadi et al. 2016) protects each *training sample* of a hospital
-(one patch pair) against everything the hospital releases: its local model
-every round, hence the global model. Every step takes a Poisson sample of the
-hospital's patches (each one in with probability q), computes one gradient per
-sample, clips each to L2 norm C over all parameters of the global model, sums
-them, adds N(0, sigma^2 C^2) to every coordinate and divides by the *expected*
-batch size q*n (as Opacus does under Poisson sampling). The result is written
-into the model's flat gradient buffer (:mod:`fedsim.flat`), so Adam, weight
-decay and the FedProx gradient (:func:`fedsim.prox.add_proximal_grad_`) run
-on it unchanged: they are data-independent post-processing.
+This module only re-exports; the code lives in three modules, by what it does:
 
-Per-sample gradients come from one of two engines (``method``, :mod:`fedsim.grad_sample`):
-``"functorch"`` (``torch.func.vmap``) or ``"hooks"`` (per-layer rules driven by tensor hooks:
-Opacus's own ``GradSampleModule`` refuses the in-place ops of timm ResNets), the faster on CPU
-(``bench/bench_dp.py``), hence the default.
+* :mod:`fedsim.accounting`: what the mechanisms spend, with Opacus's RDP or PRV
+  accountants: :func:`epsilon`, :func:`epsilon_of_history`,
+  :func:`noise_for_epsilon`, :func:`steps_per_epoch`, the client-level
+  :func:`client_sample_rate` and :func:`client_epsilon`, and the per-hospital
+  :class:`PrivacyLedger`. It imports neither torch nor (until called) Opacus.
+* :mod:`fedsim.dpsgd`: DP-SGD per hospital (Abadi et al. 2016) on a flat
+  model: :class:`PoissonBatchSampler`, the GroupNorm :func:`dp_backbone` and
+  :func:`check_private_model`, :class:`DPSGD` (clipped per-sample gradients
+  plus Gaussian noise, written into the flat gradient buffer),
+  :func:`per_sample_cross_entropy` and :func:`noise_generator`.
+* :mod:`fedsim.dpfedavg`: client-level DP-FedAvg (McMahan et al., ICLR 2018):
+  :func:`clip_update_` and :func:`add_noise_share_`.
 
-BatchNorm mixes the samples of a batch, so the model must use GroupNorm
-(``models.dual_stream.group_norm``, :func:`dp_backbone`); MixUp mixes samples too and has no
-place under DP. Per-sample augmentation is fine.
-
-**Client-level DP-FedAvg** (McMahan et al., ICLR 2018) protects a whole
-hospital: its update is clipped to norm S (:func:`clip_update_`) and every
-rank adds a share N(0, sigma^2 S^2 / num_ranks) (:func:`add_noise_share_`)
-before the sum, which then carries N(0, sigma^2 S^2).
-
-**Accounting** is Opacus's (RDP or PRV accountants): :func:`epsilon`,
-:func:`noise_for_epsilon`, and a :class:`PrivacyLedger` per hospital that
-records what each round spent and serializes to a plain dict.
+Importing this module loads torch (through :mod:`fedsim.dpsgd`), as it always
+has; code that needs only the accounting imports :mod:`fedsim.accounting`.
+A test that patches a name must patch it in the module that defines it: the
+names here are the same objects, but the code calls its own module's names.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import secrets
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from fedsim.flat import FlatModel, is_batchnorm
-from fedsim.grad_sample import FunctorchEngine, HookEngine
-from models.dual_stream import make_backbone
-
-#: Accountants of Opacus that fedsim offers.
-ACCOUNTANTS = ("rdp", "prv")
-
-#: Added to per-sample norms before dividing, as Opacus does (an all-zero gradient gets factor 1, not NaN).
-_NORM_EPS = 1e-6
-
-
-# ---- accounting ---------------------------------------------------------------------------
-
-History = Sequence[tuple[float, float, int]]
-"""(noise multiplier, sample rate, steps) entries, in order."""
-
-
-def _check_accountant(accountant: str) -> None:
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}; got {accountant!r}")
-
-
-def epsilon_of_history(history: History, delta: float, accountant: str = "rdp") -> float:
-    """epsilon spent by a sequence of Poisson-subsampled Gaussian mechanisms, at ``delta``: one accountant call.
-
-    Entries with no steps are ignored; an empty history spent nothing (0); a step without noise spent
-    everything (inf).
-    """
-    from opacus.accountants import create_accountant
-
-    _check_accountant(accountant)
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1); got {delta}")
-    entries = [(float(s), float(q), int(t)) for s, q, t in history if int(t) > 0 and float(q) > 0]
-    if not entries:
-        return 0.0
-    if any(s <= 0 for s, _, _ in entries):
-        return math.inf
-    acc = create_accountant(mechanism=accountant)
-    acc.history = entries
-    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-        # q = 1 takes a log(0) branch in the PRV code that np.where then discards; RDP warns when the best
-        # order is its largest one (a loose but valid bound at very large epsilon).
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(acc.get_epsilon(delta=delta))
-
-
-def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
-    """epsilon after ``steps`` steps of noise ``noise_multiplier`` at Poisson rate ``sample_rate``, at ``delta``."""
-    return epsilon_of_history([(noise_multiplier, sample_rate, steps)], delta, accountant)
-
-
-def noise_for_epsilon(
-    target_epsilon: float,
-    sample_rate: float,
-    steps: int,
-    delta: float,
-    accountant: str = "rdp",
-    tolerance: float = 0.01,
-) -> float:
-    """The smallest noise multiplier (to ``tolerance`` in epsilon) whose ``steps`` steps spend at most
-    ``target_epsilon``.
-
-    Opacus's ``get_noise_multiplier`` (a bisection): ``epsilon(result, ...) <= target_epsilon`` and within
-    ``tolerance`` of it.
-
-    Raises:
-        ValueError: the target is not positive, or no noise up to Opacus's limit (1e6) reaches it.
-    """
-    from opacus.accountants.utils import get_noise_multiplier
-
-    _check_accountant(accountant)
-    if not target_epsilon > 0:
-        raise ValueError(f"target epsilon must be > 0; got {target_epsilon}")
-    if steps <= 0:
-        raise ValueError(f"steps must be > 0; got {steps}")
-    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=int(steps),
-                accountant=accountant,
-                epsilon_tolerance=tolerance,
-            )
-        )
-
-
-def steps_per_epoch(sample_rate: float) -> int:
-    """Poisson steps that make one epoch in expectation: round(1/q), at least 1."""
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"sample rate must be in (0, 1]; got {sample_rate}")
-    return max(1, round(1 / sample_rate))
-
-
-class PrivacyLedger:
-    """What one hospital (or, at client level, the federation) has spent: (noise, q, steps) per round.
-
-    A hospital is charged only for the steps it took: a round it sat out adds
-    nothing, a straggler's round adds its partial steps. :meth:`state_dict`
-    gives a plain dict (floats, ints, strings; JSON and ``torch.load(...,
-    weights_only=True)`` take it) for checkpoints and resume.
-    """
-
-    def __init__(self, delta: float, accountant: str = "rdp"):
-        _check_accountant(accountant)
-        if not 0 < delta < 1:
-            raise ValueError(f"delta must be in (0, 1); got {delta}")
-        self.delta = float(delta)
-        self.accountant = accountant
-        self.records: list[dict] = []
-        self._cache: tuple[int, float] | None = None
-
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int, round_index: int | None = None) -> None:
-        """Charge ``steps`` steps of noise ``noise_multiplier`` at rate ``sample_rate`` (no-op for 0 steps)."""
-        if steps < 0 or not 0 <= sample_rate <= 1 or noise_multiplier < 0:
-            raise ValueError(f"bad privacy charge: noise {noise_multiplier}, sample rate {sample_rate}, steps {steps}")
-        if steps == 0:
-            return
-        self.records.append(
-            {
-                "round": None if round_index is None else int(round_index),
-                "noise_multiplier": float(noise_multiplier),
-                "sample_rate": float(sample_rate),
-                "steps": int(steps),
-            }
-        )
-        self._cache = None
-
-    @property
-    def steps(self) -> int:
-        """Steps charged so far."""
-        return sum(r["steps"] for r in self.records)
-
-    @property
-    def rounds(self) -> list[int | None]:
-        """The rounds charged, in order."""
-        return [r["round"] for r in self.records]
-
-    def history(self) -> list[tuple[float, float, int]]:
-        """Consecutive records with the same (noise, q) merged: the accountant's history."""
-        merged: list[tuple[float, float, int]] = []
-        for r in self.records:
-            s, q, t = r["noise_multiplier"], r["sample_rate"], r["steps"]
-            if merged and merged[-1][:2] == (s, q):
-                merged[-1] = (s, q, merged[-1][2] + t)
-            else:
-                merged.append((s, q, t))
-        return merged
-
-    def epsilon(self) -> float:
-        """epsilon spent so far at the ledger's delta (computed once per new record)."""
-        if self._cache is None or self._cache[0] != len(self.records):
-            self._cache = (len(self.records), epsilon_of_history(self.history(), self.delta, self.accountant))
-        return self._cache[1]
-
-    def epsilon_if(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """epsilon that charging one more (noise, q, steps) would bring: for a ``max_epsilon`` check before a round."""
-        return epsilon_of_history(
-            [*self.history(), (noise_multiplier, sample_rate, steps)], self.delta, self.accountant
-        )
-
-    def state_dict(self) -> dict:
-        """A plain dict.
-
-        ``{"delta", "accountant", "records": [{"round", "noise_multiplier", "sample_rate", "steps"}]}``.
-        """
-        return {"delta": self.delta, "accountant": self.accountant, "records": [dict(r) for r in self.records]}
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> PrivacyLedger:
-        """The ledger :meth:`state_dict` described."""
-        ledger = cls(state["delta"], state["accountant"])
-        for r in state["records"]:
-            ledger.record(r["noise_multiplier"], r["sample_rate"], r["steps"], r.get("round"))
-        return ledger
-
-
-# ---- Poisson sampling -----------------------------------------------------------------------
-
-
-class PoissonBatchSampler(torch.utils.data.Sampler):
-    """Batches for a DataLoader's ``batch_sampler``: every step includes each index independently with probability q.
-
-    The batch size is Binomial(n, q) (expected q*n), an epoch is ``steps``
-    steps (round(1/q) by default) and a batch may be empty (the DP step then
-    adds noise only). Every draw comes from ``generator``; re-seed it per round
-    from (seed, round, client, purpose). Indices of a batch come in increasing
-    order (sequential reads of the cache).
-
-    Args:
-        indices: The dataset indices to sample from, or n for ``range(n)``.
-        sample_rate: q in (0, 1].
-        generator: A CPU torch generator.
-        steps: Batches per pass (default :func:`steps_per_epoch`).
-    """
-
-    def __init__(
-        self, indices: int | Sequence[int], sample_rate: float, generator: torch.Generator, steps: int | None = None
-    ):
-        self.indices = torch.arange(indices) if isinstance(indices, int) else torch.as_tensor(indices, dtype=torch.long)
-        self.sample_rate = float(sample_rate)
-        self.steps = steps_per_epoch(sample_rate) if steps is None else int(steps)
-        self.generator = generator
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[list[int]]:
-        n = self.indices.numel()
-        for _ in range(self.steps):
-            mask = torch.rand(n, generator=self.generator) < self.sample_rate
-            yield self.indices[mask].tolist()
-
-
-# ---- GroupNorm backbones --------------------------------------------------------------------
-
-
-def dp_backbone(name: str) -> nn.Module:
-    """A timm backbone with GroupNorm instead of BatchNorm, no classifier, average-pooled; random weights."""
-    return make_backbone(name, norm="group")
-
-
-def check_private_model(model: nn.Module) -> None:
-    """Raise ValueError (one line) if per-sample gradients of ``model`` are not well defined (BatchNorm layers)."""
-    names = [n for n, m in model.named_modules() if is_batchnorm(m)]
-    if names:
-        more = ", ..." if len(names) > 3 else ""
-        raise ValueError(
-            f"DP-SGD needs per-sample gradients, but the model has {len(names)} BatchNorm layers "
-            f"({', '.join(names[:3])}{more}), which mix the samples of a batch: build it with GroupNorm"
-        )
-
-
-# ---- DP-SGD on a flat model ---------------------------------------------------------------------
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per sample (no reduction), in float32 at least (logits of a bf16 autocast are upcast)."""
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, reduction="none")
-
-
-def noise_generator(device: torch.device | str, seed: int | None = None) -> torch.Generator:
-    """A generator for DP noise on ``device``; ``seed=None`` draws a fresh secret seed from the OS.
-
-    Noise whose seed is known can be regenerated and subtracted: a seed derived
-    from the run's (public) config gives reproducible runs and no privacy.
-    """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(secrets.randbits(63) if seed is None else int(seed))
-    return gen
-
-
-def _grad_view(flat: FlatModel, param: torch.Tensor) -> torch.Tensor:
-    """The view of ``flat.grad`` at the place of ``param`` in ``flat.data`` (same shape and strides)."""
-    offset = (param.data_ptr() - flat.data.data_ptr()) // param.element_size()
-    if offset < 0 or offset + param.numel() > flat.num_params:
-        raise ValueError("a parameter of the model is not a view of its flat buffer: flatten the model first")
-    return flat.grad.as_strided(param.shape, param.stride(), flat.grad.storage_offset() + offset)
-
-
-METHODS = ("functorch", "hooks")
-
-
-class DPSGD:
-    """Clipped per-sample gradients plus Gaussian noise, written into a flat model's gradient buffer.
-
-    One step: :meth:`backward` once per (physical) batch adds the sum of the
-    clipped per-sample gradients to ``flat.grad``; :meth:`privatize_` then adds
-    N(0, (sigma*C)^2) to every parameter coordinate and divides by the expected
-    batch size. Then add the proximal gradient, step the optimizer and zero the
-    flat gradient as without DP. An empty batch needs no :meth:`backward`.
-
-    Args:
-        model: The model (GroupNorm, no BatchNorm), flattened: its parameters are views of ``flat``.
-        flat: Its :class:`~fedsim.flat.FlatModel`; every parameter is clipped together.
-        max_grad_norm: C, the clipping bound of one sample's gradient (L2 over all parameters).
-        noise_multiplier: sigma; the noise std per coordinate is sigma*C (0 = clipping only, no privacy).
-        expected_batch_size: q*n, what the noisy sum is divided by (not the drawn batch size, which is private).
-        generator: Draws the noise; on the model's device (:func:`noise_generator`).
-        method: ``"hooks"`` (the faster on CPU, bench/bench_dp.py) or ``"functorch"`` (see the module's documentation).
-        max_physical_batch: Per-sample gradients of at most this many samples are held at once (memory).
-        loss_fn: Per-sample losses from (logits, labels); cross-entropy by default.
-        amp_dtype: Autocast dtype for the forward pass (bf16 on CUDA), or None.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        flat: FlatModel,
-        max_grad_norm: float,
-        noise_multiplier: float,
-        expected_batch_size: float,
-        generator: torch.Generator,
-        method: str = "hooks",
-        max_physical_batch: int | None = None,
-        loss_fn: LossFn = per_sample_cross_entropy,
-        amp_dtype: torch.dtype | None = None,
-    ):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-        if not max_grad_norm > 0 or noise_multiplier < 0 or not expected_batch_size > 0:
-            raise ValueError(
-                f"need max_grad_norm > 0, noise_multiplier >= 0, expected_batch_size > 0; got "
-                f"{max_grad_norm}, {noise_multiplier}, {expected_batch_size}"
-            )
-        check_private_model(model)
-        named = list(model.named_parameters())
-        if any(not p.requires_grad for _, p in named):
-            raise ValueError("DP-SGD clips and noises every parameter: freeze none")
-        if sum(p.numel() for _, p in named) != flat.num_params:
-            raise ValueError("the model's parameters do not fill its flat buffer: flatten this model")
-        self.model, self.flat = model, flat
-        self.max_grad_norm = float(max_grad_norm)
-        self.noise_multiplier = float(noise_multiplier)
-        self.expected_batch_size = float(expected_batch_size)
-        self.generator = generator
-        self.method = method
-        self.max_physical_batch = max_physical_batch
-        self.amp_dtype = amp_dtype
-        self.params = [p for _, p in named]
-        self.grad_views = [_grad_view(flat, p) for p in self.params]
-        self.steps = 0
-        self.last_norms: torch.Tensor | None = None
-        """Per-sample gradient norms (before clipping) of the last :meth:`backward`: for tests, never to release."""
-        if method == "functorch":
-            self._engine = FunctorchEngine(model, [n for n, _ in named], loss_fn)
-        else:
-            self._engine = HookEngine(model, self.params, loss_fn)
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.flat.device.type, dtype=self.amp_dtype)
-
-    def backward(self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
-        """Add the clipped per-sample gradients of one batch to the flat gradient; return the summed loss (0-d).
-
-        ``inputs`` are the model's positional inputs (for the dual-stream net: context, detail), batch first.
-        """
-        total = torch.zeros((), device=self.flat.device)
-        batch = labels.shape[0]
-        if batch == 0:
-            self.last_norms = torch.zeros(0, device=self.flat.device)
-            return total
-        # In the weights' layout: fedsim's flips leave batches channels-last, and on NCHW weights both engines
-        # ran 10-20% slower on those (bench/bench_dp.py's model, CPU).
-        layout = torch.channels_last if self.flat.channels_last else torch.contiguous_format
-        inputs = tuple(x.contiguous(memory_format=layout) if x.dim() == 4 else x for x in inputs)
-        chunk = self.max_physical_batch or batch
-        norms = []
-        for start in range(0, batch, chunk):
-            part = slice(start, start + chunk)
-            with self._autocast():
-                grads, losses = self._engine(self.params, tuple(x[part] for x in inputs), labels[part])
-            norms.append(self._clip_and_add(grads))
-            total += losses.float().sum()
-        self.last_norms = torch.cat(norms)
-        return total
-
-    @torch.no_grad()
-    def _clip_and_add(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        batch = grads[0].shape[0]
-        norms = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.reshape(batch, -1), dim=1) for g in grads]), dim=0
-        )
-        factor = (self.max_grad_norm / (norms + _NORM_EPS)).clamp_(max=1.0)
-        for g, view in zip(grads, self.grad_views):
-            view.add_(torch.tensordot(factor.to(g.dtype), g, dims=1))
-        return norms
-
-    @torch.no_grad()
-    def privatize_(self) -> None:
-        """Finish a step: ``flat.grad[params] = (clipped sum + N(0, (sigma C)^2 I)) / expected_batch_size``."""
-        grads = self.flat.param_grads
-        if self.noise_multiplier > 0:
-            noise = torch.empty_like(grads).normal_(generator=self.generator)
-            grads.add_(noise, alpha=self.noise_multiplier * self.max_grad_norm)
-        grads.div_(self.expected_batch_size)
-        self.steps += 1
-
-    def close(self) -> None:
-        """Remove the hooks the ``"hooks"`` engine put on the model."""
-        self._engine.close()
-
-
-# ---- client-level DP-FedAvg -------------------------------------------------------------------
-
-
-@torch.no_grad()
-def clip_update_(update: torch.Tensor, max_norm: float) -> float:
-    """Scale a flat update in place to L2 norm at most ``max_norm``; return its norm before clipping.
-
-    That norm is the hospital's own business: under client-level DP it must not be released.
-    """
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0; got {max_norm}")
-    norm = torch.linalg.vector_norm(update.float())
-    update.mul_((max_norm / (norm + _NORM_EPS)).clamp(max=1.0).to(update.dtype))
-    return float(norm)
-
-
-@torch.no_grad()
-def add_noise_share_(
-    tensor: torch.Tensor, noise_multiplier: float, max_norm: float, num_ranks: int, generator: torch.Generator
-) -> None:
-    """Add this rank's share of the noise, N(0, sigma^2 S^2 / num_ranks) per coordinate, in place.
-
-    Every rank of the sum adds one share (a client that sat the round out
-    too), so the sum carries N(0, sigma^2 S^2) and no rank adds all of it.
-    A share alone is sigma/sqrt(num_ranks): the guarantee holds for the sum
-    only, so the contributions must be summed securely (secure aggregation);
-    a plain all-reduce shows partial sums to the ranks it passes through.
-    """
-    if num_ranks < 1 or noise_multiplier < 0 or not max_norm > 0:
-        raise ValueError(f"bad noise share: sigma {noise_multiplier}, S {max_norm}, ranks {num_ranks}")
-    if noise_multiplier == 0:
-        return
-    noise = torch.empty_like(tensor).normal_(generator=generator)
-    tensor.add_(noise, alpha=noise_multiplier * max_norm / math.sqrt(num_ranks))
-
-
-def client_sample_rate(clients_per_round: int, num_hospitals: int) -> float:
-    """q of client-level accounting: hospitals sampled per round over hospitals."""
-    if not 0 < clients_per_round <= num_hospitals:
-        raise ValueError(f"need 0 < clients per round <= hospitals; got {clients_per_round}, {num_hospitals}")
-    return clients_per_round / num_hospitals
-
-
-def client_epsilon(
-    noise_multiplier: float,
-    clients_per_round: int,
-    num_hospitals: int,
-    rounds: int,
-    delta: float,
-    accountant: str = "rdp",
-) -> float:
-    """epsilon of a hospital under DP-FedAvg: the same accountant with q = clients per round / hospitals,
-    steps = rounds."""
-    return epsilon(noise_multiplier, client_sample_rate(clients_per_round, num_hospitals), rounds, delta, accountant)
+from fedsim.accounting import (
+    ACCOUNTANTS,
+    History,
+    PrivacyLedger,
+    client_epsilon,
+    client_sample_rate,
+    epsilon,
+    epsilon_of_history,
+    noise_for_epsilon,
+    steps_per_epoch,
+)
+from fedsim.dpfedavg import add_noise_share_, clip_update_
+from fedsim.dpsgd import (
+    DPSGD,
+    METHODS,
+    LossFn,
+    PoissonBatchSampler,
+    check_private_model,
+    dp_backbone,
+    noise_generator,
+    per_sample_cross_entropy,
+)
+
+__all__ = [
+    "ACCOUNTANTS",
+    "DPSGD",
+    "METHODS",
+    "History",
+    "LossFn",
+    "PoissonBatchSampler",
+    "PrivacyLedger",
+    "add_noise_share_",
+    "check_private_model",
+    "client_epsilon",
+    "client_sample_rate",
+    "clip_update_",
+    "dp_backbone",
+    "epsilon",
+    "epsilon_of_history",
+    "noise_for_epsilon",
+    "noise_generator",
+    "per_sample_cross_entropy",
+    "steps_per_epoch",
+]

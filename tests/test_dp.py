@@ -12,6 +12,9 @@ import copy
 import io
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,6 +139,24 @@ def test_client_level_accounting_is_the_same_accountant_over_rounds():
     assert dp.client_epsilon(1.2, 10, 100, 50, 1e-3) == dp.epsilon(1.2, 0.1, 50, 1e-3)
     with pytest.raises(ValueError):
         dp.client_sample_rate(4, 3)
+
+
+def test_dp_re_exports_the_split_modules_and_accounting_loads_neither_torch_nor_opacus():
+    # fedsim.dp stays the one import of the privacy code; its names are the objects the modules define.
+    import fedsim.accounting
+    import fedsim.dpfedavg
+    import fedsim.dpsgd
+
+    modules = (fedsim.accounting, fedsim.dpsgd, fedsim.dpfedavg)
+    assert sorted(dp.__all__) == sorted(n for m in modules for n in m.__all__)
+    for module in modules:
+        for name in module.__all__:
+            assert getattr(dp, name) is getattr(module, name)
+    # A fresh interpreter (this one has torch loaded): reading a ledger or an epsilon needs neither.
+    code = "import sys, fedsim.accounting; print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # ---- models ---------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -548,3 +551,22 @@ def test_format_report_shows_metrics_and_classes() -> None:
     assert "n/a" in report
     # confusion matrix row for Grade II: 1 6 1
     assert any(line.split()[-3:] == ["1", "6", "1"] for line in lines if "Grade II" in line)
+
+
+def test_metrics_re_exports_the_split_modules_and_loads_no_torch() -> None:
+    # fedsim.metrics is the one import of evaluation code; its names are the objects the modules define.
+    import fedsim.bootstrap
+    import fedsim.metrics
+    import fedsim.scores
+    import fedsim.summaries
+
+    modules = (fedsim.scores, fedsim.bootstrap, fedsim.summaries)
+    assert sorted(fedsim.metrics.__all__) == sorted(n for m in modules for n in m.__all__)
+    for module in modules:
+        for name in module.__all__:
+            assert getattr(fedsim.metrics, name) is getattr(module, name)
+    # A fresh interpreter: this one has torch loaded by conftest. Reports must be readable without torch.
+    code = "import sys, fedsim.metrics; print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
