@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from data.cache import CachedPairs, CacheSpec, build_hospital, build_split, split_specs
-from data.datasets import SkipReport, load_records
+from data.discovery import load_records
 from data.patches import PatchSpec
 from data.records import ImageRecord
+from data.report import SkipReport
 from data.synthetic import SyntheticSpec, generate
 
 WRITERS = 3
@@ -143,3 +144,26 @@ def test_patches_do_not_depend_on_where_the_dataset_lies(tmp_path):
         arrays.append(CachedPairs([folder]).arrays()[0])
     for context, detail in arrays[1:]:
         assert np.array_equal(context, arrays[0][0]) and np.array_equal(detail, arrays[0][1])
+
+
+def test_the_cache_package_holds_the_names_of_the_old_module():
+    # data/cache.py became the package data/cache/; `from data.cache import ...` names what it named
+    import data.cache as cache
+
+    assert sorted(cache.__all__) == sorted(
+        [
+            "CACHE_VERSION",
+            "DIGEST_BLOCK",
+            "CacheSpec",
+            "CachedPairs",
+            "CorruptCache",
+            "build_hospital",
+            "build_split",
+            "collate_batch",
+            "default_cache_root",
+            "fitted_normalizer",
+            "split_folder",
+            "split_specs",
+        ]
+    )
+    assert all(hasattr(cache, name) for name in cache.__all__)

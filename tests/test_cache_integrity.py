@@ -16,12 +16,15 @@ import pytest
 from PIL import Image
 
 import data.cache as cache
+import data.cache.build as cache_build
+import data.cache.integrity as integrity
 import data.files as files
 from data.cache import CachedPairs, CacheSpec, build_split
-from data.datasets import SkipReport, load_records
+from data.discovery import load_records
 from data.files import WriteError
 from data.patches import PatchSpec
 from data.records import ImageRecord
+from data.report import SkipReport
 from data.synthetic import SyntheticSpec, generate
 
 SPEC = SyntheticSpec(num_hospitals=1, patients_per_grade=1, images_per_patient=1, image_size=128)
@@ -43,7 +46,7 @@ def new_process(monkeypatch):
     """Forget which entries this process has checked, as a fresh run would."""
 
     def forget():
-        monkeypatch.setattr(cache, "_VERIFIED", {}, raising=False)
+        monkeypatch.setattr(integrity, "_VERIFIED", {})
 
     return forget
 
@@ -59,7 +62,9 @@ def _temporary_or_done(root: Path) -> list[str]:
 def test_entry_is_a_plain_npy_of_the_pairs_and_the_same_at_every_build(records, tmp_path):
     # Prepare: the pairs of every image, cut as the cache cuts them
     normalizer = cache.fitted_normalizer(PATCHES.stain, PATCHES.stain_reference)
-    pairs = [p for p in (cache._image_pairs(r, PATCHES, normalizer, SkipReport()) for r in records) if p is not None]
+    pairs = [
+        p for p in (cache_build._image_pairs(r, PATCHES, normalizer, SkipReport()) for r in records) if p is not None
+    ]
     expected = [np.concatenate([p[i] for p in pairs]) for i in (0, 1)]
     # Execute
     first, second = _build(records, tmp_path / "one"), _build(records, tmp_path / "two")
@@ -119,7 +124,7 @@ def test_damaged_entry_is_named_and_rebuilt(records, tmp_path, new_process, capl
         assert (folder / name).read_bytes() == (fresh / name).read_bytes()
     assert (folder / "patches.json").read_bytes() == (fresh / "patches.json").read_bytes()
     new_process()
-    assert cache._fault(folder) is None
+    assert integrity.entry_fault(folder) is None
     assert _temporary_or_done(tmp_path / "cache") == [f"{folder.name}/DONE"]
 
 
@@ -144,7 +149,7 @@ def test_corrupt_entry_that_cannot_be_rebuilt_is_one_line(records, tmp_path, new
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(cache, "exclusive", ReadOnly)
+    monkeypatch.setattr(cache_build, "exclusive", ReadOnly)
     with pytest.raises(
         cache.CorruptCache,
         match=r"^cache entry .* is corrupt \(context\.npy differs .*\) and cannot "
@@ -158,8 +163,8 @@ def test_entry_is_checked_once_per_process_and_never_in_workers(records, tmp_pat
     folder = _build(records, tmp_path / "cache")
     new_process()
     reads = []
-    check = cache._check_contents
-    monkeypatch.setattr(cache, "_check_contents", lambda *a: reads.append(a[0].name) or check(*a))
+    check = integrity._check_contents
+    monkeypatch.setattr(integrity, "_check_contents", lambda *a: reads.append(a[0].name) or check(*a))
     # Execute: the run opens it three times (build_split, its split's dataset, a union)
     _build(records, tmp_path / "cache")
     dataset = CachedPairs([folder])
@@ -238,7 +243,7 @@ def test_disk_filling_up_midway_is_one_line_and_leaves_nothing(records, tmp_path
 def test_interrupted_build_leaves_nothing(records, tmp_path, monkeypatch):
     # Prepare: Ctrl-C on the second image
     calls = []
-    pairs = cache._image_pairs
+    pairs = cache_build._image_pairs
 
     def interrupted(*args):
         calls.append(1)
@@ -246,7 +251,7 @@ def test_interrupted_build_leaves_nothing(records, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return pairs(*args)
 
-    monkeypatch.setattr(cache, "_image_pairs", interrupted)
+    monkeypatch.setattr(cache_build, "_image_pairs", interrupted)
     # Execute / Assert
     with pytest.raises(KeyboardInterrupt):
         _build(records, tmp_path / "cache")

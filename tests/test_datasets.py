@@ -1,4 +1,4 @@
-"""Tests of image decoding, folder scanning and manifests (data/images.py, data/datasets.py)."""
+"""Tests of image decoding, folder scanning and manifests (data/images.py, data/discovery/, data/report.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import HE_SAMPLE
-from data.datasets import (
-    SkipReport,
+from data.discovery import (
     grade_from_folder,
     load_records,
     magnification_from_name,
@@ -24,6 +23,7 @@ from data.datasets import (
 )
 from data.images import IMAGE_SUFFIXES, BadImage, is_image_name, load_rgb, probe
 from data.records import EXTRA_CLASS_NAMES, GRADE_NAMES, UNKNOWN
+from data.report import SkipReport
 
 _CROPS: list[np.ndarray] = []
 
@@ -579,3 +579,25 @@ def test_load_records_dispatch(tmp_path: Path) -> None:
         load_records(tmp_path / "empty")
     with pytest.raises(ValueError, match="expected a data folder or a .csv"):
         load_records(tmp_path / "imgs" / "a.jpg")
+
+
+def test_the_old_module_data_datasets_still_holds_every_name():
+    # The names data/datasets.py defined before discovery moved to data/discovery/ and SkipReport to data/report.py
+    import data.datasets as old
+    import data.discovery as discovery
+    import data.report as report
+
+    moved = [
+        "ALL_CLASS_NAMES",
+        "grade_from_folder",
+        "load_records",
+        "magnification_from_name",
+        "patient_from_name",
+        "read_manifest",
+        "resolve_classes",
+        "scan_tree",
+        "verify_records",
+    ]
+    assert all(getattr(old, name) is getattr(discovery, name) for name in moved)
+    assert old.SkipReport is report.SkipReport and old.WITHHELD_REASON is report.WITHHELD_REASON
+    assert sorted(old.__all__) == sorted([*moved, "SkipReport", "WITHHELD_REASON"])

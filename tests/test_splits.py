@@ -1,4 +1,4 @@
-"""Tests of patient-level splits and hospital partitions (data/splits.py)."""
+"""Tests of patient-level splits and hospital partitions (data/splits.py, data/partition.py, data/cohort.py)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from data.datasets import load_records
+from data.cohort import apportion, hospital_names, patient_grades
+from data.discovery import load_records
+from data.partition import partition, resolve_partition
 from data.records import GRADE_NAMES, MAGNIFICATIONS, SPLITS, ImageRecord
-from data.splits import (
-    apportion,
-    count_table,
-    hospital_names,
-    missing_splits,
-    partition,
-    patient_grades,
-    read_splits_csv,
-    resolve_partition,
-    split_by_patient,
-    write_splits_csv,
-)
+from data.splits import count_table, missing_splits, read_splits_csv, split_by_patient, write_splits_csv
 
 
 def _cohort(patients_per_grade: int = 20, seed: int = 1) -> list[ImageRecord]:
@@ -113,12 +104,12 @@ def test_split_respects_given_column(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_split_falls_back_without_patients(caplog: pytest.LogCaptureFixture) -> None:
     records = [r.with_(patient="") for r in _cohort(4)]
-    with caplog.at_level(logging.WARNING, logger="data.splits"):
+    with caplog.at_level(logging.WARNING, logger="data.cohort"):
         out = split_by_patient(records)
     assert "treated as its own patient" in caplog.text
     assert len({r.patient for r in out}) == len(records)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="data.splits"):
+    with caplog.at_level(logging.WARNING, logger="data.cohort"):
         out = split_by_patient(records, patient_regex=r"(G\dP\d+)_")
     assert "own patient" not in caplog.text
     assert len({r.patient for r in out}) == 12
@@ -314,7 +305,7 @@ def test_partition_dirichlet_skews_labels() -> None:
 
 
 def test_partition_dirichlet_fills_every_hospital(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="data.splits"):
+    with caplog.at_level(logging.INFO, logger="data.partition"):
         out = partition(_split_cohort(8), 8, "dirichlet", alpha=0.01, seed=0)
     assert "moving some" in caplog.text  # three grades cannot fill eight hospitals by chance
     trained = _patients_by([r for r in out if r.split == "train"], "hospital")
@@ -387,8 +378,21 @@ def test_write_splits_csv_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def broken_fsync(fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("data.splits.os.fsync", broken_fsync)
+    monkeypatch.setattr("data.files.os.fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         write_splits_csv(records, path, GRADE_NAMES)
     assert path.read_text() == "previous run\n"
     assert [p.name for p in tmp_path.iterdir()] == ["splits.csv"]
+
+
+def test_the_names_that_moved_out_of_data_splits_are_still_there():
+    # Partitions moved to data/partition.py and the shared bookkeeping to data/cohort.py; old imports keep working
+    import data.cohort as cohort
+    import data.partition as partitions
+    import data.splits as splits
+
+    for name in ("apportion", "hospital_names", "natural_key", "patient_grades", "with_patients"):
+        assert getattr(splits, name) is getattr(cohort, name)
+    for name in ("PARTITION_METHODS", "partition", "resolve_partition"):
+        assert getattr(splits, name) is getattr(partitions, name)
+    assert all(hasattr(splits, name) for name in splits.__all__)
