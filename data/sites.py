@@ -7,7 +7,9 @@ built by cutting one pooled dataset (CRC-HGD has no hospital column) into
 hospitals has label skew at most, not this feature shift. A
 :class:`SiteProfile` imitates one lab and is applied to every image of its
 hospital before tissue masking, stain normalization and caching, so the
-simulated hospitals see the same tissue through different labs.
+simulated hospitals see the same tissue through different labs. Its stain
+part is a :class:`data.labs.LabStain`, the same model of a lab's dyes the
+synthetic renderer uses.
 
 An image is changed in the order a slide is made and read:
 
@@ -42,11 +44,21 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from data.files import write_atomic
+from data.labs import STANDARD_EOSIN, STANDARD_HAEMATOXYLIN, LabStain, rotate_vector, stain_basis, unit_vector
 from data.limits import MAX_SITE_SHIFT
 
-#: Ruifrok & Johnston (2001) optical-density vectors of haematoxylin and eosin.
-STANDARD_HAEMATOXYLIN = (0.65, 0.70, 0.29)
-STANDARD_EOSIN = (0.07, 0.99, 0.11)
+# The standard stain vectors and their helpers belong to data.labs; data.benchmark and callers import them from here.
+__all__ = [
+    "STANDARD_EOSIN",
+    "STANDARD_HAEMATOXYLIN",
+    "SiteProfile",
+    "rotate_vector",
+    "site_profile",
+    "stain_basis",
+    "unit_vector",
+    "write_site_profiles",
+]
+
 _SITE_STREAM = 21  # random-stream tag of site profiles (the generator uses 11-13)
 
 # Ranges at strength 1 (each scales linearly with strength).
@@ -57,53 +69,20 @@ _MAX_BLUR_SIGMA = 1.0  # pixels
 _JPEG_BEST, _JPEG_DROP = 95, 35  # quality 95 minus up to 35
 
 
-def unit_vector(vector: Sequence[float]) -> tuple[float, float, float]:
-    """``vector`` scaled to length 1."""
-    v = np.asarray(vector, dtype=np.float64)
-    return tuple(float(x) for x in v / np.linalg.norm(v))
-
-
-def rotate_vector(vector: Sequence[float], degrees: float, rng: np.random.Generator) -> tuple[float, float, float]:
-    """``vector`` turned by ``degrees`` towards a random direction, kept positive and unit.
-
-    Optical densities cannot be negative, so directions that would push a
-    component below 0.02 (eosin's red and blue are small) are redrawn.
-    """
-    v = np.asarray(unit_vector(vector))
-    angle = math.radians(degrees)
-    for _ in range(100):
-        w = rng.standard_normal(3)
-        w -= w.dot(v) * v
-        turned = v * math.cos(angle) + w / np.linalg.norm(w) * math.sin(angle)
-        if turned.min() >= 0.02:
-            return unit_vector(turned)
-    return unit_vector(v)  # no admissible direction: keep the vector as it is
-
-
-def stain_basis(haematoxylin: Sequence[float], eosin: Sequence[float]) -> np.ndarray:
-    """Rows: unit haematoxylin, unit eosin and their unit cross product (the residual), float64 (3, 3)."""
-    h, e = np.asarray(unit_vector(haematoxylin)), np.asarray(unit_vector(eosin))
-    return np.stack([h, e, np.asarray(unit_vector(np.cross(h, e)))])
-
-
 @dataclass(frozen=True)
-class SiteProfile:
+class SiteProfile(LabStain):
     """How one simulated lab changes an image (see the module docstring).
 
+    The lab's stain (``haematoxylin``, ``eosin``, ``h_gain``, ``e_gain`` and
+    ``stain_transform``) is a :class:`data.labs.LabStain`; the fields below are
+    the microscope and scanner.
+
     Attributes:
-        haematoxylin: The lab's unit haematoxylin OD vector (R, G, B).
-        eosin: The lab's unit eosin OD vector.
-        h_gain: Multiplier on haematoxylin amounts.
-        e_gain: Multiplier on eosin amounts.
         brightness: Multiplier on transmitted light.
         blur_sigma: Gaussian blur, pixels; 0 is none.
         jpeg_quality: JPEG re-encoding quality (1-95); 0 is none.
     """
 
-    haematoxylin: tuple[float, float, float] = unit_vector(STANDARD_HAEMATOXYLIN)
-    eosin: tuple[float, float, float] = unit_vector(STANDARD_EOSIN)
-    h_gain: float = 1.0
-    e_gain: float = 1.0
     brightness: float = 1.0
     blur_sigma: float = 0.0
     jpeg_quality: int = 0
@@ -142,16 +121,6 @@ class SiteProfile:
         """True when ``apply`` returns its input unchanged."""
         return self == SiteProfile()
 
-    def stain_transform(self) -> np.ndarray:
-        """(3, 3) matrix T with ``OD_lab = OD @ T`` for row-vector ODs (standard stains -> this lab's)."""
-        standard = stain_basis(STANDARD_HAEMATOXYLIN, STANDARD_EOSIN)
-        lab = stain_basis(self.haematoxylin, self.eosin)
-        lab[0] *= self.h_gain
-        lab[1] *= self.e_gain
-        lab[2] = standard[2]  # what neither stain explains stays as it was
-        # OD = C @ standard for row vectors of amounts C, so C = OD @ inv(standard) and OD_lab = C @ lab
-        return np.linalg.inv(standard) @ lab
-
     def apply(self, rgb: np.ndarray) -> np.ndarray:
         """This lab's version of a uint8 HxWx3 image (a new array; the input is not modified)."""
         arr = np.asarray(rgb)
@@ -176,8 +145,7 @@ class SiteProfile:
 
     def describe(self) -> str:
         """One line for logs."""
-        turn_h = _angle(self.haematoxylin, STANDARD_HAEMATOXYLIN)
-        turn_e = _angle(self.eosin, STANDARD_EOSIN)
+        turn_h, turn_e = self.turns()
         return (
             f"H turned {turn_h:.1f} deg x{self.h_gain:.2f}, E turned {turn_e:.1f} deg x{self.e_gain:.2f}, "
             f"light x{self.brightness:.2f}, blur {self.blur_sigma:.2f} px, "
@@ -201,12 +169,6 @@ def write_site_profiles(path: str | Path, hospitals: Sequence[str], seed: int, s
     document = {"site_shift": strength, "seed": seed, "hospitals": {h: p.to_dict() for h, p in profiles.items()}}
     write_atomic(path, json.dumps(document, indent=2) + "\n")
     return [f"  {h}: {p.describe()}" for h, p in profiles.items()]
-
-
-def _angle(a: Sequence[float], b: Sequence[float]) -> float:
-    """Angle in degrees between two vectors."""
-    cos = float(np.clip(np.dot(unit_vector(a), unit_vector(b)), -1.0, 1.0))
-    return math.degrees(math.acos(cos))
 
 
 def _jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 
 from data.cache import CachedPairs, CacheSpec, build_split
 from data.datasets import SkipReport
+from data.labs import LabStain
 from data.patches import PatchSpec
 from data.records import ImageRecord
 from data.sites import STANDARD_EOSIN, STANDARD_HAEMATOXYLIN, SiteProfile, stain_basis, unit_vector
@@ -125,6 +127,27 @@ def test_bad_input_and_strength():
             SiteProfile.for_hospital(0, "H1", bad)
     strongest = SiteProfile.for_hospital(0, "H1", 4.0)  # the largest allowed strength still works
     assert 1 <= strongest.jpeg_quality <= 95 and strongest.h_gain > 0
+
+
+def test_sites_and_the_synthetic_renderer_share_one_lab_stain_model():
+    from data.synthetic import StainProfile
+
+    lab_fields = [f.name for f in fields(LabStain)]
+    assert lab_fields == ["haematoxylin", "eosin", "h_gain", "e_gain"]
+    for profile in (SiteProfile.for_hospital(0, "H2", 1.0), StainProfile.for_hospital(0, 1)):
+        assert isinstance(profile, LabStain)
+        assert [f.name for f in fields(profile)][:4] == lab_fields
+        stain = LabStain(*(getattr(profile, name) for name in lab_fields))
+        assert stain.turns() == profile.turns() and stain.turns()[0] > 0.5
+        np.testing.assert_array_equal(stain.stain_transform(), profile.stain_transform())
+    synthetic = StainProfile.for_hospital(3, 2)
+    assert (synthetic.h_strength, synthetic.e_strength) == (synthetic.h_gain, synthetic.e_gain)
+    # Standard H&E is the default of every profile, and re-staining with it changes nothing.
+    assert LabStain() == LabStain(*(getattr(SiteProfile(), name) for name in lab_fields))
+    assert LabStain().haematoxylin == StainProfile().haematoxylin == unit_vector(STANDARD_HAEMATOXYLIN)
+    np.testing.assert_allclose(LabStain().stain_transform(), np.eye(3), atol=1e-12)
+    # site_profiles.json keeps its keys, in their order.
+    assert list(SiteProfile().to_dict()) == [*lab_fields, "brightness", "blur_sigma", "jpeg_quality"]
 
 
 def _pooled_records(root: Path, crops: list[np.ndarray]) -> list[ImageRecord]:

@@ -1,4 +1,4 @@
-"""Tests of the synthetic CRC-HGD generator (data/synthetic.py)."""
+"""Tests of the synthetic CRC-HGD generator (the data.synthetic package)."""
 
 from __future__ import annotations
 
@@ -398,6 +398,14 @@ def test_spec_accepts_a_list_of_magnifications() -> None:
     spec = SyntheticSpec(magnifications=["10x", "40x"])
     assert spec.magnifications == ("10x", "40x")
     assert hash(spec) == hash(SyntheticSpec(magnifications=("10x", "40x")))
+
+
+def test_the_package_keeps_the_names_callers_import() -> None:
+    import data.synthetic as synthetic
+
+    assert all(hasattr(synthetic, name) for name in synthetic.__all__)
+    # data.benchmark draws with these primitives of the renderer.
+    assert all(callable(getattr(synthetic, name)) for name in ("_fibres", "_noise", "_scatter", "_harmonic_edge"))
 
 
 def test_render_image_checks_its_arguments() -> None:
