@@ -1,43 +1,22 @@
-"""The federation engine: clients hosted by ranks, local training, ONE all-reduce per round.
-
-The engine knows models, datasets and process groups, not files or grades: a
-client is a name, a sample count, something to train on and a state that
-persists between rounds. A rank hosts one or more clients (hospital ``i`` of
-``N`` lives on rank ``i mod W``). Each round a rank trains its participating
-clients one after another, each from the global model, and accumulates their
-sample-weighted models into one buffer; then one all-reduce gives every rank
-the weighted mean, and every rank applies the same server step
-(:mod:`fedsim.strategies`). With SCAFFOLD the clients' control-variate updates
-ride in the same all-reduce.
-
-The figures of a client's update, with ``w_g`` the round's global weights,
-``w_k`` the client's after local training and ``w_new`` the aggregate:
-``drift`` = ||w_k - w_g||, ``rel_drift`` = drift / ||w_g||, ``divergence`` =
-||w_k - w_new||, ``cosine`` = cos(w_k - w_g, w_new - w_g) and
-``global_update_norm`` = ||w_new - w_g||. A diverging client shows a drift
-that grows round over round while the others settle, a low or negative
-cosine, and a growing divergence.
-
-Every draw depends on (seed, round, client index, purpose) alone: the
-participants of a round, a client's drop-out or straggling, its data order and
-augmentation are the same whatever the number of ranks.
-"""
+"""The engine's round: train this rank's participants from the global model, accumulate their weighted models,
+ONE all-reduce, the server step, and the figures of every client's update (see :mod:`fedsim.engine`)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from fedsim.client import LossFn, StepSettings, make_optimizer, train_epoch
+from fedsim.engine.clients import Client, ClientId, ClientOutcome, EngineSettings, participants
+from fedsim.engine.snapshot import Snapshot
+from fedsim.engine.state import ClientStateStore, to_device
 from fedsim.flat import FlatModel
 from fedsim.privacy import Privacy
 from fedsim.prox import proximal_value
@@ -45,96 +24,6 @@ from fedsim.seeding import derive_seed, generator
 from fedsim.strategies import ServerOptimizer
 
 log = logging.getLogger(__name__)
-#: Per-client updates are kept for the post-aggregation figures (cosine, divergence) at this many coordinates at
-#: most: every k-th one of a larger model (an estimate, said in the README); all of them for smaller ones.
-SKETCH_SIZE = 1 << 22
-#: Elements per chunk of the passes over the weights (1 MiB of float32): large enough to amortise a call, small
-#: enough that the chunk is still in a core's cache when it is read again.
-_PASS = 1 << 18
-#: Stride of the spot check that the model still equals the refreshed snapshot (17k values of the dual ResNetRS50).
-_SPOT = 4099
-
-
-def hosted_by(rank: int, world_size: int, num_clients: int) -> list[int]:
-    """The clients rank ``rank`` hosts: ``rank, rank + W, rank + 2W, ...`` (by index, so it needs no data)."""
-    if num_clients < world_size:
-        raise ValueError(f"{num_clients} hospital(s) cannot fill {world_size} ranks: every rank hosts at least one")
-    return list(range(rank, num_clients, world_size))
-
-
-def participants(seed: int, round_index: int, num_clients: int, per_round: int) -> list[int]:
-    """The clients of a round: all (``per_round`` 0 or >= N), else ``per_round`` drawn from (seed, round) alone."""
-    if per_round <= 0 or per_round >= num_clients:
-        return list(range(num_clients))
-    rng = np.random.default_rng(derive_seed(seed, round_index, 0, "participants"))
-    return sorted(int(i) for i in rng.choice(num_clients, size=per_round, replace=False))
-
-
-@dataclass(frozen=True)
-class Faults:
-    """Drop-out and straggling of participants (seeded per client and round), and the clients they apply to."""
-
-    dropout: float = 0.0
-    straggler: float = 0.0
-    only: tuple[str, ...] = ()
-
-    def draw(self, seed: int, round_index: int, client: Client, local_epochs: int) -> tuple[str, int]:
-        """(status, epochs): ``dropped`` with 0 epochs, ``straggler`` with 1..E-1, else ``trained`` with E."""
-        if self.only and client.name not in self.only:
-            return "trained", local_epochs
-        chance = np.random.default_rng(derive_seed(seed, round_index, client.index, "participation"))
-        dropped, straggles = chance.random() < self.dropout, chance.random() < self.straggler
-        if dropped:
-            return "dropped", 0
-        if straggles and local_epochs > 1:
-            return "straggler", int(chance.integers(1, local_epochs))
-        return "trained", local_epochs
-
-
-@dataclass
-class Client:
-    """One client (hospital): its training data, its sample count and what it keeps between rounds.
-
-    Attributes:
-        loader: Re-iterable batches of its training data (a DataLoader).
-        reseed: Called with a seed before each round's epochs (reseeds the loader's sampler), or None.
-        state: Tensors that persist between rounds: FedBN's local tensors, a persistent optimizer's
-            state, SCAFFOLD's control variate; on the host (pinned) unless the engine keeps them on the device.
-    """
-
-    index: int
-    name: str
-    num_samples: int
-    loader: Iterable
-    reseed: Callable[[int], None] | None = None
-    state: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """How the engine trains and aggregates (the run config's train section, resolved)."""
-
-    seed: int = 0
-    local_epochs: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    mu: float = 0.0
-    local_optimizer: str = "adam"
-    clients_per_round: int = 0
-    client_optimizer: str = "fresh"
-    client_state_device: str = "cpu"
-    algorithm: str = "fedavg"
-    faults: Faults = Faults()
-
-
-@dataclass
-class ClientOutcome:
-    """One client's round: its figures (scalars only) and its sampled update for the post-aggregation figures."""
-
-    figures: dict[str, Any]
-    sketch: torch.Tensor | None = None
-    norm2: float = 0.0
-    steps: int = 0
 
 
 class Engine:
@@ -168,15 +57,12 @@ class Engine:
         self.server = server or ServerOptimizer()
         self.loss_fn, self.show_progress = loss_fn, show_progress
         self.privacy = privacy
-        self._refreshed: tuple[int, ...] | None = None  # model version when the snapshot was last refreshed
-        self._before_refresh: Callable[[], None] | None = None
+        self.snapshot = Snapshot(model, flat)
+        self.store = ClientStateStore(flat, self.snapshot.int_buffers, settings.client_state_device)
         self.num_clients = len(counts)
         self.control: torch.Tensor | None = None  # SCAFFOLD's server control variate c
         if settings.algorithm == "scaffold":
             self.control = torch.zeros_like(flat.global_params)
-        self.stride = max(1, math.ceil(flat.global_params.numel() / SKETCH_SIZE))
-        # Integer buffers (BatchNorm's num_batches_tracked) live outside the flat buffer: restored per client too.
-        self._int_buffers = [b for b in model.buffers() if not b.is_floating_point()]
         self.timings: dict[str, float] = {}
         self.dealt, self.rank, self.world_size = False, 0, 1
         self._chosen_now: set[int] = set()
@@ -223,8 +109,9 @@ class Engine:
         self._chosen_now = chosen
         plans = self._plans(r, chosen)
         weights = self._weights(plans)
-        self._before_refresh = before_refresh
-        start = self._snapshot()  # the global model, with this rank's last local tensors
+        self.snapshot.before_refresh = before_refresh
+        start = self.snapshot.take()  # the global model, with this rank's last local tensors
+        self._dirty = False
         start_global = start[flat.global_slice]
         anchor_norm = 0.0  # ||w_g||, computed with the post-aggregation pass (rel_drift is filled in then)
         mine = self._mine(sorted(chosen))
@@ -258,7 +145,7 @@ class Engine:
                     buffer[: flat.reduced.numel()].add_(flat.reduced, alpha=weight)
                     if self.control is not None:
                         buffer[flat.reduced.numel() :].add_(self._control_delta(client, start_global, outcome))
-            self._save_client_state(client)
+            self.store.save(client)
         clock.lap("local_training")  # a rank whose clients all sit the round out sends zeros
         if before_aggregation is not None:
             before_aggregation()
@@ -269,7 +156,7 @@ class Engine:
                 dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             total = self._finish_aggregation(buffer, start, in_place)
         clock.lap("aggregation")
-        self._release_snapshot()
+        self.snapshot.release()
         clock.lap("checkpoint")
         self._post_aggregation(outcomes, start_global, total)
         if self.privacy is not None:
@@ -285,7 +172,7 @@ class Engine:
         """(status, epochs) of each participant: drop-out and straggling drawn from the seed, and (DP-SGD with
         a budget) ``budget spent`` for a hospital whose next round would pass it."""
         s = self.settings
-        plans = {i: s.faults.draw(s.seed, r, _Named(i, self.names[i]), s.local_epochs) for i in chosen}
+        plans = {i: s.faults.draw(s.seed, r, ClientId(i, self.names[i]), s.local_epochs) for i in chosen}
         if self.privacy is not None:
             for i, (_, epochs) in plans.items():
                 if self.privacy.budget_spent(i, epochs):
@@ -320,13 +207,6 @@ class Engine:
 
     # ---- a client's local work ------------------------------------------------------------
 
-    def _restore(self, start: torch.Tensor) -> None:
-        """The round's global model back into the model: the flat buffer and the integer buffers."""
-        with torch.no_grad():
-            self.flat.data.copy_(start)
-            for buf, value in zip(self._int_buffers, self._start_ints):
-                buf.copy_(value)
-
     def _train_client(
         self,
         r: int,
@@ -342,9 +222,9 @@ class Engine:
     ) -> tuple[ClientOutcome, float]:
         s, flat = self.settings, self.flat
         if self._dirty:  # an earlier client of this round changed the model
-            self._restore(start)
+            self.snapshot.restore()
         self._dirty = True
-        self._load_client_state(client)
+        self.store.load(client)
         figures: dict[str, Any] = {
             "hospital": client.name,
             "num_samples": client.num_samples,
@@ -358,7 +238,7 @@ class Engine:
         anchor = start[flat.global_slice] if s.mu > 0 else None
         optimizer = make_optimizer(self.model, s.lr, s.weight_decay, s.local_optimizer)
         if s.client_optimizer == "persistent" and "optimizer" in client.state:
-            optimizer.load_state_dict(_to_device(client.state["optimizer"], flat.device))
+            optimizer.load_state_dict(to_device(client.state["optimizer"], flat.device))
         correction = None
         if self.control is not None:
             own = client.state.get("control")
@@ -410,8 +290,8 @@ class Engine:
         if not finite:
             # A diverged client restarts from the global model and sits this round out; its BatchNorm statistics
             # went non-finite with its weights (a forward pass in train mode), so everything is restored.
-            self._restore(start)
-            self._load_client_state(client)
+            self.snapshot.restore()
+            self.store.load(client)
             log.warning(
                 "%s: local update is not finite (loss %s): contributing weight 0 this round",
                 client.name,
@@ -429,7 +309,7 @@ class Engine:
         outcome.steps = steps
         clock.lap("diagnostics")
         if s.client_optimizer == "persistent":
-            client.state["optimizer"] = self._keep(optimizer.state_dict())
+            client.state["optimizer"] = self.store.keep(optimizer.state_dict())
         return outcome, weight
 
     def _measure_update(
@@ -439,114 +319,10 @@ class Engine:
         with ``scale``, the parameters multiplied by it in the same pass (the client's aggregation weight)."""
         flat = self.flat
         with torch.no_grad():
-            layer, sketch = self._update_pass(flat.global_params, start_global, scale=scale)
+            layer, sketch = self.snapshot.update_pass(flat.global_params, start_global, scale=scale)
         norm2 = sum(layer)
         figures.update(drift=math.sqrt(norm2), layer_drift=[math.sqrt(v) for v in layer])
         return ClientOutcome(figures, sketch, norm2)
-
-    # ---- buffers reused every round: no model-sized allocation (and its page faults) per round --------
-
-    def _snapshot(self) -> torch.Tensor:
-        """The model's flat buffer copied into a buffer kept for the run; the integer buffers beside it.
-
-        The last round's post-aggregation pass already copied the global parameters there; if nothing wrote
-        to them since, only the rest (buffers, local tensors, scratch: small) is copied. "Nothing wrote":
-        torch's version counters of the parameters and of the buffer (bumped by every in-place write, the
-        optimizer's and ``load_state_dict``'s included) are unchanged, and a strided sample still matches
-        (writes through ``.data`` bypass the counters)."""
-        flat = self.flat
-        if getattr(self, "_start", None) is None:
-            self._start = torch.empty_like(flat.data)
-            self._scratch = torch.empty(min(_PASS, flat.data.numel()), dtype=flat.data.dtype, device=flat.device)
-            self._pieces = _chunk_pieces(flat, _PASS)
-            self._layers = flat.layer_slices(global_only=True)
-        with torch.no_grad():
-            if self._refreshed == self._model_version() and self._sample_matches():
-                first, stop = flat.global_slice.start, flat.global_slice.stop
-                self._start[:first].copy_(flat.data[:first])
-                self._start[stop:].copy_(flat.data[stop:])
-            else:
-                self._release_snapshot()
-                self._start.copy_(flat.data)
-        self._start_ints = [b.clone() for b in self._int_buffers]
-        self._dirty = False
-        return self._start
-
-    def _update_pass(
-        self,
-        weights: torch.Tensor,
-        start: torch.Tensor,
-        layers: bool = True,
-        start_norm: bool = False,
-        scale: float | None = None,
-        refresh: bool = False,
-    ):
-        """One chunked pass over ``weights - start``: the squared norm of each parameter tensor (or, with
-        ``layers`` False, of the whole) and the strided sample of it (every ``stride``-th coordinate); with
-        ``start_norm`` also ||start||², from the chunk still in cache. Chunk sums are float32, added in float64.
-
-        While each chunk is in cache: ``scale`` multiplies ``weights`` by it afterwards; ``refresh`` copies
-        ``weights`` into ``start`` afterwards (the next round's snapshot)."""
-        sums = [0.0] * (len(self._layers) if layers else 1)
-        start_sum = 0.0
-        sketch = torch.empty(len(range(0, weights.numel(), self.stride)), dtype=weights.dtype, device=weights.device)
-        for lo, hi, pieces in self._pieces:
-            part = torch.sub(weights[lo:hi], start[lo:hi], out=self._scratch[: hi - lo])
-            first = -lo % self.stride
-            taken = part[first :: self.stride]
-            at = (lo + first) // self.stride
-            sketch[at : at + taken.numel()].copy_(taken)
-            if layers:  # dot products read the chunk once; squaring it first would write it once more
-                for a, b, layer in pieces:
-                    piece = part[a:b]
-                    sums[layer] += float(torch.dot(piece, piece))
-            else:
-                sums[0] += float(torch.dot(part, part))
-            if start_norm:
-                start_sum += float(torch.dot(start[lo:hi], start[lo:hi]))
-            if scale is not None:
-                weights[lo:hi].mul_(scale)
-            if refresh:
-                start[lo:hi].copy_(weights[lo:hi])
-        return (sums, sketch, start_sum) if start_norm else (sums, sketch)
-
-    def _release_snapshot(self) -> None:
-        """Before the snapshot's global region is overwritten: let readers of :meth:`state_views` finish."""
-        if self._before_refresh is not None:
-            self._before_refresh()
-
-    def state_views(self) -> dict[str, torch.Tensor] | None:
-        """The model's state dict with the global parameters as views of the snapshot the last round's
-        post-aggregation pass wrote (no copy of them), the rest copied; None if that snapshot is not the model
-        now (before the first round, or after a write to the model) or lives on a GPU (it must be copied to
-        the host anyway). The views hold until the next round calls ``before_refresh``: a checkpoint written
-        from them must be on disk by then."""
-        if self.flat.device.type != "cpu" or self._refreshed != self._model_version() or not self._sample_matches():
-            return None
-        flat, base, size = self.flat.data, self.flat.data.data_ptr(), self.flat.data.element_size()
-        g = self.flat.global_slice
-        out = {}
-        for key, value in self.model.state_dict().items():
-            offset = (value.data_ptr() - base) // size
-            inside = (
-                value.dtype == flat.dtype
-                and g.start <= offset
-                and offset + value.numel() <= g.stop
-                and value.data_ptr() >= base
-            )
-            out[key] = (
-                self._start.as_strided(value.shape, value.stride(), offset)
-                if inside
-                else value.detach().to("cpu", copy=True)
-            )
-        return out
-
-    def _model_version(self) -> tuple[int, ...]:
-        return (self.flat.data._version, *(p._version for p in self.model.parameters()))
-
-    def _sample_matches(self) -> bool:
-        g = self.flat.global_slice
-        return bool(torch.equal(self.flat.data[g][::_SPOT], self._start[g][::_SPOT]))
 
     def _all_finite(self, params_checked: bool = False) -> bool:
         """No NaN or Inf anywhere in the model: a sum is finite iff every value is (sums of finite float32
@@ -566,7 +342,7 @@ class Engine:
         with torch.no_grad():
             new = (start_global - self.flat.global_params).div_(steps * self.settings.lr).add_(own).sub_(self.control)
             delta = new - own
-        client.state["control"] = self._keep(new)
+        client.state["control"] = self.store.keep(new)
         return delta
 
     # ---- aggregation ----------------------------------------------------------------------
@@ -604,10 +380,9 @@ class Engine:
         flat = self.flat
         weights = flat.global_params
         with torch.no_grad():
-            (g_norm2,), update, w_norm2 = self._update_pass(
+            (g_norm2,), update, w_norm2 = self.snapshot.update_pass(
                 weights, start_global, layers=False, start_norm=True, refresh=True
             )
-        self._refreshed = self._model_version()
         anchor_norm = math.sqrt(w_norm2)
         g_norm = math.sqrt(g_norm2)
         for outcome in outcomes.values():
@@ -626,45 +401,13 @@ class Engine:
 
     # ---- client state ---------------------------------------------------------------------
 
-    def _keep(self, value: Any) -> Any:
-        """A copy of tensors for the client's state store: pinned host memory, or the device."""
-        if isinstance(value, torch.Tensor):
-            if self.settings.client_state_device == "device":
-                return value.detach().clone()
-            out = torch.empty(
-                value.shape, dtype=value.dtype, pin_memory=torch.cuda.is_available() and value.device.type == "cuda"
-            )
-            return out.copy_(value.detach())
-        if isinstance(value, dict):
-            return {k: self._keep(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._keep(v) for v in value)
-        return value
-
-    def _save_client_state(self, client: Client) -> None:
-        if self.flat.local_bn:
-            client.state["local"] = self._keep(local_tensors(self.flat))
-            if self._int_buffers:
-                client.state["local_counts"] = self._keep(torch.stack([b.reshape(()) for b in self._int_buffers]))
-
-    def _load_client_state(self, client: Client) -> None:
-        if self.flat.local_bn and "local" in client.state:
-            set_local_tensors(self.flat, client.state["local"])
-            if "local_counts" in client.state:
-                self._load_local_counts(client.state["local_counts"])
-
-    def _load_local_counts(self, counts: torch.Tensor) -> None:
-        """FedBN: the client's own BatchNorm counters (the shared ones are the aggregate's, set from the flat
-        buffer's scratch)."""
-        shared = {id(b) for b in self.flat._int_buffers}
-        with torch.no_grad():
-            for buf, value in zip(self._int_buffers, counts.tolist()):
-                if id(buf) not in shared:
-                    buf.fill_(int(value))
-
     def load_client(self, client: Client) -> None:
         """Put the global model together with a client's own tensors (FedBN) into the model, for evaluation."""
-        self._load_client_state(client)
+        self.store.load(client)
+
+    def state_views(self) -> dict[str, torch.Tensor] | None:
+        """The model's state without copying the global parameters (see :meth:`Snapshot.state_views`)."""
+        return self.snapshot.state_views()
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -686,12 +429,6 @@ class Engine:
             self.privacy.load_state_dict(state["privacy"])
 
 
-@dataclass(frozen=True)
-class _Named:
-    index: int
-    name: str = ""
-
-
 class _Clock:
     """Seconds spent per phase of a round (``lap`` charges the time since the last lap)."""
 
@@ -703,42 +440,3 @@ class _Clock:
         now = time.perf_counter()
         self.laps[phase] = self.laps.get(phase, 0.0) + now - self._last
         self._last = now
-
-
-def _chunk_pieces(flat: FlatModel, chunk: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
-    """The global parameters cut into chunks, each with the pieces of parameter tensors it holds:
-    ``(lo, hi, [(start, end, layer number), ...])``, piece bounds relative to the chunk."""
-    layers = flat.layer_slices(global_only=True)
-    total = flat.global_params.numel()
-    chunks = []
-    for lo in range(0, total, chunk):
-        hi = min(lo + chunk, total)
-        pieces = [(max(a, lo) - lo, min(b, hi) - lo, k) for k, (_, a, b) in enumerate(layers) if a < hi and b > lo]
-        chunks.append((lo, hi, pieces))
-    return chunks
-
-
-def local_tensors(flat: FlatModel) -> torch.Tensor:
-    """The tensors a client keeps for itself (FedBN's BatchNorm weights and statistics), as one vector."""
-    head = flat.data[: flat.global_slice.start]
-    tail = flat.data[flat.global_slice.start + flat.reduced.numel() :]
-    return torch.cat([head, tail])
-
-
-def set_local_tensors(flat: FlatModel, values: torch.Tensor) -> None:
-    head = flat.global_slice.start
-    tail_start = head + flat.reduced.numel()
-    with torch.no_grad():
-        values = values.to(flat.device)
-        flat.data[:head].copy_(values[:head])
-        flat.data[tail_start:].copy_(values[head:])
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
