@@ -64,7 +64,7 @@ def _checkpoint(model, engine, folder: Path, writer, r: int) -> None:
 
 def _timing_rank(rank: int, world: int, port: int, args, queue) -> None:
     from fedsim import checkpoint, fedavg
-    from fedsim.federation import _checksum
+    from fedsim.records import weights_checksum
 
     model, flat, engine = _setup(rank, world, port, args, 1, [])
     raw = torch.ones(flat.reduced.numel())
@@ -75,7 +75,7 @@ def _timing_rank(rank: int, world: int, port: int, args, queue) -> None:
     def engine_round() -> None:
         r = next(counter)
         engine.round(r, before_refresh=writer.wait)
-        _checksum(flat.reduced)
+        weights_checksum(flat.reduced)
         if rank == 0:
             _checkpoint(model, engine, folder, writer, r)
 

@@ -208,3 +208,34 @@ class BackgroundWriter:
             error, self._error = self._error, None
             raise error
         return time.perf_counter() - began
+
+
+class HostCopy:
+    """The model's state dict copied once into a host buffer kept for the run (views of it), so a round's
+    checkpoint costs one copy and no allocation; the previous checkpoint's write must have finished. On CPU the
+    engine's snapshot of the round already is such a copy of the global parameters: no pass at all."""
+
+    def __init__(self) -> None:
+        self._saved: torch.Tensor | None = None
+
+    def __call__(self, model: torch.nn.Module, flat, engine=None) -> dict[str, torch.Tensor]:
+        """Views of the copy, keyed like ``model.state_dict()``; ``flat`` is the model's FlatModel and
+        ``engine`` the federation engine whose snapshot may serve instead (or None)."""
+        views = engine.state_views() if engine is not None else None
+        if views is not None:
+            return views
+        data = flat.data
+        if self._saved is None:
+            self._saved = torch.empty(data.shape, dtype=data.dtype, device="cpu")
+        self._saved.copy_(data)
+        base, size = data.data_ptr(), data.element_size()
+        out = {}
+        for key, value in model.state_dict().items():
+            offset = (value.data_ptr() - base) // size
+            inside = value.device == data.device and value.dtype == data.dtype and 0 <= offset < data.numel()
+            out[key] = (
+                self._saved.as_strided(value.shape, value.stride(), offset)
+                if inside
+                else value.detach().to("cpu", copy=True)
+            )
+        return out

@@ -10,25 +10,23 @@ Only weights and counts cross ranks; images, labels and paths never do.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler
+from torch.utils.data import DataLoader
 
 from data.cache import CachedPairs, collate_batch
 from fedsim import checkpoint, plots
 from fedsim.aggregate import allreduce_mean_, fedavg
-from fedsim.client import StepSettings, make_optimizer, predict, train_epoch
+from fedsim.assembly import build_engine, pooled_client, step_settings
+from fedsim.client import make_optimizer, predict, train_epoch
 from fedsim.config import ConfigError, RunConfig
 from fedsim.datasetup import (
     DataPlan,
     HospitalData,
-    device_normalizer,
     plan_data,
     write_data_report,
     write_hospital_report,
@@ -36,20 +34,17 @@ from fedsim.datasetup import (
 )
 from fedsim.dist import (
     DistInfo,
-    HungRanks,
     broadcast_object,
     broadcast_weights,
     gather_figures,
-    share_figures,
-    wait_for_all,
 )
-from fedsim.engine import Client, Engine, EngineSettings, Faults
+from fedsim.engine import Client
 from fedsim.evaluate import final_report, image_level, summaries
+from fedsim.faults import FaultDrills
 from fedsim.flat import flatten
 from fedsim.logger import RunLogger, format_round, write_json
-from fedsim.privacy import Privacy
+from fedsim.records import global_figures, round_seconds, weights_checksum
 from fedsim.seeding import derive_seed, generator
-from fedsim.strategies import ServerOptimizer
 from models import build_model
 
 log = logging.getLogger(__name__)
@@ -62,7 +57,7 @@ class Federation:
         self.cfg, self.info = cfg, info
         self.out = Path(cfg.out)
         self.plan: DataPlan = plan_data(cfg, info, self.out)
-        self.settings = _step_settings(cfg, info)
+        self.settings = step_settings(cfg, info)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(
             cfg.model.backbone,
@@ -79,10 +74,15 @@ class Federation:
         self.forward_model = torch.compile(model) if cfg.train.compile else model
         self._eval_loaders: dict[str, DataLoader] = {}
         self.federated = cfg.train.mode == "federated"
-        self.engine = self._build_engine() if self.federated else None
-        self.pooled = None if self.federated else self._pooled_client()
+        self.engine = build_engine(cfg, info, self.plan, model, self.flat, self.settings) if self.federated else None
+        if self.engine is not None:
+            self.engine.forward = self.forward_model
+        self.pooled = None if self.federated else pooled_client(cfg, info, self.plan)
+        mine = [h.name for h in self.plan.mine] if self.federated else []
+        self.drills = FaultDrills(cfg, self.out, self.flat, self.plan.hospitals, mine, info.world_size)
         self.logger = RunLogger(self.out, enabled=info.is_main)
         self.writer = checkpoint.BackgroundWriter()
+        self._host_copy = checkpoint.HostCopy()
         self.start_round = self._maybe_resume()
         if info.is_main:  # only now: a refused resume leaves the old run's files as they were
             checkpoint.remove_stale_temporaries(self.out)  # writes that died with an earlier attempt
@@ -95,102 +95,6 @@ class Federation:
         self._report_data()
 
     # ---- set-up -------------------------------------------------------------------------
-
-    def _loader(self, dataset, indices=None, batches=None) -> tuple[DataLoader, torch.Generator]:
-        """A loader for the whole run (persistent workers) whose sampler is re-seeded every round.
-
-        ``batches``: a batch sampler made from the generator (DP-SGD's Poisson batches) instead of shuffling.
-        """
-        shuffle = torch.Generator()
-        workers = self.cfg.data.num_workers
-        common = {
-            "collate_fn": collate_batch,
-            "num_workers": workers,
-            "pin_memory": self.info.device.type == "cuda",
-            "persistent_workers": workers > 0,
-        }
-        if batches is not None:
-            return DataLoader(dataset, batch_sampler=batches(shuffle), **common), shuffle
-        sampler = (
-            RandomSampler(dataset, generator=shuffle)
-            if indices is None
-            else SubsetRandomSampler(indices.tolist(), generator=shuffle)
-        )
-        return DataLoader(dataset, batch_size=self.cfg.train.batch_size, sampler=sampler, **common), shuffle
-
-    def _build_engine(self) -> Engine:
-        t = self.cfg.train
-        # Sample counts decide the aggregation weights, so every rank learns every hospital's (a count, no data).
-        mine = {h.name: len(h.dataset("train")) for h in self.plan.mine}
-        counts = {name: n for g in share_figures(mine) for name, n in g.items()}
-        ordered = [counts[h] for h in self.plan.hospitals]
-        self.privacy = None
-        if t.dp.enabled or t.secure_aggregation:
-            self.privacy = Privacy(
-                t.dp,
-                t.secure_aggregation,
-                t.secagg,
-                ordered,
-                t.batch_size,
-                t.local_epochs,
-                t.rounds,
-                t.clients_per_round,
-                t.seed,
-                self.info.device,
-                self.info.world_size,
-            )
-            if self.info.is_main:
-                log.info(self.privacy.describe())
-        clients = []
-        for hospital in self.plan.mine:
-            sampler = (
-                (lambda gen, i=hospital.index: self.privacy.batch_sampler(i, gen))
-                if self.privacy is not None and self.privacy.level == "sample"
-                else None
-            )
-            loader, shuffle = self._loader(hospital.dataset("train"), batches=sampler)
-            clients.append(
-                Client(hospital.index, hospital.name, mine[hospital.name], loader, reseed=shuffle.manual_seed)
-            )
-        settings = EngineSettings(
-            seed=t.seed,
-            local_epochs=t.local_epochs,
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            mu=t.mu,
-            local_optimizer=t.local_optimizer,
-            clients_per_round=t.clients_per_round,
-            client_optimizer=t.client_optimizer,
-            client_state_device=t.client_state_device,
-            algorithm=t.algorithm,
-            faults=Faults(t.dropout, t.straggler, tuple(t.faulty_hospitals)),
-        )
-        server = ServerOptimizer(
-            t.server_optimizer, t.server_lr, t.server_momentum, tuple(t.server_betas), t.server_tau
-        )
-        engine = Engine(
-            self.model,
-            self.flat,
-            clients,
-            self.plan.hospitals,
-            ordered,
-            settings,
-            self.settings,
-            server,
-            show_progress=self.info.is_main,
-            privacy=self.privacy,
-        )
-        engine.forward = self.forward_model
-        return engine
-
-    def _pooled_client(self) -> Client:
-        """Centralized mode: this rank's equal shard of the pooled training data (every step all-reduces
-        gradients, so every rank must take the same number of steps)."""
-        union = CachedPairs(self.plan.all_train_folders)
-        usable = len(union) // self.info.world_size * self.info.world_size
-        shard = np.arange(self.info.rank, usable, self.info.world_size)
-        loader, shuffle = self._loader(union, shard)
-        return Client(self.info.rank, "pooled", len(shard), loader, reseed=shuffle.manual_seed)
 
     def _maybe_resume(self) -> int:
         """Continue after the newest usable checkpoint of this config, if the run directory has one.
@@ -258,23 +162,37 @@ class Federation:
         self.finish()
 
     def round(self, r: int) -> None:
-        """One communication round: local work and aggregation, validation, figures, commit."""
+        """One communication round, step by step: local work and aggregation, validation of the global model,
+        the figures gathered on rank 0, the round's record and events, then its commit (the checkpoint).
+
+        The checkpoint is the round's commit point: its metrics line and events are written first, and a rerun
+        drops whatever was logged past the last checkpoint (RunLogger.start), so a crash anywhere in this
+        sequence leaves exactly one line and one event step per committed round."""
         started = time.perf_counter()
         clients, timings = self._federated_work(r) if self.federated else self._centralized_work(r)
         began = time.perf_counter()
         validated, matrices = self._validate_global(clients)
         timings["validation"] = timings.get("validation", 0.0) + time.perf_counter() - began
-        self._gather_and_log(r, validated, matrices, timings, started)
+        gathered = self._gather(validated, matrices)
+        if not self.info.is_main:
+            return
+        # The previous round's checkpoint, written while this one ran (the engine may have waited for it already).
+        timings["checkpoint"] = timings.get("checkpoint", 0.0) + self.writer.wait()
+        record = self._record(r, gathered, timings, started)
+        self.logger.log_round(record)
+        self._write_events(r, record, gathered)
+        self._commit(r)
+        log.info(format_round(record))
 
     def _federated_work(self, r: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
         outcomes = self.engine.round(
             r,
             validate=lambda c: self._validate(self._hospital(c.name))["accuracy"],
-            after_epoch=lambda c, rr: self._simulate_faults(c.name, rr),
-            before_aggregation=lambda: self._wait_for_clients(r),
+            after_epoch=lambda c, rr: self.drills.after_epoch(c.name, rr),
+            before_aggregation=lambda: self.drills.wait_for_clients(r),
             before_refresh=self._wait_for_checkpoint,
         )
-        checksum = _checksum(self.flat.reduced)
+        checksum = weights_checksum(self.flat.reduced)
         clients = [
             {
                 **o.figures,
@@ -325,7 +243,7 @@ class Federation:
             )
         seconds = {"local_training": time.perf_counter() - began}
         began = time.perf_counter()
-        self._wait_for_clients(r)
+        self.drills.wait_for_clients(r)
         # The weights agree already (averaged gradients); the BatchNorm statistics of the shards are averaged here.
         fedavg(self.model, client.num_samples if result.finite else 0)
         seconds["aggregation"] = time.perf_counter() - began
@@ -340,59 +258,13 @@ class Federation:
             "train_loss": result.loss if result.finite else None,
             "prox": 0.0,
             "drift": drift,
-            "weights_checksum": _checksum(self.flat.reduced),
+            "weights_checksum": weights_checksum(self.flat.reduced),
             "layer_drift": [],
         }
         return [{**figures, "hospital": h.name} for h in self.plan.mine], seconds
 
     def _hospital(self, name: str) -> HospitalData:
         return next(h for h in self.plan.mine if h.name == name)
-
-    def _wait_for_clients(self, r: int) -> None:
-        """Meet every rank before aggregating; a hung one ends the run with its hospitals named, not a hang."""
-        try:
-            wait_for_all(self.cfg.train.timeout_s, f"round {r + 1} aggregation")
-        except HungRanks as err:
-            hosted = [i for k in err.ranks for i in range(k, len(self.plan.hospitals), self.info.world_size)]
-            names = [self.plan.hospitals[i] for i in hosted] if self.federated else []
-            who = f"hospital(s) {', '.join(names)} " if names else ""
-            hint = "" if err.crashed else " (raise train.timeout_s if local training is that slow)"
-            raise HungRanks(err.ranks, f"{who}{err}{hint}", err.crashed) from None
-
-    def _simulate_faults(self, name: str, r: int) -> None:
-        """The fault simulations of the config for one hospital (a diverging client, a hang, a crash)."""
-        cfg = self.cfg.train
-        if name in cfg.simulate_nan:
-            with torch.no_grad():
-                self.flat.params.fill_(float("nan"))
-        if cfg.simulate_hang == f"{name}:{r + 1}":
-            log.warning("simulated hang: hospital %s stops responding in round %d", name, r + 1)
-            time.sleep(10**7)
-        self._simulate_crash(r, "training", name)
-
-    def _simulate_crash(self, r: int, point: str, name: str | None = None) -> None:
-        """train.simulate_crash = "HOSPITAL:ROUND[:POINT]": SIGKILL this process there, once per run directory.
-
-        POINT is ``training`` (the default: in the middle of local training),
-        ``before-checkpoint`` (the round's metrics and events written, its
-        checkpoint not), ``checkpoint`` (the checkpoint written but not yet
-        renamed into place) or ``after-checkpoint``; the last three concern
-        rank 0, the writer of the run files.
-        """
-        parts = self.cfg.train.simulate_crash.split(":")
-        names = [name] if name else [h.name for h in self.plan.mine] if self.federated else []
-        if len(parts) < 2 or parts[0] not in names or parts[1] != str(r + 1):
-            return
-        where = parts[2] if len(parts) > 2 else "training"
-        marker = self.out / (f".crashed-{parts[0]}-round{r + 1}" + ("" if where == "training" else f"-{where}"))
-        if where != point or marker.exists():
-            return
-        marker.touch()
-        if point == "checkpoint":  # checkpoint.save_atomic kills the process once the file is written
-            checkpoint.CRASH_DURING.add(str(checkpoint.round_path(self.out / "checkpoints", r)))
-            return
-        log.warning("simulated crash: killing this process (SIGKILL) in round %d (%s)", r + 1, point)
-        os.kill(os.getpid(), signal.SIGKILL)
 
     # ---- evaluation and logging ----------------------------------------------------------
 
@@ -429,31 +301,28 @@ class Federation:
             matrices.append(val["confusion_matrix"])
         return out, matrices
 
-    def _gather_and_log(
-        self, r: int, clients: list[dict[str, Any]], matrices: list, timings: dict[str, float], started: float
-    ) -> None:
+    def _gather(self, clients: list[dict[str, Any]], matrices: list) -> list[dict[str, Any]]:
+        """Every rank's client rows, layer drifts and validation confusion matrices, on rank 0 (empty elsewhere).
+        Confusion-matrix counts are summary figures: no image or per-sample value leaves the hospital."""
         layer_drift = [c.pop("layer_drift", []) for c in clients]
-        # Confusion-matrix counts are summary figures: no image or per-sample value leaves the hospital.
-        gathered = gather_figures({"clients": clients, "layer_drift": layer_drift, "val_cm": matrices})
-        if not self.info.is_main:
-            return
+        return gather_figures({"clients": clients, "layer_drift": layer_drift, "val_cm": matrices})
+
+    def _record(self, r: int, gathered: list[dict[str, Any]], timings: dict[str, float], started: float) -> dict:
+        """The round's record: every client's row in hospital order, the global figures, the time by phase."""
         all_clients = sorted(
             (c for g in gathered for c in g["clients"]), key=lambda c: self.plan.hospitals.index(c["hospital"])
         )
-        # The round's checkpoint is its commit point: its metrics line and events are written first, and a
-        # rerun drops whatever was logged past the last checkpoint (RunLogger.start), so a crash anywhere
-        # in this sequence leaves exactly one line and one event step per committed round.
-        # The previous round's checkpoint, written while this one ran (the engine may have waited for it already).
-        timings["checkpoint"] = timings.get("checkpoint", 0.0) + self.writer.wait()
-        record = {
+        return {
             "round": r,
             "rounds": self.cfg.train.rounds,
             "mode": self.cfg.train.mode,
             "clients": all_clients,
-            "global": _global_figures(all_clients),
-            "seconds": _seconds(timings, started),
+            "global": global_figures(all_clients),
+            "seconds": round_seconds(timings, started),
         }
-        self.logger.log_round(record)
+
+    def _write_events(self, r: int, record: dict, gathered: list[dict[str, Any]]) -> None:
+        """The round's TensorBoard events: learning rate, pooled confusion matrix, layer drift, epsilon."""
         self.logger.scalar("global/lr", self.cfg.train.lr, r)
         pooled = [np.asarray(m) for g in gathered for m in g["val_cm"] if m is not None]
         if pooled:
@@ -462,25 +331,28 @@ class Federation:
             for c, drift in zip(g["clients"], g["layer_drift"]):
                 if drift:
                     self.logger.histogram(f"client/{c['hospital']}/layer_drift", np.asarray(drift), r)
-        for c in all_clients:
+        for c in record["clients"]:
             if "epsilon" in c:
                 self.logger.scalar(f"client/{c['hospital']}/epsilon", c["epsilon"], r)
         self.logger.flush()
-        self._simulate_crash(r, "before-checkpoint")
-        self._simulate_crash(r, "checkpoint")
-        state = self._state(r)  # the round's weights, copied once; written while the next round trains
+
+    def _commit(self, r: int) -> None:
+        """The round's checkpoint: its weights copied once, written in the background while the next round
+        trains (the writer finishes one write before it starts the next, and before the run reports)."""
+        self.drills.crash(r, "before-checkpoint")
+        self.drills.crash(r, "checkpoint")
+        state = self._state(r)
 
         def commit() -> None:
             checkpoint.save_round(state, self.out, r, self.cfg.train.keep_checkpoints)
-            self._simulate_crash(r, "after-checkpoint")
+            self.drills.crash(r, "after-checkpoint")
 
         self.writer.submit(commit)
-        log.info(format_round(record))
 
     def _state(self, r: int) -> dict[str, Any]:
         """What a checkpoint holds: the global model, the server's state, the run's identity (round -1: initial)."""
         state = {
-            "model": self._weights_copy(),
+            "model": self._host_copy(self.model, self.flat, self.engine),
             "round": r,
             "config": self.cfg.to_dict(),
             "config_digest": self.cfg.digest(),
@@ -490,29 +362,6 @@ class Federation:
         if self.engine is not None:
             state["engine"] = self.engine.state_dict()
         return state
-
-    def _weights_copy(self) -> dict[str, torch.Tensor]:
-        """The model's state dict copied once into a host buffer kept for the run (views of it), so a round's
-        checkpoint costs one copy and no allocation; the previous checkpoint's write has finished. On CPU the
-        engine's snapshot of the round already is such a copy of the global parameters: no pass at all."""
-        views = self.engine.state_views() if self.engine is not None else None
-        if views is not None:
-            return views
-        flat = self.flat.data
-        if getattr(self, "_saved", None) is None:
-            self._saved = torch.empty(flat.shape, dtype=flat.dtype, device="cpu")
-        self._saved.copy_(flat)
-        base, size = flat.data_ptr(), flat.element_size()
-        out = {}
-        for key, value in self.model.state_dict().items():
-            offset = (value.data_ptr() - base) // size
-            inside = value.device == flat.device and value.dtype == flat.dtype and 0 <= offset < flat.numel()
-            out[key] = (
-                self._saved.as_strided(value.shape, value.stride(), offset)
-                if inside
-                else value.detach().to("cpu", copy=True)
-            )
-        return out
 
     def _save_client_states(self, r: int, clients: list[Client]) -> None:
         """Each hospital's own state (FedBN tensors, optimizer, control variate), kept by the rank hosting it.
@@ -529,23 +378,17 @@ class Federation:
 
     def _explain(self, hospital: HospitalData, dataset: CachedPairs) -> None:
         """Grad-CAM panels of the final model on this hospital's own test images (they never leave it)."""
-        per_grade = self.cfg.train.xai_per_grade
-        if per_grade <= 0:
-            return
-        from torch.utils.tensorboard import SummaryWriter
+        if self.cfg.train.xai_per_grade > 0:
+            from fedsim.xai import write_hospital_overlays
 
-        from fedsim.xai import write_overlays
-
-        # Each hospital writes its own events file: images stay where they were made.
-        with SummaryWriter(str(self.out / "tb" / f"xai-{hospital.name}")) as writer:
-            write_overlays(
+            write_hospital_overlays(
                 self.model,
                 dataset,
-                self.out / "xai" / hospital.name,
+                self.out,
+                hospital.name,
                 self.plan.class_names,
                 self.info.device,
-                per_grade=per_grade,
-                writer=writer,
+                per_grade=self.cfg.train.xai_per_grade,
                 step=self.cfg.train.rounds,
                 normalizer=self.settings.normalizer,
             )
@@ -603,57 +446,3 @@ class Federation:
                 ),
             )
         self.logger.close()
-
-
-def _step_settings(cfg: RunConfig, info: DistInfo) -> StepSettings:
-    cuda = info.device.type == "cuda"
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if cuda else "fp32"
-    if cfg.train.compile and not cuda:
-        log.info("torch.compile on CPU: expect a long first step")
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed patch sizes: autotuned convolutions pay off at once
-    return StepSettings(
-        device=info.device,
-        amp_dtype=torch.bfloat16 if precision == "bf16" else None,
-        channels_last=cuda,
-        mu=cfg.train.mu,
-        mixup_alpha=cfg.train.mixup_alpha,
-        augment=cfg.data.augment,
-        grad_accum=cfg.train.grad_accum,
-        normalizer=device_normalizer(cfg),
-    )
-
-
-def _checksum(values: torch.Tensor) -> list[float]:
-    """Sums of a strided sample of the aggregated weights (every 61st, and every 61st from the 30th), in float64:
-    equal on every rank iff the ranks agree (up to chance), at a small fraction of a pass over the weights."""
-    v = values.detach()
-    return [float(v[::61].sum(dtype=torch.float64)), float(v[30::61].sum(dtype=torch.float64))]
-
-
-def _global_figures(clients: list[dict[str, Any]]) -> dict[str, Any]:
-    trained = [c for c in clients if c["status"] in ("trained", "straggler")]
-    drifts = [c["drift"] for c in trained if c.get("drift") is not None]
-    accs = [(c["val_acc_global"], c["num_val"]) for c in clients if c.get("val_acc_global") is not None]
-    losses = [(c["train_loss"], c["num_samples"]) for c in clients if c.get("train_loss") is not None]
-    weighted = lambda pairs: sum(a * n for a, n in pairs) / max(sum(n for _, n in pairs), 1) if pairs else None  # noqa: E731
-    return {
-        "val_acc": weighted(accs),
-        "train_loss": weighted(losses),
-        "samples_aggregated": sum(c["num_samples"] for c in trained),
-        "drift_spread": (max(drifts) - min(drifts)) if drifts else None,
-        "update_norm": clients[0].get("global_update_norm") if clients else None,
-        "clients_aggregated": len(trained),
-    }
-
-
-def _seconds(timings: dict[str, float], started: float) -> dict[str, float]:
-    """The round's time by phase; ``other`` is the rest, so the parts sum to ``total``."""
-    total = time.perf_counter() - started
-    parts = {
-        key: timings.get(key, 0.0)
-        for key in ("local_training", "validation", "aggregation", "diagnostics", "checkpoint")
-    }
-    return {"total": total, **parts, "other": max(total - sum(parts.values()), 0.0)}

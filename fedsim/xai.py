@@ -126,3 +126,15 @@ def write_overlays(
                 hospital = dataset.meta[example.index].get("hospital", "local")
                 writer.add_image(f"xai/{hospital}/{example.name}", panel.transpose(2, 0, 1), step)
     return written
+
+
+def write_hospital_overlays(model: nn.Module, dataset, out: Path, hospital: str, class_names, device, **options):
+    """:func:`write_overlays` for one hospital of a run in ``out``: PNGs under ``xai/<hospital>`` and the panels
+    in the hospital's own events file ``tb/xai-<hospital>`` (images stay where they were made). ``options``
+    go to :func:`write_overlays` (``per_grade``, ``step``, ``normalizer``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(Path(out) / "tb" / f"xai-{hospital}")) as writer:
+        return write_overlays(
+            model, dataset, Path(out) / "xai" / hospital, class_names, device, writer=writer, **options
+        )
