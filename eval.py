@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, check every input, evaluate; returns the exit code (2: a bad input, one line on stderr)."""
     args = parse_args(argv)
     from data.files import WriteError
-    from fedsim.evaluate import evaluate_checkpoint
+    from fedsim.evaluation.offline import evaluate_checkpoint
     from fedsim.logger import print_error
 
     try:

@@ -39,7 +39,7 @@ from fedsim.dist import (
     gather_figures,
 )
 from fedsim.engine import Client
-from fedsim.evaluate import final_report, image_level, summaries
+from fedsim.evaluation.levels import final_report, image_level, summaries
 from fedsim.faults import FaultDrills
 from fedsim.flat import flatten
 from fedsim.logger import RunLogger, format_round, write_json

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from data.files import write_with
-from fedsim.metrics import as_confusion_matrix
+from fedsim.evaluation.scores import as_confusion_matrix
 
 __all__ = [
     "compose_panel",

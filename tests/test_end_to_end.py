@@ -48,7 +48,7 @@ def test_run_writes_every_output(demo_run):
         low, high = final[level]["ci95"]["accuracy"]
         assert low <= final[level]["accuracy"] <= high
     assert final["n_images"] > 0 and final["n_patches"] >= final["n_images"]
-    from fedsim.evaluate import check_report_schema
+    from fedsim.evaluation.schema import check_report_schema
 
     assert check_report_schema(final) == []  # the keys eval.json has too (tests/test_eval_inputs.py)
 
@@ -106,7 +106,7 @@ def test_eval_reads_the_checkpoint(demo_run, tmp_path):
     proc = evaluate(out, tmp_path, out.parent / "cache", "--bootstrap", "50")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
-    from fedsim.evaluate import check_report_schema
+    from fedsim.evaluation.schema import check_report_schema
 
     assert check_report_schema(report) == []
     final = json.loads((out / "final.json").read_text())
@@ -293,7 +293,7 @@ def test_stain_normalization_on_the_device(tmp_path):
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["patch"]["confusion_matrix"] == final["patch"]["confusion_matrix"]
     from data.stain import Macenko
-    from fedsim.evaluate import eval_settings
+    from fedsim.evaluation.offline import eval_settings
 
     saved = from_dict(json.loads((out / "config.json").read_text()))
     assert isinstance(eval_settings(saved, torch.device("cpu")).normalizer, Macenko)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fedsim.config import from_dict
-from fedsim.evaluate import REPORT_KEYS, check_report_schema, headline, summaries
+from fedsim.evaluation.levels import summaries
+from fedsim.evaluation.schema import REPORT_KEYS, check_report_schema, headline
 from models import build_model, load_pretrained
 
 CLASSES = ["Grade I", "Grade II", "Grade III"]
@@ -249,7 +250,7 @@ class _Split:
 
 
 def test_report_schema_holds_for_eval_and_final_reports():
-    from fedsim.evaluate import final_report
+    from fedsim.evaluation.levels import final_report
 
     rng = np.random.default_rng(0)
     splits = [_Split(h, 9, rng) for h in ("H1", "H2")]

@@ -1,4 +1,4 @@
-"""Tests for fedsim.metrics, checked against values worked out by hand."""
+"""Tests for fedsim.evaluation's metrics, checked against values worked out by hand."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsim.metrics import (
+from fedsim.evaluation import (
     accuracy,
     aggregate_image_probs,
     balanced_accuracy,
@@ -23,7 +23,7 @@ from fedsim.metrics import (
     quadratic_weighted_kappa,
     summarize,
 )
-from fedsim.report import format_report
+from fedsim.evaluation.report import format_report
 
 NAMES = ["Grade I", "Grade II", "Grade III"]
 
@@ -553,20 +553,23 @@ def test_format_report_shows_metrics_and_classes() -> None:
     assert any(line.split()[-3:] == ["1", "6", "1"] for line in lines if "Grade II" in line)
 
 
-def test_metrics_re_exports_the_split_modules_and_loads_no_torch() -> None:
-    # fedsim.metrics is the one import of evaluation code; its names are the objects the modules define.
-    import fedsim.bootstrap
-    import fedsim.metrics
-    import fedsim.scores
-    import fedsim.summaries
+def test_evaluation_re_exports_its_modules_and_loads_no_torch() -> None:
+    # fedsim.evaluation's names are the objects its modules define, and reports are readable without torch.
+    import fedsim.evaluation
+    import fedsim.evaluation.bootstrap
+    import fedsim.evaluation.report
+    import fedsim.evaluation.schema
+    import fedsim.evaluation.scores
+    import fedsim.evaluation.summaries
 
-    modules = (fedsim.scores, fedsim.bootstrap, fedsim.summaries)
-    assert sorted(fedsim.metrics.__all__) == sorted(n for m in modules for n in m.__all__)
-    for module in modules:
-        for name in module.__all__:
-            assert getattr(fedsim.metrics, name) is getattr(module, name)
-    # A fresh interpreter: this one has torch loaded by conftest. Reports must be readable without torch.
-    code = "import sys, fedsim.metrics; print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
+    evaluation = fedsim.evaluation
+    modules = (evaluation.scores, evaluation.bootstrap, evaluation.summaries)
+    assert {n for m in modules for n in m.__all__} <= set(evaluation.__all__)
+    for name in evaluation.__all__:
+        assert getattr(evaluation, name) is getattr(sys.modules[evaluation._EXPORTS[name]], name)
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    light = ("fedsim.evaluation", "fedsim.evaluation.summaries", "fedsim.evaluation.report", "fedsim.evaluation.schema")
+    for module in light:  # a fresh interpreter: this one has torch loaded by conftest
+        code = f"import sys, {module}; print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "[]", module

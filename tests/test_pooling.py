@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsim import metrics
+from fedsim import evaluation as metrics
 
 NAMES = ["Grade I", "Grade II", "Grade III"]
 

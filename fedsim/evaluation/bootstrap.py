@@ -3,15 +3,15 @@
 Patches or images from one patient are correlated, so resampling them
 individually would understate the uncertainty; every resample here draws whole
 groups (patients) with replacement. A resample is represented by its confusion
-matrix alone, so any score of :mod:`fedsim.scores` applies to it, and the
-stack of resampled matrices can be summed across sites (see
-:func:`fedsim.summaries.count_summary`) to pool intervals without sharing
-per-sample data.
+matrix alone, so any score of :mod:`fedsim.evaluation.scores` applies to it,
+and the stack of resampled matrices can be summed across sites (see
+:func:`fedsim.evaluation.summaries.count_summary`) to pool intervals without
+sharing per-sample data.
 
 :func:`bootstrap_ci` is the public entry point; :func:`_bootstrap_cms` and
-:func:`_percentile_interval` are shared with :mod:`fedsim.summaries`, which
-draws one set of resamples for all the intervals of a summary.
-:mod:`fedsim.metrics` re-exports :func:`bootstrap_ci`.
+:func:`_percentile_interval` are shared with :mod:`fedsim.evaluation.summaries`,
+which draws one set of resamples for all the intervals of a summary.
+:mod:`fedsim.evaluation` re-exports :func:`bootstrap_ci`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from fedsim.scores import _as_labels, _check_num_classes, _check_same_length, _first_seen_index
+from fedsim.evaluation.scores import _as_labels, _check_num_classes, _check_same_length, _first_seen_index
 
 __all__ = ["bootstrap_ci"]
 
@@ -91,7 +91,7 @@ def bootstrap_ci(
         y_true: True class labels.
         y_pred: Predicted class labels.
         groups: Group id (e.g. patient) of every sample.
-        metric: Function of a ``(k, k)`` confusion matrix, e.g. :func:`fedsim.scores.accuracy`.
+        metric: Function of a ``(k, k)`` confusion matrix, e.g. :func:`fedsim.evaluation.scores.accuracy`.
         num_classes: Number of classes ``k``.
         n_boot: Number of bootstrap resamples.
         seed: Seed of the resampling generator, for reproducible intervals.

@@ -3,9 +3,10 @@
 :func:`aggregate_image_probs` averages the patch probabilities of each image,
 so the same scores can be reported per patch and per image.
 :func:`summarize` turns one prediction set into every figure of the
-evaluation report (the scores of :mod:`fedsim.scores`, per-magnification and
-per-hospital accuracy, the confusion matrix and patient-bootstrap intervals
-from :mod:`fedsim.bootstrap`) as a dict that ``json.dumps`` takes.
+evaluation report (the scores of :mod:`fedsim.evaluation.scores`,
+per-magnification and per-hospital accuracy, the confusion matrix and
+patient-bootstrap intervals from :mod:`fedsim.evaluation.bootstrap`) as a dict
+that ``json.dumps`` takes.
 
 For evaluation spread over sites, :func:`count_summary` reduces one site's
 predictions to counts (confusion matrices, and the confusion matrices of its
@@ -14,7 +15,7 @@ bootstrap resamples) that can be summed across sites without per-sample data;
 :func:`summarize`. Both paths share :func:`_cm_figures` and :func:`_intervals`,
 so pooled and direct summaries agree by construction.
 
-:mod:`fedsim.metrics` re-exports the public names.
+:mod:`fedsim.evaluation` re-exports the public names.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from fedsim.bootstrap import _bootstrap_cms, _percentile_interval
-from fedsim.scores import (
+from fedsim.evaluation.bootstrap import _bootstrap_cms, _percentile_interval
+from fedsim.evaluation.scores import (
     _as_labels,
     _check_num_classes,
     _check_same_length,

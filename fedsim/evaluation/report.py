@@ -1,8 +1,9 @@
 """A plain-text report of one prediction set's figures, for people reading a terminal or a log.
 
-It reads the dict that :func:`fedsim.metrics.summarize` (or
-:func:`fedsim.metrics.summary_from_counts`) returns, also after a JSON round
-trip, so undefined values arrive as None and are shown as ``n/a``.
+It reads the dict that :func:`fedsim.evaluation.summaries.summarize` (or
+:func:`fedsim.evaluation.summaries.summary_from_counts`) returns, also after a
+JSON round trip, so undefined values arrive as None and are shown as ``n/a``.
+Plain Python: not even numpy is imported.
 """
 
 from __future__ import annotations
@@ -67,10 +68,10 @@ def _matrix_lines(summary: dict) -> list[str]:
 
 
 def format_report(summary: dict, title: str = "") -> str:
-    """Render a :func:`fedsim.metrics.summarize` dict as a multi-line plain-text report.
+    """Render a :func:`fedsim.evaluation.summaries.summarize` dict as a multi-line plain-text report.
 
     Args:
-        summary: Output of :func:`fedsim.metrics.summarize` (possibly after a JSON round trip).
+        summary: Output of :func:`fedsim.evaluation.summaries.summarize` (possibly after a JSON round trip).
         title: Optional first line.
 
     Returns:

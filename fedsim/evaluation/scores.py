@@ -3,8 +3,8 @@
 Everything is computed from a confusion matrix whose rows are the true class
 and whose columns are the predicted class, so a metric never has to look at
 the raw labels again. That also makes the patient-level bootstrap
-(:mod:`fedsim.bootstrap`) cheap: a resample is a weighted sum of per-patient
-confusion matrices, scored by the same functions.
+(:mod:`fedsim.evaluation.bootstrap`) cheap: a resample is a weighted sum of
+per-patient confusion matrices, scored by the same functions.
 
 Conventions for the corner cases (all chosen so that no metric raises on a
 small or lopsided test split):
@@ -19,9 +19,9 @@ small or lopsided test split):
 * a metric of an empty confusion matrix is NaN.
 
 The underscore helpers (label and length checks, first-seen grouping) are also
-used by :mod:`fedsim.bootstrap` and :mod:`fedsim.summaries`, so that every
-entry point rejects bad input with the same messages. :mod:`fedsim.metrics`
-re-exports the public names of all three modules.
+used by :mod:`fedsim.evaluation.bootstrap` and :mod:`fedsim.evaluation.summaries`,
+so that every entry point rejects bad input with the same messages.
+:mod:`fedsim.evaluation` re-exports the public names of all three modules.
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""Offline evaluation of a checkpoint: image- and patch-level metrics with patient-bootstrap CIs."""
+"""eval.py's offline evaluation of a saved checkpoint: image- and patch-level metrics with patient-bootstrap CIs.
+
+:func:`evaluate_checkpoint` checks every input (:func:`load_checked`, :func:`fitted_model`: bad input is an
+:class:`EvalError` of one line), rebuilds the checkpoint's model and the split of its data, predicts as training
+does (:func:`eval_settings`), and writes eval.json (the keys of :mod:`fedsim.evaluation.schema`), the image-level
+confusion matrix PNG and the text report of :mod:`fedsim.evaluation.report`. The torch part of the package.
+"""
 
 from __future__ import annotations
 
@@ -15,68 +21,25 @@ from data.cache import CachedPairs, build_split, collate_batch
 from data.datasets import SkipReport, load_records
 from data.splits import split_by_patient
 from data.synthetic import generate
-from fedsim import checkpoint, metrics, plots
+from fedsim import checkpoint, plots
 from fedsim.client import StepSettings, predict
 from fedsim.config import ConfigError, from_dict
 from fedsim.datasetup import cache_root, cache_spec, device_normalizer, synthetic_root, synthetic_spec
 from fedsim.dist import choose_backend
 from fedsim.errors import UserError
+from fedsim.evaluation.levels import summaries
+from fedsim.evaluation.report import format_report
+from fedsim.evaluation.schema import headline
 from fedsim.logger import setup_logging, write_json
-from fedsim.report import format_report
 from models import build_model, check_backbone, state_mismatch
+
+__all__ = ["EvalError", "eval_settings", "evaluate_checkpoint", "fitted_model", "load_checked"]
 
 log = logging.getLogger("fedsim.eval")
 
 
 class EvalError(UserError, RuntimeError):
     """The evaluation cannot run (bad checkpoint, empty split): bad input, one line."""
-
-
-#: Top-level keys of every test report: eval.json and final.json alike.
-REPORT_KEYS: tuple[str, ...] = ("image", "patch", "accuracy", "n_images", "n_patches", "per_hospital_accuracy")
-#: Keys of each level's summary (``report["image"]``, ``report["patch"]``), as metrics.summarize gives them.
-LEVEL_KEYS: tuple[str, ...] = (
-    "n",
-    "accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "qwk",
-    "per_class_recall",
-    "per_class_precision",
-    "per_magnification_accuracy",
-    "per_hospital_accuracy",
-    "confusion_matrix",
-    "ci95",
-)
-#: The count each level carries under its own name too.
-LEVEL_COUNTS: dict[str, str] = {"image": "n_images", "patch": "n_patches"}
-#: The metrics with a 95% interval in ``ci95``.
-CI_KEYS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "qwk")
-
-
-def check_report_schema(report: dict[str, Any]) -> list[str]:
-    """The keys an eval.json / final.json lacks, dotted (``image.qwk``, ``patch.ci95.accuracy``); [] when complete."""
-    if not isinstance(report, dict):
-        return list(REPORT_KEYS)
-    missing = [key for key in REPORT_KEYS if key not in report]
-    for level, count in LEVEL_COUNTS.items():
-        summary = report.get(level)
-        if not isinstance(summary, dict):
-            continue
-        missing += [f"{level}.{key}" for key in (*LEVEL_KEYS, count) if key not in summary]
-        ci = summary.get("ci95")
-        if isinstance(ci, dict):
-            missing += [f"{level}.ci95.{key}" for key in CI_KEYS if key not in ci]
-    return missing
-
-
-def headline(result: dict[str, Any]) -> dict[str, Any]:
-    """Add the top-level figures final.json has (image level): accuracy, n_images, n_patches, per_hospital_accuracy."""
-    result["accuracy"] = result["image"]["accuracy"]
-    result["n_images"] = result["image"]["n"]
-    result["n_patches"] = result["patch"]["n"]
-    result["per_hospital_accuracy"] = result["image"]["per_hospital_accuracy"]
-    return result
 
 
 def _one_line(text: str, limit: int = 240) -> str:
@@ -230,92 +193,3 @@ def _data_root(cfg, hospitals: int) -> Path:
         return Path(cfg.data.path)
     spec = synthetic_spec(cfg, hospitals)
     return generate(synthetic_root(cfg, spec), spec, progress=False).parent
-
-
-def levels(dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> dict[str, dict[str, Any]]:
-    """Labels, probabilities and metadata at patch level and at image level (patch probabilities averaged)."""
-    meta = [dataset.meta[i] for i in idx]
-    patch = {"y": np.asarray(labels), "probs": probs, "meta": meta}
-    image_probs, order = metrics.aggregate_image_probs(probs, [m["image"] for m in meta])
-    first = {m["image"]: m for m in reversed(meta)}
-    rows = [first[i] for i in order]
-    image = {"y": np.asarray([r["label"] for r in rows]), "probs": image_probs, "meta": rows}
-    return {"image": image, "patch": patch}
-
-
-def summaries(
-    dataset: CachedPairs, probs, labels, idx, class_names, n_boot: int = 1000, seed: int = 0, counts: bool = False
-) -> dict[str, Any]:
-    """Image-level (patch probabilities averaged) and patch-level metric summaries of predictions.
-
-    With ``counts`` each level also carries :func:`metrics.count_summary`
-    figures, from which summaries pooled over hospitals are computed.
-    """
-    out: dict[str, Any] = {}
-    for level, data in levels(dataset, probs, labels, idx).items():
-        meta = data["meta"]
-        by = lambda key, meta=meta: [m[key] for m in meta]  # noqa: E731
-        out[level] = metrics.summarize(
-            data["y"],
-            data["probs"],
-            list(class_names),
-            magnifications=by("magnification"),
-            hospitals=by("hospital"),
-            patients=by("patient"),
-            n_boot=n_boot,
-            seed=seed,
-        )
-        if counts:
-            out[level]["counts"] = metrics.count_summary(
-                data["y"],
-                np.argmax(data["probs"], axis=1),
-                len(class_names),
-                magnifications=by("magnification"),
-                patients=by("patient"),
-                n_boot=n_boot,
-                seed=seed,
-            )
-    out["image"]["n_images"] = out["n_images"] = out["image"]["n"]
-    out["patch"]["n_patches"] = out["n_patches"] = out["patch"]["n"]
-    return out
-
-
-def image_level(
-    dataset: CachedPairs, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray, num_classes: int
-) -> dict[str, Any]:
-    """Image-level accuracy and confusion matrix: each image's patch probabilities averaged."""
-    if len(idx) == 0:
-        return {"accuracy": None, "n": 0, "confusion_matrix": None}
-    image = levels(dataset, probs, labels, idx)["image"]
-    cm = metrics.confusion_matrix(image["y"], image["probs"].argmax(1), num_classes)
-    return {"accuracy": metrics.accuracy(cm), "n": len(image["y"]), "confusion_matrix": cm.tolist()}
-
-
-def final_report(per_hospital: list[dict[str, Any]], class_names) -> dict[str, Any]:
-    """Pool the hospitals' counts into overall figures with the keys of eval.json.
-
-    Only aggregate counts crossed ranks: confusion matrices (overall, per
-    magnification) and each hospital's patient-bootstrap replicates, which
-    summed replicate by replicate give a bootstrap stratified by hospital.
-    """
-    out: dict[str, Any] = {}
-    for level in ("image", "patch"):
-        counts = [h[level].pop("counts") for h in per_hospital]
-        mags: dict[str, np.ndarray] = {}
-        for c in counts:
-            for mag, cm in c["per_magnification"].items():
-                mags[mag] = mags.get(mag, 0) + np.asarray(cm)
-        boots = [np.asarray(c["bootstrap"]) for c in counts if len(c["bootstrap"])]
-        out[level] = metrics.summary_from_counts(
-            sum(np.asarray(c["confusion_matrix"]) for c in counts),
-            class_names,
-            per_magnification=mags,
-            per_hospital_accuracy={h["hospital"]: h[level]["accuracy"] for h in per_hospital},
-            bootstrap=sum(boots) if len(boots) == len(counts) else None,
-        )
-    out["image"]["n_images"] = out["n_images"] = out["image"]["n"]
-    out["patch"]["n_patches"] = out["n_patches"] = out["patch"]["n"]
-    out["accuracy"] = out["image"]["accuracy"]
-    out["per_hospital_accuracy"] = out["image"]["per_hospital_accuracy"]
-    out["hospitals"] = {h["hospital"]: {"image": h["image"], "patch": h["patch"]} for h in per_hospital}
-    return out
