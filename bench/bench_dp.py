@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import alternating_times, cpu_model_name, machine, make_cache, write_json
 from data.cache import CachedPairs, collate_batch
-from fedsim import dp
+from fedsim import privacy as dp
 from fedsim.client import StepSettings, make_optimizer, prepare_inputs, train_epoch
 from fedsim.flat import flatten
 from fedsim.prox import add_proximal_grad_

@@ -1,4 +1,4 @@
-"""Secure aggregation cost: fedsim.secagg's masked sum vs plain fedsim.fedavg and a raw all-reduce.
+"""Secure aggregation cost: fedsim.privacy.secagg's masked sum vs plain fedsim.fedavg and a raw all-reduce.
 
     python bench/bench_secagg.py [--quick] [--ranks 3] [--numel 69491892] [--prg aes|device]
                                  [--wire both|int64|int32] [--real-model] [--rounds N] [--json PATH]
@@ -62,7 +62,7 @@ def _model(args) -> nn.Module:
 
 def _passes(agg, buffer: torch.Tensor, args) -> dict[str, float]:
     """Seconds of each pass of one secure sum over the whole buffer, one process, no communication."""
-    from fedsim import secagg
+    from fedsim.privacy import secagg
 
     plan = secagg.Grid(agg.world_size, secagg.DEFAULT_CLIP, secagg.DEFAULT_LEVELS)
     x = buffer.numpy()
@@ -120,7 +120,7 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from fedsim import fedavg, flatten
-    from fedsim.secagg import SecureAggregation
+    from fedsim.privacy.secagg import SecureAggregation
 
     model = _model(args)
     flat = flatten(model)

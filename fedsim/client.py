@@ -112,7 +112,7 @@ def train_epoch(
         loss_fn: The loss of one batch; default: the dual-stream network's (context, detail, labels, index)
             batches with augmentation and MixUp.
         correction: Added to the global parameters' gradient at every step (SCAFFOLD's ``c - c_k``).
-        dp: A :class:`fedsim.dp.DPSGD` (the loader then yields Poisson batches, one per step, perhaps empty):
+        dp: A :class:`fedsim.privacy.dpsgd.DPSGD` (the loader then yields Poisson batches, one per step, perhaps empty):
             clipped per-sample gradients plus noise instead of the batch gradient.
     """
     model.train()

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-pytest.importorskip("opacus")  # the optional dependency of fedsim.dp (accountants, per-layer rules)
+pytest.importorskip("opacus")  # the optional dependency of fedsim.privacy (accountants, per-layer rules)
 
-from fedsim import dp
+from fedsim import privacy as dp
 from fedsim.flat import flatten
-from fedsim.grad_sample import conv2d_grad_sample
+from fedsim.privacy.grad_sample import conv2d_grad_sample
 from fedsim.prox import add_proximal_grad_
 from models import DualStreamNet
 
@@ -141,22 +141,21 @@ def test_client_level_accounting_is_the_same_accountant_over_rounds():
         dp.client_sample_rate(4, 3)
 
 
-def test_dp_re_exports_the_split_modules_and_accounting_loads_neither_torch_nor_opacus():
-    # fedsim.dp stays the one import of the privacy code; its names are the objects the modules define.
-    import fedsim.accounting
-    import fedsim.dpfedavg
-    import fedsim.dpsgd
+def test_the_package_re_exports_its_modules_and_accounting_loads_neither_torch_nor_opacus():
+    # fedsim.privacy is the one import of the privacy code; its names are the objects the modules define.
+    from fedsim.privacy import accounting, dpfedavg, dpsgd, modes
 
-    modules = (fedsim.accounting, fedsim.dpsgd, fedsim.dpfedavg)
+    modules = (modes, accounting, dpsgd, dpfedavg)
     assert sorted(dp.__all__) == sorted(n for m in modules for n in m.__all__)
     for module in modules:
         for name in module.__all__:
             assert getattr(dp, name) is getattr(module, name)
-    # A fresh interpreter (this one has torch loaded): reading a ledger or an epsilon needs neither.
-    code = "import sys, fedsim.accounting; print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
+    # A fresh interpreter (this one has torch loaded): the package, a ledger or an epsilon needs neither.
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    for module in ("fedsim.privacy", "fedsim.privacy.accounting"):
+        code = f"import sys, {module}; print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "[]", module
 
 
 # ---- models ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import run_ranks
-from fedsim import dp
+from fedsim import privacy as dp
 from fedsim.config import ConfigError, from_dict
 
 CONFIG = {
@@ -47,7 +47,7 @@ def _federate(rank: int, world: int, tree: dict, cache: str, spy: bool = False):
     os.environ["FEDSIM_CACHE"] = cache
     from fedsim.dist import init_distributed
     from fedsim.federation import Federation
-    from fedsim.secagg import SecureAggregation
+    from fedsim.privacy.secagg import SecureAggregation
 
     sent, plain = [], []
     originals = {name: getattr(dist, name) for name in ("all_reduce", "broadcast", "all_gather_object")}
@@ -107,7 +107,7 @@ def test_secure_aggregation_sends_uniform_integers_and_matches_plain_fedavg(tmp_
     # Assert: what crossed ranks
     from scipy.stats import chisquare
 
-    from fedsim.secagg import max_abs_error
+    from fedsim.privacy.secagg import max_abs_error
 
     for _weights, sent, plaintexts in secure:
         tensors = [(name, t) for name, t in sent if not isinstance(t, str)]

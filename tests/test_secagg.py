@@ -1,4 +1,4 @@
-"""Secure aggregation (fedsim.secagg) with real gloo ranks: the sum, what crosses ranks, the keys, the checks."""
+"""Secure aggregation (fedsim.privacy.secagg) on real gloo ranks: the sum, what crosses ranks, the keys, the checks."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from conftest import run_ranks
-from fedsim import secagg
-from fedsim.secagg import DEFAULT_CLIP, DEFAULT_LEVELS, SecureAggregation, check_parameters, max_abs_error
+from fedsim.privacy import secagg
+from fedsim.privacy.secagg import DEFAULT_CLIP, DEFAULT_LEVELS, SecureAggregation, check_parameters, max_abs_error
 
 N = 100_000
 WORLD = 3

@@ -6,7 +6,7 @@ the aggregation weights). Everything it decides follows from those and the
 seed, so every rank keeps the same ledgers and takes the same decisions
 without a word exchanged:
 
-- **sample** level (DP-SGD, :class:`fedsim.dp.DPSGD`): hospital k draws
+- **sample** level (DP-SGD, :class:`fedsim.privacy.dpsgd.DPSGD`): hospital k draws
   Poisson batches at rate q_k = batch_size / n_k, ``round(1/q_k)`` steps an
   epoch, and is charged those steps for every round it is scheduled to train
   (a straggler for its epochs; a hospital that diverges is still charged, which
@@ -19,7 +19,7 @@ without a word exchanged:
   share of N(0, (sigma S / K)^2) to its contribution; the federation is charged
   one step at rate q = K/N per round. The run ends before a round that would
   pass ``max_epsilon``.
-- **secure aggregation** (:class:`fedsim.secagg.SecureAggregation`): each rank
+- **secure aggregation** (:class:`fedsim.privacy.secagg.SecureAggregation`): each rank
   sends its weighted *update* (its contribution minus its weight times the
   round's global model, small numbers that fit the fixed-point grid), masked;
   the sample weights and integer counters go in one small plain all-reduce.
@@ -37,10 +37,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fedsim import dp
+import fedsim.privacy as dp  # the package's names of accounting, DP-SGD and DP-FedAvg, loaded on first use
 from fedsim.config import ConfigError, DPConfig, SecAggConfig
 from fedsim.flat import FlatModel
 from fedsim.seeding import derive_seed
+
+__all__ = ["Privacy"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class Privacy:
             self.ledgers = [dp.PrivacyLedger(settings.delta, settings.accountant)]
         self.secure = None
         if secure:
-            from fedsim.secagg import SecureAggregation, check_parameters
+            from fedsim.privacy.secagg import SecureAggregation, check_parameters
 
             try:  # the config cannot know the number of ranks: these settings are checked here
                 check_parameters(world_size, secagg.clip, secagg.levels)

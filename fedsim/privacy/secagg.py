@@ -100,8 +100,16 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from fedsim.fixedpoint import DEFAULT_CLIP, DEFAULT_LEVELS, MODULUS, Grid, HostScratch, check_parameters, max_abs_error
-from fedsim.masks import CHECK_ELEMENTS, DEVICE_BLOCK, HOST_CHUNK, TORCH_CHUNK, mask_stream
+from fedsim.privacy.fixedpoint import (
+    DEFAULT_CLIP,
+    DEFAULT_LEVELS,
+    MODULUS,
+    Grid,
+    HostScratch,
+    check_parameters,
+    max_abs_error,
+)
+from fedsim.privacy.masks import CHECK_ELEMENTS, DEVICE_BLOCK, HOST_CHUNK, TORCH_CHUNK, mask_stream
 
 __all__ = [
     "DEFAULT_CLIP",

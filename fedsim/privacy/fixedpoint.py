@@ -3,7 +3,7 @@
 A contribution in ``[-clip, clip]`` is rounded to one of ``levels + 1`` grid points (an integer in
 ``[0, levels]``) so that it can be masked and summed in Z_{2^32}; :func:`check_parameters` makes sure the
 sum of W such integers stays below 2^32, and :func:`max_abs_error` bounds what the rounding costs.
-See :mod:`fedsim.secagg` for the protocol around it.
+See :mod:`fedsim.privacy.secagg` for the protocol around it.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ sampling). The result is written into the model's flat gradient buffer
 (:func:`fedsim.prox.add_proximal_grad_`) run on it unchanged: they are
 data-independent post-processing.
 
-Per-sample gradients come from one of two engines (``method``, :mod:`fedsim.grad_sample`):
+Per-sample gradients come from one of two engines (``method``, :mod:`fedsim.privacy.grad_sample`):
 ``"functorch"`` (``torch.func.vmap``) or ``"hooks"`` (per-layer rules driven by tensor hooks:
 Opacus's own ``GradSampleModule`` refuses the in-place ops of timm ResNets), the faster on CPU
 (``bench/bench_dp.py``), hence the default.
@@ -21,8 +21,8 @@ BatchNorm mixes the samples of a batch, so the model must use GroupNorm
 (``models.dual_stream.group_norm``, :func:`dp_backbone`); MixUp mixes samples too and has no
 place under DP. Per-sample augmentation is fine.
 
-What the steps spend is counted by :mod:`fedsim.accounting`; :func:`noise_generator` also draws
-the noise shares of client-level DP (:mod:`fedsim.dpfedavg`). :mod:`fedsim.dp` re-exports every
+What the steps spend is counted by :mod:`fedsim.privacy.accounting`; :func:`noise_generator` also draws
+the noise shares of client-level DP (:mod:`fedsim.privacy.dpfedavg`). :mod:`fedsim.privacy` re-exports every
 public name.
 """
 
@@ -30,15 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsim.accounting import steps_per_epoch
 from fedsim.flat import FlatModel, is_batchnorm
-from fedsim.grad_sample import FunctorchEngine, HookEngine
+from fedsim.privacy.accounting import steps_per_epoch
+from fedsim.privacy.grad_sample import FunctorchEngine, HookEngine, LossFn
 from models.dual_stream import make_backbone
 
 __all__ = [
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 #: Added to per-sample norms before dividing, as Opacus does (an all-zero gradient gets factor 1, not NaN).
-#: Client-level clipping (:func:`fedsim.dpfedavg.clip_update_`) uses it too.
+#: Client-level clipping (:func:`fedsim.privacy.dpfedavg.clip_update_`) uses it too.
 _NORM_EPS = 1e-6
 
 
@@ -114,8 +114,6 @@ def check_private_model(model: nn.Module) -> None:
 
 
 # ---- DP-SGD on a flat model ---------------------------------------------------------------------
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@
 hospital, not one of its samples: its update is clipped to norm S
 (:func:`clip_update_`) and every rank adds a share N(0, sigma^2 S^2 / num_ranks)
 (:func:`add_noise_share_`) before the sum, which then carries N(0, sigma^2 S^2).
-The shares are drawn from :func:`fedsim.dpsgd.noise_generator`; what a round
-spends is :func:`fedsim.accounting.client_epsilon`. :mod:`fedsim.dp`
+The shares are drawn from :func:`fedsim.privacy.dpsgd.noise_generator`; what a round
+spends is :func:`fedsim.privacy.accounting.client_epsilon`. :mod:`fedsim.privacy`
 re-exports both functions.
 """
 
@@ -16,7 +16,7 @@ import math
 import torch
 
 # The same guard against a zero norm as per-sample clipping, so both clip alike.
-from fedsim.dpsgd import _NORM_EPS
+from fedsim.privacy.dpsgd import _NORM_EPS
 
 __all__ = ["add_noise_share_", "clip_update_"]
 

@@ -2,9 +2,9 @@
 
 Both mechanisms of fedsim are sequences of Poisson-subsampled Gaussian
 mechanisms, described by (noise multiplier sigma, sample rate q, steps)
-entries: per hospital under DP-SGD (:mod:`fedsim.dpsgd`; q = expected batch
+entries: per hospital under DP-SGD (:mod:`fedsim.privacy.dpsgd`; q = expected batch
 over the hospital's patches, one entry per local step), and for the
-federation under client-level DP-FedAvg (:mod:`fedsim.dpfedavg`; q = clients
+federation under client-level DP-FedAvg (:mod:`fedsim.privacy.dpfedavg`; q = clients
 per round over hospitals, one step per round). The RDP or PRV accountant of
 Opacus turns such a history into epsilon at a given delta
 (:func:`epsilon_of_history`, :func:`epsilon`, :func:`client_epsilon`), and
@@ -12,8 +12,9 @@ Opacus turns such a history into epsilon at a given delta
 each round spent and serializes to a plain dict for checkpoints.
 
 Opacus is imported inside the functions that call it and torch not at all, so
-importing this module (and reading a ledger) stays light.
-:mod:`fedsim.dp` re-exports every public name.
+importing this module (and reading a ledger) stays light; so does the package's
+``__init__``, which loads its modules only when one of its names is asked for.
+:mod:`fedsim.privacy` re-exports every public name.
 """
 
 from __future__ import annotations

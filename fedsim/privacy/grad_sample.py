@@ -1,4 +1,4 @@
-"""Per-sample gradients of a flat model, for DP-SGD (:class:`fedsim.dp.DPSGD`): two engines.
+"""Per-sample gradients of a flat model, for DP-SGD (:class:`fedsim.privacy.dpsgd.DPSGD`): two engines.
 
 - :class:`FunctorchEngine`: ``torch.func.vmap(grad(...))`` over ``functional_call`` of the model;
 - :class:`HookEngine`: per-layer rules (:func:`conv2d_grad_sample` for convolutions, Opacus's

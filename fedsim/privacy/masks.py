@@ -2,7 +2,7 @@
 
 ``mask_stream(prg, secret, round_index, device)`` gives one pair's masks for one round: AES-128 in counter
 mode (cryptographic, made on the host) or torch's generator on the device (statistical). See
-:mod:`fedsim.secagg`.
+:mod:`fedsim.privacy.secagg`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-MODULUS = 2**32
+from fedsim.privacy.fixedpoint import MODULUS
+
 HOST_CHUNK = 1 << 18  # elements per chunk on the host: 1 MiB float32, so the passes stay in cache
 TORCH_CHUNK = 1 << 22  # elements per chunk of the torch engine (CUDA tensors) with AES masks
 DEVICE_BLOCK = 1 << 20  # elements per reseeded block of the "device" PRG (its chunk size too)
