@@ -75,7 +75,7 @@ def prepare(args: argparse.Namespace) -> dict:
     if d.site_shift > 0:
         print(f"site profiles (--site-shift {d.site_shift:g}):")
         print("\n".join(write_site_profiles(out / "site_profiles.json", hospital_names(records), seed, d.site_shift)))
-    patch = PatchSpec(d.context_size, d.detail_size, d.context_fov, d.min_tissue)
+    patch = PatchSpec(d.context_size, d.detail_size, d.context_fov, d.min_tissue, d.patch_centres)
     specs = split_specs(
         patch, d.patches_per_image, d.eval_patches_per_image, d.stain, d.stain_reference, seed, d.site_shift
     )

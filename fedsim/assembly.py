@@ -24,9 +24,11 @@ from fedsim.strategies import ServerOptimizer
 log = logging.getLogger(__name__)
 
 
-def step_settings(cfg: RunConfig, info: DistInfo) -> StepSettings:
-    """How every local step runs on this rank: device, precision, channels-last, proximal term, MixUp."""
-    cuda = info.device.type == "cuda"
+def step_settings(cfg: RunConfig, device: torch.device) -> StepSettings:
+    """How every step runs on ``device``, in training and in eval.py alike: precision (``train.precision``;
+    auto = bf16 on CUDA), channels-last, the on-device stain normalizer; for training also the proximal term,
+    MixUp, augmentation and gradient accumulation."""
+    cuda = device.type == "cuda"
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if cuda else "fp32"
@@ -35,7 +37,7 @@ def step_settings(cfg: RunConfig, info: DistInfo) -> StepSettings:
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed patch sizes: autotuned convolutions pay off at once
     return StepSettings(
-        device=info.device,
+        device=device,
         amp_dtype=torch.bfloat16 if precision == "bf16" else None,
         channels_last=cuda,
         mu=cfg.train.mu,

@@ -9,20 +9,27 @@ images.
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from data.cache import (
     CachedPairs,
     CacheSpec,
     build_hospital,
+    build_split,
     default_cache_root,
     fitted_normalizer,
     split_folder,
     split_specs,
 )
 from data.datasets import SkipReport, load_records
+from data.files import write_atomic
 from data.patches import PatchSpec
 from data.records import ImageRecord
 from data.sites import write_site_profiles
@@ -74,11 +81,20 @@ class DataPlan:
     all_train_folders: list[Path]
     scan_report: SkipReport = field(default_factory=SkipReport)
     """Files skipped while reading the data (before any hospital's cache), as this rank saw them."""
+    heldout: list[HospitalData] = field(default_factory=list)
+    """The held-out hospitals' test splits (``data.heldout_hospitals``), cached on rank 0 only: rank 0 hosts
+    them, so their images are read by one process and never reach another."""
+    heldout_records: list[ImageRecord] = field(default_factory=list)
+    """The held-out hospitals' test images (every rank knows them, as it knows every hospital's)."""
 
 
 def num_hospitals(cfg: RunConfig, world_size: int) -> int:
     """Hospitals in the federation: data.num_hospitals, else one per rank when federated (3 centralized)."""
     wanted = cfg.data.num_hospitals
+    if not wanted and not cfg.data.path and cfg.data.source == "benchmark":
+        from fedsim.sources import benchmark_spec
+
+        wanted = benchmark_spec(cfg).hospitals
     if cfg.train.mode == "federated":
         if wanted and wanted < world_size:
             raise ConfigError(
@@ -118,6 +134,15 @@ def data_root(cfg: RunConfig, info: DistInfo, hospitals: int) -> Path:
     """The data path, generating the embedded synthetic dataset when none is given."""
     if cfg.data.path:
         return Path(cfg.data.path).expanduser()
+    if cfg.data.source == "benchmark":
+        from fedsim.sources import benchmark_root, benchmark_spec, render_benchmark
+
+        spec = benchmark_spec(cfg)
+        root = benchmark_root(cfg, spec)
+        if info.local_rank == 0:
+            render_benchmark(spec, root, progress=info.is_main)
+        barrier()
+        return root
     spec = synthetic_spec(cfg, hospitals)
     root = synthetic_root(cfg, spec)
     if info.local_rank == 0:  # one writer per node; the others wait at the barrier
@@ -132,6 +157,7 @@ def plan_data(cfg: RunConfig, info: DistInfo, out: Path) -> DataPlan:
     root = data_root(cfg, info, hospitals_wanted)
     records, report, class_names = load_records(root, cfg.data.classes, cfg.data.patient_regex or None)
     records = split_by_patient(records, cfg.data.split, cfg.train.seed, cfg.data.patient_regex or None)
+    records, heldout_records = hold_out(cfg, records, info.is_main)
     method = resolve_partition(records, cfg.data.partition)
     if method != cfg.data.partition:
         if info.is_main:
@@ -158,10 +184,59 @@ def plan_data(cfg: RunConfig, info: DistInfo, out: Path) -> DataPlan:
         else list(range(info.rank, len(hospitals), info.world_size))
     )
     mine = [_cache_hospital(cfg, records, hospitals[i], i, info) for i in mine_idx]
+    heldout = _cache_heldout(cfg, heldout_records, info) if info.is_main else []
     barrier()  # centralized ranks read the caches others built
     return DataPlan(
-        class_names, hospitals, records, mine, [_folder(cfg, records, h, "train") for h in trained], scan_report=report
+        class_names,
+        hospitals,
+        records,
+        mine,
+        [_folder(cfg, records, h, "train") for h in trained],
+        scan_report=report,
+        heldout=heldout,
+        heldout_records=heldout_records,
     )
+
+
+def hold_out(
+    cfg: RunConfig, records: list[ImageRecord], announce: bool = False
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """The federation's records and the held-out hospitals' test records (``data.heldout_hospitals``); the
+    held-out hospitals' other images are not used.
+
+    Raises:
+        ConfigError: a held-out name that is no hospital of the data, or one without test images.
+    """
+    names = cfg.data.heldout_hospitals
+    if not names:
+        return records, []
+    present = hospital_names(r for r in records if r.hospital)
+    for name in names:
+        if name not in present:
+            have = ", ".join(present) if present else "none: the data names no hospitals"
+            raise ConfigError(f"data.heldout_hospitals names {name!r}, which is not a hospital of the data ({have})")
+    kept = [r for r in records if r.hospital not in names]
+    held = [r for r in records if r.hospital in names and r.split == "test"]
+    for name in names:
+        count = sum(r.hospital == name for r in held)
+        if not count:
+            raise ConfigError(f"data.heldout_hospitals: hospital {name!r} has no test images to evaluate")
+        if announce:
+            log.info("held out: %s (%d test images; it never trains)", name, count)
+    return kept, held
+
+
+def _cache_heldout(cfg: RunConfig, records: list[ImageRecord], info: DistInfo) -> list[HospitalData]:
+    """The held-out hospitals' test splits, cached by rank 0 (which evaluates them)."""
+    out = []
+    for name in cfg.data.heldout_hospitals:
+        data = HospitalData(name, -1)
+        chosen = [r for r in records if r.hospital == name]
+        data.folders["test"] = build_split(
+            chosen, cache_spec(cfg, "test"), cache_root(cfg), data.report, name=f"{name}-test", progress=True
+        )
+        out.append(data)
+    return out
 
 
 def check_against_data(cfg: RunConfig, records: list[ImageRecord], hospitals: list[str]) -> None:
@@ -216,7 +291,7 @@ def _trained_on(cfg: RunConfig, hospitals: list[str]) -> list[str]:
 def cache_specs(cfg: RunConfig) -> dict[str, CacheSpec]:
     """The cache spec of every split, from the data settings (the same as ``python -m data.prepare``'s flags)."""
     d = cfg.data
-    patch = PatchSpec(d.context_size, d.detail_size, d.context_fov, d.min_tissue)
+    patch = PatchSpec(d.context_size, d.detail_size, d.context_fov, d.min_tissue, d.patch_centres)
     stain = "none" if d.stain_on_device else d.stain  # normalized per batch on the device instead
     return split_specs(
         patch,
@@ -264,7 +339,7 @@ def write_run_files(cfg: RunConfig, plan: DataPlan, out: Path) -> None:
     """``OUT/config.json``, ``splits.csv`` and (with ``data.site_shift``) ``site_profiles.json``."""
     out.mkdir(parents=True, exist_ok=True)
     save(cfg, out / "config.json")
-    write_splits_csv(plan.records, out / "splits.csv", plan.class_names)
+    write_splits_csv(plan.records + plan.heldout_records, out / "splits.csv", plan.class_names)
     if cfg.data.site_shift > 0:
         lines = write_site_profiles(out / "site_profiles.json", plan.hospitals, cfg.train.seed, cfg.data.site_shift)
         log.info("site profiles (data.site_shift = %g):\n%s", cfg.data.site_shift, "\n".join(lines))
@@ -278,6 +353,28 @@ def hospital_folder(out: Path, hospital: str) -> Path:
 def write_hospital_report(out: Path, hospital: HospitalData) -> None:
     """``OUT/hospitals/<name>/data_report.json``: the hospital's skipped files, by reason, with example paths."""
     write_json(hospital_folder(out, hospital.name) / "data_report.json", hospital.report.to_dict())
+
+
+#: Columns of a hospital's ``predictions.csv``: the image (file name and path on the hospital's disk), its
+#: patient, its true label and the final model's prediction (image level: patch probabilities averaged).
+PREDICTION_COLUMNS = ("name", "path", "patient", "label", "prediction")
+
+
+def write_predictions(out: Path, hospital: str, image: dict) -> Path:
+    """``OUT/hospitals/<name>/predictions.csv`` from :func:`fedsim.evaluation.levels.levels`'s image level.
+
+    The file stays with the hospital (rank 0 writes the held-out ones); the study reads it to pair two runs'
+    answers on the same images (McNemar), as only the researcher who owns every simulated hospital can.
+    """
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(PREDICTION_COLUMNS)
+    predicted = np.asarray(image["probs"]).argmax(axis=1)
+    for row, label, guess in zip(image["meta"], image["y"], predicted):
+        writer.writerow([os.path.basename(row["path"]), row["path"], row["patient"], int(label), int(guess)])
+    path = hospital_folder(out, hospital) / "predictions.csv"
+    write_atomic(path, text.getvalue())
+    return path
 
 
 def write_data_report(out: Path, reports: list[dict], scan: SkipReport) -> None:

@@ -23,27 +23,28 @@ from fedsim import checkpoint, plots
 from fedsim.aggregate import allreduce_mean_, fedavg
 from fedsim.assembly import build_engine, pooled_client, step_settings
 from fedsim.client import make_optimizer, predict, train_epoch
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import RunConfig
 from fedsim.datasetup import (
     DataPlan,
     HospitalData,
     plan_data,
     write_data_report,
     write_hospital_report,
+    write_predictions,
     write_run_files,
 )
 from fedsim.dist import (
     DistInfo,
-    broadcast_object,
     broadcast_weights,
     gather_figures,
 )
 from fedsim.engine import Client
-from fedsim.evaluation.levels import final_report, image_level, summaries
+from fedsim.evaluation.levels import final_report, image_level, levels, summaries
 from fedsim.faults import FaultDrills
 from fedsim.flat import flatten
 from fedsim.logger import RunLogger, format_round, write_json
 from fedsim.records import global_figures, round_seconds, weights_checksum
+from fedsim.resume import resume_round
 from fedsim.seeding import derive_seed, generator
 from models import build_model
 
@@ -57,7 +58,7 @@ class Federation:
         self.cfg, self.info = cfg, info
         self.out = Path(cfg.out)
         self.plan: DataPlan = plan_data(cfg, info, self.out)
-        self.settings = step_settings(cfg, info)
+        self.settings = step_settings(cfg, info.device)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(
             cfg.model.backbone,
@@ -83,7 +84,7 @@ class Federation:
         self.logger = RunLogger(self.out, enabled=info.is_main)
         self.writer = checkpoint.BackgroundWriter()
         self._host_copy = checkpoint.HostCopy()
-        self.start_round = self._maybe_resume()
+        self.start_round = resume_round(cfg, info, self.out, self.plan.hospitals, model, self.engine)
         if info.is_main:  # only now: a refused resume leaves the old run's files as they were
             checkpoint.remove_stale_temporaries(self.out)  # writes that died with an earlier attempt
             self.logger.start(self.start_round)  # what that attempt logged past its last checkpoint goes
@@ -95,41 +96,6 @@ class Federation:
         self._report_data()
 
     # ---- set-up -------------------------------------------------------------------------
-
-    def _maybe_resume(self) -> int:
-        """Continue after the newest usable checkpoint of this config, if the run directory has one.
-
-        Rank 0 picks the file (falling back past corrupt ones) and every rank
-        loads that same file, so a restarted group agrees on the round.
-        """
-        chosen = None
-        if self.info.is_main:
-            found = checkpoint.load_latest_usable(self.out)
-            chosen = str(found[1]) if found else None
-        chosen = broadcast_object(chosen)
-        if chosen is None:
-            if self.cfg.train.resume:
-                log.warning("--resume: no checkpoint in %s, starting from round 1", self.out)
-            return 0
-        state = checkpoint.load(chosen)
-        if state.get("config_digest") != self.cfg.digest():
-            raise ConfigError(
-                f"{chosen} was written by a run with another config; use a new --out, or the same settings to resume"
-            )
-        if state.get("hospitals") != list(self.plan.hospitals):  # e.g. another data.num_hospitals
-            raise ConfigError(
-                f"{chosen} was written by a federation of {', '.join(state.get('hospitals') or ['?'])}; "
-                f"this run has {', '.join(self.plan.hospitals)}: use a new --out, or the same hospitals"
-            )
-        self.model.load_state_dict(state["model"])  # copies into the flat views, keeping them bound
-        if self.engine is not None:
-            self.engine.load_state_dict(state.get("engine", {}))
-            for client in self.engine.clients:
-                client.state = checkpoint.load_client_state(self.out, client.name, state["round"])
-        start = state["round"] + 1
-        if self.info.is_main:
-            log.info("resuming after round %d from %s", start, chosen)
-        return start
 
     def _report_data(self) -> None:
         """Each hospital keeps its detailed skip report (with file paths) on its own disk; only counts cross ranks."""
@@ -393,8 +359,28 @@ class Federation:
                 normalizer=self.settings.normalizer,
             )
 
+    def _test(self, hospital: HospitalData, seed_index: int) -> dict[str, Any]:
+        """The model now loaded on the hospital's test split: its summaries (with counts, for pooling); the
+        image-level predictions go to the hospital's own folder (``predictions.csv``), never across ranks."""
+        dataset = hospital.dataset("test")
+        probs, labels, idx = self._predict(dataset)
+        write_predictions(self.out, hospital.name, levels(dataset, probs, labels, idx)["image"])
+        seed = derive_seed(self.cfg.train.seed, 0, seed_index, "bootstrap") % 2**32
+        summary = summaries(dataset, probs, labels, idx, self.plan.class_names, counts=True, seed=seed)
+        return {"hospital": hospital.name, **summary}
+
+    def _test_heldout(self) -> dict[str, Any] | None:
+        """Rank 0: the final global model on the held-out hospitals' test splits, pooled like final.json."""
+        if not self.plan.heldout:
+            return None
+        if self.flat.local_bn:
+            return {"accuracy": None, "reason": "FedBN keeps BatchNorm per hospital: no model for an unseen one"}
+        results = [self._test(h, len(self.plan.hospitals) + k) for k, h in enumerate(self.plan.heldout)]
+        return final_report(results, self.plan.class_names)
+
     def finish(self) -> None:
-        """Test the final global model at every hospital; rank 0 writes final.json."""
+        """Test the final global model at every hospital (and rank 0 at the held-out ones); rank 0 writes
+        final.json."""
         self.writer.wait()  # the last round's checkpoint is on disk before the run reports
         results = []
         for hospital in self.plan.mine:
@@ -402,27 +388,17 @@ class Federation:
                 continue
             if self.engine is not None:  # under FedBN, the hospital's own tensors
                 self.engine.load_client(next(c for c in self.engine.clients if c.name == hospital.name))
-            dataset = hospital.dataset("test")
-            probs, labels, idx = self._predict(dataset)
-            results.append(
-                {
-                    "hospital": hospital.name,
-                    **summaries(
-                        dataset,
-                        probs,
-                        labels,
-                        idx,
-                        self.plan.class_names,
-                        counts=True,
-                        seed=derive_seed(self.cfg.train.seed, 0, hospital.index, "bootstrap") % 2**32,
-                    ),
-                }
-            )
-            self._explain(hospital, dataset)
+            results.append(self._test(hospital, hospital.index))
+            self._explain(hospital, hospital.dataset("test"))
+        heldout = self._test_heldout() if self.info.is_main else None
         gathered = gather_figures({"results": results})
         if self.info.is_main:
             per_hospital = [res for g in gathered for res in g["results"]]
+            per_hospital.sort(key=lambda res: self.plan.hospitals.index(res["hospital"]))
             final = final_report(per_hospital, self.plan.class_names)
+            if heldout is not None:
+                final["heldout"] = heldout
+                final["heldout_accuracy"] = heldout["accuracy"]
             if self.engine is not None and self.engine.privacy is not None:
                 final["privacy"] = self.engine.privacy.report(list(self.plan.hospitals))
             write_json(self.out / "final.json", final)
@@ -437,12 +413,13 @@ class Federation:
                 "global/test_confusion_matrix", cm, self.plan.class_names, self.cfg.train.rounds
             )
             log.info(
-                "final test accuracy %.3f (image level) over %d images; per hospital %s",
+                "final test accuracy %.3f (image level) over %d images; per hospital %s%s",
                 final["accuracy"],
                 final["n_images"],
                 ", ".join(
                     f"{name} {acc:.3f}" if acc is not None else f"{name} -"
                     for name, acc in final["per_hospital_accuracy"].items()
                 ),
+                f"; held out {heldout['accuracy']:.3f}" if heldout and heldout["accuracy"] is not None else "",
             )
         self.logger.close()

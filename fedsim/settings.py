@@ -8,8 +8,10 @@ reached from the command line and what it changes::
 
 From these declarations come ``train.py``'s named flags (``flag``), ``python -m data.prepare``'s flags
 (``prepare``, with the config's own defaults), the allowed values of a ``Literal`` type, the settings that
-``RunConfig.digest`` leaves out (``weights=False``) and those the study runner ignores when it decides
-whether two runs are the same run (``launch=True``). This module imports only the standard library.
+``RunConfig.digest`` leaves out (``weights=False``), those the study runner ignores when it decides
+whether two runs are the same run (``launch=True``), and those added after run folders existed
+(``omit_default=True``): at their default they are left out of the digest and of ``config.json``, so
+folders written before them still resume and read the same. This module imports only the standard library.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Setting:
     """True: it only says where or how the run starts (the run folder, ``--resume``): two runs that differ
     in it alone are the same run."""
     metavar: Any = None
+    omit_default: bool = False
+    """True: added after run folders existed; at its default it is left out of the digest and config.json."""
 
     @property
     def choices(self) -> tuple | None:
@@ -70,6 +74,7 @@ def setting(
     weights: bool = True,
     launch: bool = False,
     metavar: Any = None,
+    omit_default: bool = False,
 ) -> Any:
     """A dataclass field with its declaration (see :class:`Setting`); a list default is copied per instance.
 
@@ -83,6 +88,7 @@ def setting(
             "weights": weights and not launch,
             "launch": launch,
             "metavar": metavar,
+            "omit_default": omit_default,
         }
     }
     if isinstance(default, (list, dict)):
@@ -138,6 +144,7 @@ def declared(root: type, prefix: str = "") -> tuple[Setting, ...]:
                 meta.get("weights", True),
                 meta.get("launch", False),
                 meta.get("metavar"),
+                meta.get("omit_default", False),
             )
         )
     return tuple(found)

@@ -91,6 +91,7 @@ def test_the_study_sets_declared_flags_only():
 #: train.py's flags before they were declared with the settings: (flag, config key).
 TRAIN_FLAGS = {
     "--data": "data.path",
+    "--data-source": "data.source",  # added since, with the embedded benchmark
     "--out": "out",
     "--rounds": "train.rounds",
     "--local-epochs": "train.local_epochs",
@@ -174,6 +175,7 @@ PREPARE_DEFAULTS = {
     "--stain": "macenko",
     "--stain-reference": "",
     "--site-shift": 0.0,
+    "--patch-centres": "tissue",  # added since, with the embedded benchmark
 }
 
 
@@ -392,7 +394,7 @@ def test_the_public_api_loads_on_first_use():
 def test_user_errors_are_one_family():
     from data.cache import CorruptCache
     from fedsim.checkpoint import CheckpointError
-    from fedsim.evaluate import EvalError
+    from fedsim.evaluation.offline import EvalError
     from fedsim.study.plan import StudyError
 
     for kind in (
@@ -421,13 +423,13 @@ def test_a_bug_in_training_shows_its_traceback(monkeypatch):
 
 def test_a_bug_in_eval_and_prepare_shows_its_traceback(monkeypatch, tmp_path):
     import eval as eval_py
-    import fedsim.evaluate
+    import fedsim.evaluation.offline
     from data import prepare
 
     def bug(args):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(fedsim.evaluate, "evaluate_checkpoint", bug)
+    monkeypatch.setattr(fedsim.evaluation.offline, "evaluate_checkpoint", bug)
     with pytest.raises(ValueError, match="an internal bug"):
         eval_py.main(["--checkpoint", str(tmp_path / "c.pt")])
     monkeypatch.setattr(prepare, "prepare", bug)

@@ -1,4 +1,4 @@
-"""An embedded histology benchmark whose answers are known by construction (issue #14, first part).
+"""An embedded histology benchmark whose answers are known by construction.
 
 Every tile is tumour. Its grade is a composite of two independent components
 (:mod:`data.benchmark.design`): an architecture level drawn at the scale of
@@ -14,13 +14,12 @@ Geometry: one patch pair per tile. The detail patch is ``detail`` native
 pixels; the context patch covers ``4 * detail`` native pixels resized to
 ``context``; a tile is the context field plus ``jitter`` on each side, so any
 centre in :func:`~data.benchmark.design.centre_box` keeps both windows inside
-the tile. ``data.patches.sample_centres`` does not know this box today (it
-draws centres wherever the detail window is tissue, and every pixel of a tile
-is tissue); :func:`~data.benchmark.controls.centres_in_box` draws centres that
-need no padding.
+the tile: the box ``data.patches.sample_centres`` draws from with
+``centres = "inside"`` (training's ``data.patch_centres``).
 
 Render a dataset with ``python -m data.benchmark --preset {demo,study,paper}
---seed S --out DIR`` (:mod:`~data.benchmark.dataset`).
+--seed S --out DIR`` (:mod:`~data.benchmark.dataset`); training renders its own
+(``data.source = benchmark``, ``fedsim.sources``).
 """
 
 from data.benchmark.design import (

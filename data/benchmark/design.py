@@ -223,9 +223,8 @@ def centre_box(spec: BenchmarkSpec) -> tuple[int, int]:
 def geometry(spec: BenchmarkSpec) -> dict:
     """The data settings the spec implies, by ``fedsim`` config name where one exists.
 
-    ``centre_box`` and ``heldout_hospitals`` have no config key yet: the patch
-    sampler must keep centres in the box (see the package docstring) and the
-    held-out hospital must not be a federation client.
+    ``centre_box`` is what ``data.patch_centres = "inside"`` gives; ``tile_size`` and
+    ``context_downsample`` are informative (training checks the others).
     """
     low, high = centre_box(spec)
     return {

@@ -232,8 +232,8 @@ def _image_pairs(rec: ImageRecord, spec: CacheSpec, normalizer, report: SkipRepo
     rng = np.random.default_rng([spec.seed, zlib.crc32(rec.identity.encode())])  # not the path: the data may move
     try:
         centres = sample_centres(rgb, spec.patches_per_image, spec.patch, rng, mask=mask)
-    except NoTissue:
-        report.add(rec.path, "all background")  # a fixed reason: counts of it leave the hospital
+    except NoTissue as err:
+        report.add(rec.path, str(err))  # a fixed reason, no path: counts of it leave the hospital
         return None
     return extract_pairs(rgb, centres, spec.patch)
 

@@ -51,9 +51,10 @@ class CacheSpec:
         The hospital shapes the pixels (site profiles) and the patient and
         magnification are stored beside them for evaluation, so all count.
         """
-        h = hashlib.sha256(
-            json.dumps([CACHE_VERSION, asdict(self), _stamp(self.stain_reference)], sort_keys=True).encode()
-        )
+        fields = asdict(self)
+        if fields["patch"]["centres"] == "tissue":  # added later: caches built before keep their key
+            del fields["patch"]["centres"]
+        h = hashlib.sha256(json.dumps([CACHE_VERSION, fields, _stamp(self.stain_reference)], sort_keys=True).encode())
         for rec in records:
             h.update(json.dumps([*astuple(rec), _stamp(rec.path)]).encode() + b"\n")
         return h.hexdigest()[:16]

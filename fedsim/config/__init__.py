@@ -47,7 +47,7 @@ from fedsim.config.checks import (
     MAX_XAI,
     ConfigError,
 )
-from fedsim.config.data_and_model import DataConfig, ModelConfig, SyntheticConfig
+from fedsim.config.data_and_model import BenchmarkConfig, DataConfig, ModelConfig, SyntheticConfig
 from fedsim.config.loading import (
     check_inputs,
     field_type,
@@ -88,6 +88,7 @@ __all__ = [
     "RunConfig",
     "SecAggConfig",
     "SyntheticConfig",
+    "BenchmarkConfig",
     "TrainConfig",
     "check_inputs",
     "field_type",

@@ -52,6 +52,31 @@ class SyntheticConfig:
 
 
 @table
+class BenchmarkConfig:
+    """The embedded known-answer benchmark (``data.source = benchmark``): :mod:`data.benchmark`."""
+
+    PREFIX: ClassVar[str] = "data.benchmark."
+
+    preset: Literal["demo", "study", "paper"] = setting("demo", omit_default=True)
+    """Which benchmark: demo (seconds on one core), study (the CPU study: 48 px pairs, 600 training tiles per
+    hospital on average) or paper (224/320 px pairs for GPUs). Its data settings are fixed by the preset
+    (``configs/benchmark-*.toml`` set them); the training tiles are drawn from ``train.seed``."""
+    test_seed: int = setting(0, omit_default=True)
+    """Seed of the hospitals' lab profiles and of every test tile, 0..2^63-1: kept fixed while the study's
+    seeds redraw the training tiles, so every seed is tested on the same images."""
+    alpha: float = setting(2.0, omit_default=True)
+    """Dirichlet concentration of each hospital's grade mix in its training and validation tiles, in [0, 1e6];
+    0 = every hospital balanced (no label skew)."""
+    confound: bool = setting(False, omit_default=True)
+    """The darkest-staining hospital gets more Grade III (a stain-label confound)."""
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _within("data.benchmark.test_seed", self.test_seed, 0, 2**63 - 1)
+        _within("data.benchmark.alpha", self.alpha, 0.0, MAX_DIRICHLET)
+
+
+@table
 class DataConfig:
     """Where images come from and how they become patch pairs."""
 
@@ -64,7 +89,19 @@ class DataConfig:
     )
     """CRC-HGD-style folder, a folder with manifest.csv, or a manifest CSV (it must exist); empty = embedded
     synthetic data."""
+    source: Literal["synthetic", "benchmark"] = setting(
+        "synthetic",
+        flag="--data-source",
+        help="embedded data when --data is not given: synthetic | benchmark (see data.benchmark.*)",
+        omit_default=True,
+    )
+    """The embedded data used when ``data.path`` is empty: synthetic (``data.synthetic.*``) or benchmark
+    (the known-answer benchmark, ``data.benchmark.*``, with its held-out hospital ``HOLDOUT``)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    heldout_hospitals: list[str] = setting([], omit_default=True)
+    """Hospitals of the data that never train: not federation clients, their test split evaluated by rank 0
+    at the end and reported apart (``final.json`` ``heldout``). The benchmark's ``HOLDOUT`` must be listed."""
     classes: list[str] = setting(list(GRADE_NAMES), prepare="--classes", help="comma-separated classes in label order")
     """Classes to use, in label order (at least two, no two alike ignoring case); add "Normal" / "Mixed"
     for CRC-HGD's extra folders."""
@@ -99,6 +136,11 @@ class DataConfig:
     """Patch pairs drawn per validation/test image (their probabilities are averaged), 1..4096."""
     min_tissue: float = setting(0.5, prepare="--min-tissue")
     """Minimum tissue fraction of a detail window for its centre to be sampled."""
+    patch_centres: Literal["tissue", "inside"] = setting(
+        "tissue", prepare="--patch-centres", help="tissue | inside (both windows inside the image)", omit_default=True
+    )
+    """Where patch centres may lie: tissue (wherever the detail window holds min_tissue; windows reaching past
+    the image are reflect-padded) or inside (also with both windows inside the image: nothing mirrored)."""
     stain: Literal["macenko", "reinhard", "none"] = setting(
         "macenko", flag="--stain", prepare="--stain", help="macenko | reinhard | none"
     )
@@ -132,6 +174,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         if isinstance(self.synthetic, dict):
             self.synthetic = SyntheticConfig(**self.synthetic)
+        if isinstance(self.benchmark, dict):
+            self.benchmark = BenchmarkConfig(**self.benchmark)
+        if len(set(self.heldout_hospitals)) != len(self.heldout_hospitals) or not all(
+            h.strip() for h in self.heldout_hospitals
+        ):
+            raise ConfigError(f"data.heldout_hospitals = {self.heldout_hospitals} must name distinct hospitals")
         _check_choices(self)
         _within("data.num_hospitals", self.num_hospitals, 0, MAX_HOSPITALS)
         _within("data.dirichlet_alpha", self.dirichlet_alpha, 0.0, MAX_DIRICHLET, inclusive=False)

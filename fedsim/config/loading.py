@@ -225,6 +225,10 @@ def check_inputs(cfg: RunConfig) -> None:
     data = cfg.data
     if data.path and not Path(data.path).exists():
         raise ConfigError(f"data.path = {data.path!r}: data path does not exist")
+    if not data.path and data.source == "benchmark":
+        from fedsim.sources import check_benchmark_settings
+
+        check_benchmark_settings(cfg)
     for name, value in (("data.stain_reference", data.stain_reference), ("model.pretrained", cfg.model.pretrained)):
         if value:
             _readable_file(name, value)
@@ -260,4 +264,4 @@ def _readable_file(name: str, value: str) -> None:
 
 def save(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as JSON (atomically: temporary file, fsync, rename)."""
-    write_atomic(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(cfg.record(), indent=2, sort_keys=True) + "\n")

@@ -49,25 +49,55 @@ class RunConfig:
         """Plain, JSON-ready dict."""
         return dataclasses.asdict(self)
 
+    def record(self) -> dict[str, Any]:
+        """What ``config.json`` holds and the digest reads: :meth:`to_dict` without the settings added after
+        run folders existed (``omit_default``) while they are at their default, nor tables left empty by that."""
+        tree = self.to_dict()
+        for s in SETTINGS:
+            if s.omit_default and _get_dotted(tree, s.key) == s.default:
+                _pop_dotted(tree, s.key, prune=True)
+        return tree
+
     def digest(self) -> str:
         """Hash of the settings that determine the trained weights (those declared ``weights=True``).
 
         A run may be extended, retimed or restarted with any other setting changed (rounds, timeouts,
         the output folder ...): resume compares this hash.
         """
-        tree = self.to_dict()
+        tree = self.record()
         for s in SETTINGS:
-            if not s.weights:
+            if not s.weights and _has_dotted(tree, s.key):
                 _pop_dotted(tree, s.key)
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _pop_dotted(tree: dict[str, Any], key: str) -> None:
-    *path, name = key.split(".")
-    for part in path:
+def _get_dotted(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
         tree = tree[part]
-    del tree[name]
+    return tree
+
+
+def _has_dotted(tree: dict[str, Any], key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _pop_dotted(tree: dict[str, Any], key: str, prune: bool = False) -> None:
+    """Remove ``key``; with ``prune``, also the tables that are left empty by it."""
+    *path, name = key.split(".")
+    parents = [tree]
+    for part in path:
+        parents.append(parents[-1][part])
+    del parents[-1][name]
+    if prune:
+        for parent, part in zip(reversed(parents[:-1]), reversed(path)):
+            if parent[part]:
+                break
+            del parent[part]
 
 
 def _check_privacy(cfg: RunConfig) -> None:

@@ -24,7 +24,7 @@ from data.synthetic import generate
 from fedsim import checkpoint, plots
 from fedsim.client import StepSettings, predict
 from fedsim.config import ConfigError, from_dict
-from fedsim.datasetup import cache_root, cache_spec, device_normalizer, synthetic_root, synthetic_spec
+from fedsim.datasetup import cache_root, cache_spec, synthetic_root, synthetic_spec
 from fedsim.dist import choose_backend
 from fedsim.errors import UserError
 from fedsim.evaluation.levels import summaries
@@ -166,11 +166,11 @@ def _fedbn_caveat(state: dict[str, Any]) -> str:
 
 
 def eval_settings(cfg, device: torch.device) -> StepSettings:
-    """Inference as in training: bf16 and channels-last on CUDA, the run's on-device stain normalization if any."""
-    cuda = device.type == "cuda"
-    return StepSettings(
-        device, torch.bfloat16 if cuda else None, cuda, 0.0, 0.0, False, 1, normalizer=device_normalizer(cfg)
-    )
+    """Inference as in training (:func:`fedsim.assembly.step_settings`: the run's precision, channels-last on
+    CUDA, its on-device stain normalization if any)."""
+    from fedsim.assembly import step_settings
+
+    return step_settings(cfg, device)
 
 
 def _dataset(cfg, args: argparse.Namespace, class_names: list[str], hospitals: int) -> CachedPairs:
@@ -191,5 +191,10 @@ def _data_root(cfg, hospitals: int) -> Path:
     """The run's data; the embedded dataset is regenerated (identically) if its cache was cleared."""
     if cfg.data.path:
         return Path(cfg.data.path)
+    if cfg.data.source == "benchmark":
+        from fedsim.sources import benchmark_root, benchmark_spec, render_benchmark
+
+        spec = benchmark_spec(cfg)
+        return render_benchmark(spec, benchmark_root(cfg, spec))
     spec = synthetic_spec(cfg, hospitals)
     return generate(synthetic_root(cfg, spec), spec, progress=False).parent
