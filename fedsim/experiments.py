@@ -1,5 +1,6 @@
 """Studies: the paper's comparisons as one command, every variant over several seeds.
 
+    python -m fedsim.experiments --preset study --seeds 3     # the embedded benchmark, outcomes with tests
     python -m fedsim.experiments --preset demo --seeds 3
     python -m fedsim.experiments --preset paper --data /path/to/CRC-HGD --only federation,scales
     python -m fedsim.experiments --preset demo --only fedavg --seeds 1 -- --rounds 1 --device cpu
@@ -13,8 +14,10 @@ where it stopped (train.py itself resumes a half-finished run from its last
 round checkpoint). Arguments after ``--`` go to every train.py run.
 
 When all runs have ended, ``OUT/results.csv`` (one row per variant and seed),
-``OUT/results.md`` (means with 95% Student t intervals over seeds, and paired
-t-tests of the paper's comparisons) and ``OUT/results.png`` (bar chart) are written.
+``OUT/results.md`` (means with 95% Student t intervals over seeds, paired
+t-tests of the paper's comparisons, McNemar's test on the test images; on the
+embedded benchmark each expected outcome with its test) and ``OUT/results.png``
+(bar chart) are written; on the benchmark also ``cross_site.csv`` and ``cross_site.png``.
 
 This module is the command line only: the plan, the runner, the statistics and
 the results files live in the :mod:`fedsim.study` package.
@@ -30,7 +33,18 @@ from pathlib import Path
 
 from fedsim.config import ConfigError, load_toml
 from fedsim.errors import UserError
-from fedsim.study.plan import PRESETS, STUDY_FLAGS, Plan, StudyError, build_plan, describe, select, variants
+from fedsim.study.plan import (
+    PRESET_DEFAULTS,
+    PRESETS,
+    STUDY_FLAGS,
+    Plan,
+    StudyError,
+    build_plan,
+    describe,
+    preset_hospitals,
+    select,
+    variants,
+)
 from fedsim.study.results import write_results
 from fedsim.study.runner import run_all
 
@@ -49,14 +63,19 @@ def parse_cli(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]
         description="Run the paper's comparisons over seeds and summarize them.",
         epilog="Arguments after -- are passed to every train.py run.",
     )
-    parser.add_argument("--preset", default="demo", help="demo, paper, or a TOML preset path (default demo)")
+    parser.add_argument(
+        "--preset", default="demo", help="demo, study (the embedded benchmark), paper, or a TOML preset (default demo)"
+    )
     parser.add_argument("--data", help="dataset for train.py --data (default: embedded synthetic data)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 for every variant (default 3)")
     parser.add_argument("--out", help="study folder (default runs/study-<preset name>)")
     parser.add_argument("--only", help="comma-separated variants or groups (federation, scales, mu, stain)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and what is done; run nothing")
-    parser.add_argument("--nproc", type=int, default=3, help="ranks, i.e. hospitals, of federated runs (default 3)")
-    parser.add_argument("--hospitals", help="hospital names for the local-only variants (default H1..H<nproc>)")
+    parser.add_argument(
+        "--nproc", type=int, help="ranks of federated runs (default 3; 1 on the benchmark, which hosts all 3 there)"
+    )
+    parser.add_argument("--jobs", type=int, help="runs at a time (default 1; 2 on the benchmark presets)")
+    parser.add_argument("--hospitals", help="hospital names for the local-only variants (default: the preset's)")
     return parser.parse_args(argv), extra
 
 
@@ -71,11 +90,14 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
     if not preset.is_file():
         raise StudyError(f"--preset {args.preset}: no such preset or file (presets: {', '.join(PRESETS)})")
     try:  # every run reads it: a preset that is not UTF-8 or not TOML stops the study before any plan
-        load_toml(preset)
+        tree = load_toml(preset)
     except ConfigError as err:
         raise StudyError(f"--preset {args.preset}: {err}") from None
-    if args.seeds < 1 or args.nproc < 1:
-        raise StudyError("--seeds and --nproc must be at least 1")
+    defaults = PRESET_DEFAULTS.get(args.preset, {})
+    args.nproc = args.nproc if args.nproc is not None else defaults.get("nproc", 3)
+    args.jobs = args.jobs if args.jobs is not None else defaults.get("jobs", 1)
+    if args.seeds < 1 or args.nproc < 1 or args.jobs < 1:
+        raise StudyError("--seeds, --nproc and --jobs must be at least 1")
     if args.data and not Path(args.data).exists():
         raise StudyError(f"--data {args.data}: no such file or folder")
     overridden = sorted(STUDY_FLAGS & set(extra))
@@ -84,12 +106,12 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
     hospitals = (
         [h.strip() for h in args.hospitals.split(",") if h.strip()]
         if args.hospitals
-        else [f"H{i}" for i in range(1, args.nproc + 1)]
+        else preset_hospitals(tree if not args.data else {}, args.nproc)
     )
     chosen = select(variants(hospitals), args.only)
     out = Path(args.out or Path("runs") / f"study-{preset.stem}").resolve()
     data = str(Path(args.data).resolve()) if args.data else None
-    return build_plan(chosen, args.seeds, preset, data, extra, args.nproc, out)
+    return build_plan(chosen, args.seeds, preset, data, extra, args.nproc, out, len(hospitals))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(describe(plan))
         return 0
-    failed = run_all(plan)
+    failed = run_all(plan, jobs=args.jobs)
     write_results(plan, failed)
     if failed:
         log.error("%d run(s) failed: %s (see their log.txt)", len(failed), ", ".join(failed))

@@ -1,4 +1,5 @@
-"""Every picture of the project, drawn with Pillow: confusion matrices, the study chart, Grad-CAM panels.
+"""Every picture of the project, drawn with Pillow: confusion matrices, the study chart, the cross-site
+heatmap, Grad-CAM panels.
 
 All of them share one font loader and one PNG writer. Pillow is imported
 inside the functions, so importing this module costs nothing until a picture
@@ -24,7 +25,9 @@ __all__ = [
     "compose_panel",
     "confusion_matrix_image",
     "load_font",
+    "heatmap_image",
     "save_confusion_matrix_png",
+    "save_heatmap_png",
     "save_png",
     "save_study_chart",
     "study_chart",
@@ -190,10 +193,52 @@ def save_confusion_matrix_png(
 
 
 # --------------------------------------------------------------------------- #
+# Heatmap (the study's cross-site matrix)
+# --------------------------------------------------------------------------- #
+def heatmap_image(values: ArrayLike, rows: Sequence[str], columns: Sequence[str], title: str = "") -> Any:
+    """A matrix of values in [0, 1] (accuracies) as an image: cells shaded by value and labelled with it to
+    3 decimals; NaN cells are grey and say ``n/a``. Rows are named on the left, columns above."""
+    from PIL import Image, ImageDraw
+
+    m = np.asarray(values, dtype=float)
+    if m.shape != (len(rows), len(columns)):
+        raise ValueError(f"a {m.shape} matrix for {len(rows)} row and {len(columns)} column names")
+    font, small = load_font(14), load_font(12)
+    measure = _measuring_draw()
+    left = 16 + max(text_size(measure, r, font)[0] for r in rows)
+    cell = max(72, 12 + max(text_size(measure, c, small)[0] for c in columns))
+    top = 16 + (24 if title else 0) + text_size(measure, "Hg", small)[1] + 8
+    image = Image.new("RGB", (left + cell * len(columns) + 16, top + cell * len(rows) + 16), WHITE)
+    draw = ImageDraw.Draw(image)
+    if title:
+        draw.text((image.width / 2, 12), title, font=font, fill=BLACK, anchor="mt")
+    for j, name in enumerate(columns):
+        draw.text((left + (j + 0.5) * cell, top - 6), name, font=small, fill=BLACK, anchor="mb")
+    for i, name in enumerate(rows):
+        draw.text((left - 8, top + (i + 0.5) * cell), name, font=font, fill=BLACK, anchor="rm")
+        for j in range(len(columns)):
+            value = m[i, j]
+            box = (left + j * cell, top + i * cell, left + (j + 1) * cell, top + (i + 1) * cell)
+            known = math.isfinite(value)
+            shade = min(max(value, 0.0), 1.0) if known else 0.0
+            draw.rectangle(box, fill=_shade(shade) if known else (200, 200, 200), outline=GREY)
+            text = f"{value:.3f}" if known else "n/a"
+            _draw_centered(draw, box, [(text, font)], WHITE if shade > 0.5 else BLACK)
+    return image
+
+
+def save_heatmap_png(
+    path: str | os.PathLike, values: ArrayLike, rows: Sequence[str], columns: Sequence[str], title: str = ""
+) -> None:
+    """Write :func:`heatmap_image` to ``path`` as a PNG (atomically)."""
+    save_png(heatmap_image(values, rows, columns, title), path)
+
+
+# --------------------------------------------------------------------------- #
 # Study chart
 # --------------------------------------------------------------------------- #
 #: Bar colour of the first, second, ... metric of the study chart.
-METRIC_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
+METRIC_COLORS = ((31, 119, 180), (148, 103, 189), (255, 127, 14), (44, 160, 44), (214, 39, 40))
 PANEL_HEIGHT = 300
 LEGEND_HEIGHT = 36
 SLOT = 100  # pixels per variant: one bar per metric and a gap

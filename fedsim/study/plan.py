@@ -30,7 +30,18 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "train.py"
-PRESETS = {"demo": REPO / "configs" / "demo.toml", "paper": REPO / "configs" / "paper.toml"}
+PRESETS = {
+    "demo": REPO / "configs" / "demo.toml",
+    "paper": REPO / "configs" / "paper.toml",
+    "study": REPO / "configs" / "benchmark-study.toml",
+    "benchmark-demo": REPO / "configs" / "benchmark-demo.toml",
+}
+#: Defaults of ``--nproc`` and ``--jobs`` per preset. On the benchmark every run hosts its 3 hospitals on one
+#: rank and two runs share the machine's two cores; the others run one hospital per rank, one run at a time.
+PRESET_DEFAULTS = {
+    "study": {"nproc": 1, "jobs": 2},
+    "benchmark-demo": {"nproc": 1, "jobs": 2},
+}
 
 #: Settings every variant starts from: the paper's federated configuration.
 BASE: dict[str, str] = {
@@ -55,6 +66,7 @@ VARIANTS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("mu-0.01", "mu", {}),
     ("mu-0.1", "mu", {"--mu": "0.1"}),
     ("macenko", "stain", {}),
+    ("reinhard", "stain", {"--stain": "reinhard"}),
     ("none", "stain", {"--stain": "none"}),
 )
 
@@ -239,14 +251,22 @@ def find_folder(root: Path, name: str, seed: int, key: str) -> Path:
 
 
 def build_plan(
-    chosen: Sequence[Variant], seeds: int, preset: Path, data: str | None, extra: Sequence[str], nproc: int, out: Path
+    chosen: Sequence[Variant],
+    seeds: int,
+    preset: Path,
+    data: str | None,
+    extra: Sequence[str],
+    nproc: int,
+    out: Path,
+    hospitals: int | None = None,
 ) -> Plan:
-    """Jobs for every chosen variant and seed, with identical settings mapped to one run."""
+    """Jobs for every chosen variant and seed, with identical settings mapped to one run; ``hospitals``
+    (default: ``nproc``, one per rank) hospitals in every run."""
     runs: dict[str, Run] = {}
     jobs = []
     for variant in chosen:
         for seed in range(seeds):
-            args = train_args(variant, seed, preset, data, extra, nproc)
+            args = train_args(variant, seed, preset, data, extra, hospitals or nproc)
             ranks = 1 if variant.centralized else nproc
             key = settings_key(args, ranks)
             if key not in runs:
@@ -271,3 +291,14 @@ def describe(plan: Plan) -> str:
         lines.append(f"  {state:<7} {run.folder.name:<28} [{served}]{reused}")
         lines.append(f"          ranks={run.nproc} train.py {shlex.join(run.args)}")
     return "\n".join(lines)
+
+
+def preset_hospitals(tree: dict[str, Any], nproc: int) -> list[str]:
+    """The hospitals of a study's runs: the benchmark's (``data.source = benchmark``), else one per rank."""
+    data = tree.get("data", {})
+    if data.get("source") == "benchmark" and not data.get("path"):
+        from data.benchmark import preset
+
+        return list(preset(data.get("benchmark", {}).get("preset", "demo")).hospital_names)
+    count = int(data.get("num_hospitals") or nproc)
+    return [f"H{i}" for i in range(1, count + 1)]

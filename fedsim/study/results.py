@@ -1,8 +1,12 @@
 """The study's results: one row per (variant, seed) from the runs' final.json, and the files made of them.
 
 ``OUT/results.csv`` holds the rows, ``OUT/results.md`` the means with 95%
-Student t intervals over seeds and paired t-tests of the paper's comparisons,
-``OUT/results.png`` the same means as a bar chart.
+Student t intervals over seeds, paired t-tests of the paper's comparisons over
+seeds and, where the runs wrote their answers, McNemar's test of the same
+comparisons over the test images; ``OUT/results.png`` the means as a bar chart.
+On the embedded benchmark, results.md also states each expected outcome with
+its result (:mod:`fedsim.study.outcomes`), with the colour control as a row,
+and ``cross_site.csv`` / ``cross_site.png`` hold the cross-site matrix.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from fedsim.study.stats import Paired, mean_ci, paired_t
 #: (key in results.csv, label in results.md and results.png): the metrics summarized over seeds.
 METRICS: tuple[tuple[str, str], ...] = (
     ("accuracy", "accuracy"),
+    ("heldout_accuracy", "held-out accuracy"),
     ("balanced_accuracy", "balanced accuracy"),
     ("qwk", "QWK"),
     ("grade3_recall", "Grade III recall"),
@@ -36,7 +41,24 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
     ("macenko", "none"),
 )
 
-CSV_COLUMNS = ("variant", "group", "seed", "run", "accuracy", "balanced_accuracy", "macro_f1", "qwk", "grade3_recall")
+CSV_COLUMNS = (
+    "variant",
+    "group",
+    "seed",
+    "run",
+    "accuracy",
+    "heldout_accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "qwk",
+    "grade3_recall",
+)
+
+
+def metrics_of(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """:data:`METRICS` without those no run reported (the held-out accuracy of a study without one)."""
+    reported = {key for key, _ in METRICS if any(_number(r.get(key)) is not None for r in rows)}
+    return tuple(m for m in METRICS if m[0] != "heldout_accuracy" or m[0] in reported)
 
 
 def read_final(folder: Path) -> dict[str, Any]:
@@ -50,6 +72,7 @@ def metric_values(final: dict[str, Any]) -> dict[str, Any]:
     image = final.get("image", {})
     values = {key: image.get(key) for key in ("balanced_accuracy", "macro_f1", "qwk")}
     values["accuracy"] = final.get("accuracy", image.get("accuracy"))
+    values["heldout_accuracy"] = final.get("heldout_accuracy")
     values["grade3_recall"] = (image.get("per_class_recall") or {}).get("Grade III")
     for magnification, accuracy in (image.get("per_magnification_accuracy") or {}).items():
         values[f"accuracy_mag_{magnification}"] = accuracy
@@ -100,7 +123,7 @@ def summarize_results(rows: list[dict[str, Any]], plan: Plan) -> StudyTable:
         group = table.setdefault(job.variant.group, {})
         if job.variant.name not in group:
             group[job.variant.name] = {
-                key: mean_ci(list(values_of(rows, job.variant.name, key).values())) for key, _ in METRICS
+                key: mean_ci(list(values_of(rows, job.variant.name, key).values())) for key, _ in metrics_of(rows)
             }
     return table
 
@@ -138,12 +161,12 @@ def render_markdown(rows: list[dict[str, Any]], plan: Plan) -> str:
         "Values: mean over seeds ± half-width of the 95% Student t interval (image level, test split)."
     )
     lines = ["# Study results", "", intro, ""]
-    header = ["variant", "n seeds", *(label for _, label in METRICS)]
+    header = ["variant", "n seeds", *(label for _, label in metrics_of(rows))]
     for group, table in summarize_results(rows, plan).items():
         lines += [f"## {group}", "", _md_row(header), _md_row(["---"] * len(header))]
         for variant, stats in table.items():
             n = max(stat[0] for stat in stats.values())
-            lines.append(_md_row([variant, str(n), *(_fmt_ci(*stats[key]) for key, _ in METRICS)]))
+            lines.append(_md_row([variant, str(n), *(_fmt_ci(*stats[key]) for key, _ in metrics_of(rows))]))
         lines.append("")
     return "\n".join(lines + _comparison_lines(rows, plan)).rstrip("\n") + "\n"
 
@@ -161,7 +184,7 @@ def _comparison_lines(rows: list[dict[str, Any]], plan: Plan) -> list[str]:
     header = ["comparison", "metric", "n pairs", "mean difference", "95% CI", "p (paired t, two-sided)"]
     lines = ["## Paired comparisons over seeds", "", _md_row(header), _md_row(["---"] * len(header))]
     for a, b in pairs:
-        for key, label in METRICS:
+        for key, label in metrics_of(rows):
             test = compare(rows, a, b, key)
             ci = "n/a" if math.isnan(test.low) else f"[{test.low:+.3f}, {test.high:+.3f}]"
             diff = "n/a" if test.n == 0 else f"{test.diff:+.3f}"
@@ -181,11 +204,70 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def finished_runs(plan: Plan) -> tuple[dict[str, dict[int, Path]], dict[str, dict[int, dict]]]:
+    """``folders[variant][seed]`` and ``finals[variant][seed]`` of every finished job."""
+    folders: dict[str, dict[int, Path]] = {}
+    finals: dict[str, dict[int, dict]] = {}
+    for job in plan.jobs:
+        final = read_final(job.run.folder)
+        if final:
+            folders.setdefault(job.variant.name, {})[job.seed] = job.run.folder
+            finals.setdefault(job.variant.name, {})[job.seed] = final
+    return folders, finals
+
+
+def image_comparison_lines(folders: dict[str, dict[int, Path]], hospitals: list[str]) -> list[str]:
+    """McNemar's test of the paper's comparisons on the hospitals' test images, where both variants wrote
+    answers."""
+    from fedsim.study.outcomes import comparison_line
+    from fedsim.study.paired import compare_runs
+
+    found = []
+    for a, b in COMPARISONS:
+        if a in folders and b in folders:
+            c = compare_runs(folders[a], folders[b], a, b, "test", hospitals)
+            if c.total.n:
+                found.append(comparison_line(c))
+    if not found:
+        return []
+    return ["## Paired comparisons over test images", "", *found, ""]
+
+
+def hospitals_of(folders: dict[str, dict[int, Path]]) -> list[str]:
+    """The hospitals that wrote answers in any finished run."""
+    names = {p.parent.name for runs in folders.values() for f in runs.values() for p in f.glob("hospitals/*/*.csv")}
+    return sorted(names)
+
+
 def write_results(plan: Plan, failed: dict[str, int]) -> list[dict[str, Any]]:
-    """results.csv, results.md and results.png in the study folder; returns the rows."""
+    """results.csv, results.md and results.png in the study folder (and on the benchmark the cross-site
+    matrix); returns the rows."""
+    from fedsim.study.crosssite import write_cross_site
+    from fedsim.study.outcomes import benchmark_context, outcome_lines
+
     plan.out.mkdir(parents=True, exist_ok=True)
     rows = result_rows(plan, failed)
     write_csv(plan.out / "results.csv", rows)
-    write_atomic(plan.out / "results.md", render_markdown(rows, plan))
-    save_study_chart(plan.out / "results.png", summarize_results(rows, plan), METRICS)
+    folders, finals = finished_runs(plan)
+    text = render_markdown(rows, plan)
+    context = benchmark_context(folders)
+    extra = image_comparison_lines(folders, context["hospitals"] if context else hospitals_of(folders))
+    if context is not None:
+        args = (context["hospitals"], context["heldout"], context["ceiling"], context["colour"])
+        extra = [*outcome_lines(folders, finals, *args), *extra]
+        matrix = write_cross_site(plan.out, finals)
+        if matrix is not None:
+            extra += cross_site_lines(*matrix)
+    if extra:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(extra).rstrip("\n") + "\n"
+    write_atomic(plan.out / "results.md", text)
+    save_study_chart(plan.out / "results.png", summarize_results(rows, plan), metrics_of(rows))
     return rows
+
+
+def cross_site_lines(models: list[str], columns: list[str], matrix: list) -> list[str]:
+    """The cross-site matrix as a markdown table (means over seeds)."""
+    lines = ["## Cross-site evaluation", "", "Test accuracy, mean over seeds: model (row) on site (column).", ""]
+    lines += [_md_row(["model", *columns]), _md_row(["---"] * (len(columns) + 1))]
+    lines += [_md_row([m, *(fmt(v) for v in values)]) for m, values in zip(models, matrix)]
+    return lines + [""]
