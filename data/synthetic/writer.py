@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,8 +136,12 @@ def _remove_strays(root: Path, keep: set[str]) -> None:
 
 
 def _progress(items: list[PlannedImage], enabled: bool) -> Iterator[PlannedImage]:
-    """The items, behind a tqdm progress bar when enabled."""
+    """The items, behind a tqdm progress bar when enabled and stderr is a terminal; one plain line otherwise
+    (a bar's redraws in a log file are one line of hundreds of updates)."""
     if not enabled:
+        return iter(items)
+    if not sys.stderr.isatty():
+        print(f"synthetic CRC-HGD: rendering {len(items)} images", file=sys.stderr, flush=True)
         return iter(items)
     from tqdm import tqdm  # only needed for the bar
 
