@@ -16,8 +16,7 @@ errors) then runs without loading torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fedsim.lazy import lazy_exports
 
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
@@ -34,14 +33,4 @@ __all__ = ["FlatModel", "add_proximal_grad_", "fedavg", "federate", "flatten", "
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
-    """Load a public name from its submodule the first time it is asked for (PEP 562)."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fedsim' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

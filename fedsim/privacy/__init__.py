@@ -29,8 +29,7 @@ but the code calls its own module's names.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fedsim.lazy import lazy_exports
 
 #: Public name -> the module of this package that defines it.
 _EXPORTS = {
@@ -80,14 +79,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Load a public name from its module the first time it is asked for (PEP 562)."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fedsim.privacy' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
