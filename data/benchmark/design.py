@@ -36,7 +36,7 @@ import numpy as np
 from data.limits import check_int
 
 #: Bumped whenever rendering changes, so nothing compares datasets of two renderers.
-BENCHMARK_VERSION = 1
+BENCHMARK_VERSION = 2
 LEVELS = (0, 1, 2)
 #: Probability that a component is rendered at a neighbouring level.
 RENDER_NOISE = 0.06

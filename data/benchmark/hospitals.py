@@ -13,7 +13,7 @@ The knobs, per training hospital:
 * dye gains: haematoxylin and eosin amounts times 0.7-1.4 (log-uniform);
 * glass: brightness 232-252 and a tint of up to 4 % per channel;
 * scanner blur: Gaussian, sigma 0-1.5 px;
-* JPEG quality 70-95;
+* JPEG quality 85-97 (4:4:4, no chroma subsampling);
 * grade mix of the training and validation tiles: ``Dirichlet(alpha)``
   (``alpha = 0``: balanced); with ``confound`` the darkest-staining site
   (largest haematoxylin gain) has its mix pulled towards Grade III;
@@ -49,7 +49,7 @@ from data.benchmark.design import (
 from data.sites import STANDARD_EOSIN, STANDARD_HAEMATOXYLIN, rotate_vector, unit_vector
 from data.splits import apportion
 
-MAX_TURN, GAIN_RANGE, BLUR_MAX, JPEG_RANGE = 15.0, (0.7, 1.4), 1.5, (70, 95)
+MAX_TURN, GAIN_RANGE, BLUR_MAX, JPEG_RANGE = 15.0, (0.7, 1.4), 1.5, (85, 97)
 BRIGHTNESS_RANGE, MAX_TINT = (232.0, 252.0), 0.04
 #: Grade mix the confounded site is pulled halfway towards.
 CONFOUND_MIX = (0.1, 0.2, 0.7)
@@ -176,7 +176,7 @@ def heldout_profile(spec: BenchmarkSpec) -> HospitalProfile:
         e_gain=float(rng.uniform(0.62, 0.68)),
         glass=_glass(float(rng.uniform(236.0, 246.0)), MAX_TINT, rng),
         blur_sigma=float(rng.uniform(0.5, 1.0)),
-        jpeg_quality=int(rng.integers(80, 91)),
+        jpeg_quality=int(rng.integers(85, 96)),
         grade_mix=(1 / 3, 1 / 3, 1 / 3),
         size=0.0,
     )

@@ -6,14 +6,17 @@ values: its pixels are ranked by a texture score and given the quantiles of
 one fixed distribution (:func:`dye_quantiles`). Its total dye, its mean and
 its histogram therefore do not depend on the level, and neither does the mean
 light of any block that holds the whole nucleus (a 4x-shrunk context patch).
-What the level changes is *where* the dark values go, at the 1-3 px scale:
+What the level changes is *where* the dark values go, at the 1-2 px scale: the
+chromatin texture's correlation length grows from fine and even (N = 0, 0.4 px)
+through granular (N = 1, 0.7 px) to coarse and clumped (N = 2, 1.0 px).
 
-* N = 0: fine, even chromatin (texture correlated over ~0.5 px), smooth
-  round membrane, no nucleolus;
-* N = 1: coarser chromatin (~1 px), a slightly bumpy membrane with a darker
-  rim, a small nucleolus;
-* N = 2: coarse clumped chromatin (~1.5 px), an irregular thick membrane
-  and a prominent nucleolus (a vesicular nucleus).
+The scanner's blur is applied to the dye amounts and each nucleus is
+equalised again afterwards (:func:`equalise`), so blur changes the texture
+(it degrades the level at a blurry site) but never the values. Membrane
+irregularity, a dark rim and nucleoli were tried as further cues and left
+out: each changes how compact a nucleus's dark mass is, which survives the
+4x shrink of the context patch and made the nuclear level readable from the
+context patch's colour histogram (BENCHMARKS.md, section on the benchmark).
 
 Nuclear shape is drawn by ranking the pixels of a box by their normalised
 radius (an ellipse with boundary harmonics 3-6) and keeping the ``k`` nearest,
@@ -33,7 +36,7 @@ from data.synthetic import _harmonic_edge
 #: Long/short axis ratio of tumour nuclei (all levels).
 ELONGATION = 1.35
 #: Radial shells that each hold the full dye distribution (see _ranked_values).
-SHELLS = 5
+SHELLS = 3
 #: Spread of nuclear area (log-normal sigma), all levels.
 AREA_CV = 0.08
 
@@ -50,9 +53,9 @@ class NuclearLook:
 
 
 LOOKS = (
-    NuclearLook(0.8, 0.02, 0.0, 0.0, 0.0),
-    NuclearLook(0.8, 0.06, 1.0, 1.6, 0.8),
-    NuclearLook(0.8, 0.10, 1.6, 3.2, 1.6),
+    NuclearLook(0.4, 0.02, 0.0, 0.0, 0.0),
+    NuclearLook(0.7, 0.02, 0.0, 0.0, 0.0),
+    NuclearLook(1.0, 0.02, 0.0, 0.0, 0.0),
 )
 #: Stromal nuclei: the same at every level (they are not tumour).
 STROMAL = NuclearLook(1.0, 0.03, 0.0, 0.0, 0.0)
@@ -124,11 +127,14 @@ def paint(
     density: float,
     elongation: float = ELONGATION,
     contrast: float = 1.6,
+    shells: np.ndarray | None = None,
 ) -> None:
     """Draw nuclei at ``spots`` ((N, 3): x, y, orientation) into the dye maps, in place.
 
     A nucleus replaces what lies under it: its pixels get the ranked dye values
-    and the little eosin of a nucleus. Later nuclei cover earlier ones.
+    and the little eosin of a nucleus. Later nuclei cover earlier ones. With
+    ``shells`` (an int map, 0 where no nucleus is marked), every pixel drawn is
+    marked with its nucleus and radial shell, for :func:`equalise`.
     """
     n = len(spots)
     if n == 0:
@@ -147,15 +153,19 @@ def paint(
     # The k-th smallest radius is the membrane: the rim score is measured against it.
     boundary = np.take_along_axis(flat_rho, by_radius[np.arange(n), k - 1][:, None], axis=1)
     score = _texture(rng, look, (flat_rho / boundary).reshape(rho.shape), dx, dy, radius).reshape(n, box)
-    value = _ranked_values(score, inside, by_radius, k, density, contrast)
-    _scatter_into(hema, eos, rows, cols, inside, value)
+    value, shell = _ranked_values(score, inside, by_radius, k, density, contrast)
+    mark = None
+    if shells is not None:
+        first = int(shells.max()) // SHELLS + 1
+        mark = (first + np.arange(n)[:, None]) * SHELLS + shell + 1
+    _scatter_into(hema, eos, rows, cols, inside, value, shells, mark)
 
 
 def _ranked_values(
     score: np.ndarray, inside: np.ndarray, by_radius: np.ndarray, k: np.ndarray, density: float, contrast: float
-) -> np.ndarray:
-    """Dye of every box pixel: within each of :data:`SHELLS` radial shells, the shell's pixels ranked by
-    ``score`` get the quantiles of :func:`dye_quantiles`.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dye of every box pixel, and its shell: within each of :data:`SHELLS` radial shells, the shell's
+    pixels ranked by ``score`` get the quantiles of :func:`dye_quantiles`.
 
     Every shell holds the whole distribution, so a nucleus's mean darkness at
     every radius is the same at every level (a dark rim or nucleolus takes its
@@ -175,11 +185,34 @@ def _ranked_values(
     sizes = np.diff(np.concatenate([starts, k[:, None]], axis=1), axis=1)
     start = np.take_along_axis(starts, shell, axis=1)
     count = np.maximum(np.take_along_axis(sizes, shell, axis=1), 1)
-    return dye_quantiles(1.0 - (position - start + 0.5) / count, density, contrast)
+    return dye_quantiles(1.0 - (position - start + 0.5) / count, density, contrast), shell
 
 
-def _scatter_into(hema, eos, rows, cols, inside, value) -> None:
-    """Write the nuclei's pixels that fall inside the image."""
+def equalise(blurred: np.ndarray, shells: np.ndarray, density: float, contrast: float) -> np.ndarray:
+    """``blurred`` with every marked shell's pixels re-ranked onto :func:`dye_quantiles`.
+
+    Applied after the optics' blur, so what blur does to a texture (a fine one
+    averages out, a coarse one keeps its extremes) does not reach the values:
+    each shell of each nucleus holds the same multiset at every level and at
+    every scanner, and only the texture's spatial order survives.
+    """
+    out = blurred.copy()
+    where = np.flatnonzero(shells.ravel())
+    if not len(where):
+        return out
+    keys = shells.ravel()[where]
+    order = np.lexsort((blurred.ravel()[where], keys))
+    sorted_keys = keys[order]
+    _, start, count = np.unique(sorted_keys, return_index=True, return_counts=True)
+    group = np.repeat(np.arange(len(start)), count)
+    rank = np.arange(len(order)) - start[group]
+    u = (rank + 0.5) / count[group]  # 0 palest ... 1 darkest
+    out.ravel()[where[order]] = dye_quantiles(u, density, contrast)
+    return out
+
+
+def _scatter_into(hema, eos, rows, cols, inside, value, shells=None, mark=None) -> None:
+    """Write the nuclei's pixels that fall inside the image (and their marks, if given)."""
     n, b = rows.shape
     size = hema.shape[0]
     r = np.broadcast_to(rows[:, :, None], (n, b, b)).reshape(n, -1)
@@ -187,3 +220,5 @@ def _scatter_into(hema, eos, rows, cols, inside, value) -> None:
     keep = inside & (r >= 0) & (r < size) & (c >= 0) & (c < size)
     hema[r[keep], c[keep]] = value[keep]
     eos[r[keep], c[keep]] = 0.06
+    if shells is not None:
+        shells[r[keep], c[keep]] = mark[keep]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -32,7 +33,20 @@ TUMOUR_DENSITY, STROMAL_DENSITY = 1.0, 1.15
 NUCLEAR_JITTER, CONTRAST_RANGE = 0.08, (1.2, 2.0)
 
 
-def dye_maps(spec: BenchmarkSpec, tile: Tile, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class DyeMaps:
+    """Dye amounts of a tile before any hospital's optics, and where its tumour nuclei lie."""
+
+    hema: np.ndarray
+    eos: np.ndarray
+    hema_around: np.ndarray  # the same maps without the tumour nuclei: what the blur sees around them
+    eos_around: np.ndarray
+    shells: np.ndarray  # int: nucleus and radial shell of each tumour-nucleus pixel, 0 elsewhere
+    density: float  # the tile's nuclear density and chromatin contrast (see nuclei.dye_quantiles)
+    contrast: float
+
+
+def dye_maps(spec: BenchmarkSpec, tile: Tile, rng: np.random.Generator) -> DyeMaps:
     """Haematoxylin and eosin amounts of a tile, before any hospital's optics."""
     layout = morphology.build_layout(rng, spec.tile_size, spec.detail, tile.arch_shown)
     hema, eos = morphology.background_stains(rng, layout, spec.detail)
@@ -44,20 +58,43 @@ def dye_maps(spec: BenchmarkSpec, tile: Tile, rng: np.random.Generator) -> tuple
     # the nuclear level reaches colour statistics through blur and JPEG.
     density = TUMOUR_DENSITY * math.exp(rng.normal(0.0, NUCLEAR_JITTER))
     contrast = rng.uniform(*CONTRAST_RANGE)
-    nuclei.paint(rng, hema, eos, tumour, radius, nuclei.LOOKS[tile.nuclear_shown], density, contrast=contrast)
-    return hema, eos
+    shells = np.zeros(hema.shape, np.int32)
+    look = nuclei.LOOKS[tile.nuclear_shown]
+    around = hema.copy(), eos.copy()
+    nuclei.paint(rng, hema, eos, tumour, radius, look, density, contrast=contrast, shells=shells)
+    return DyeMaps(hema, eos, *around, shells, density, contrast)
 
 
-def to_light(hema: np.ndarray, eos: np.ndarray, site: HospitalProfile, rng: np.random.Generator) -> np.ndarray:
-    """RGB uint8 of dye maps seen through a hospital's stains, glass and scanner."""
+def to_light(maps: DyeMaps, site: HospitalProfile, rng: np.random.Generator) -> np.ndarray:
+    """RGB uint8 of dye maps seen through a hospital's stains, glass and scanner.
+
+    The blur acts on the dye amounts. Inside a tumour nucleus the blurred
+    haematoxylin is then re-ranked onto the fixed dye distribution
+    (:func:`nuclei.equalise`); outside, the pixels are the blur of the tile
+    without its tumour nuclei, so no nuclear dye spills into the surroundings.
+    Both together keep every scanner from turning a nuclear level into a
+    colour statistic: what differs between levels is the arrangement of dye
+    inside the nuclei, nothing else.
+    """
     gain_h = site.h_gain * math.exp(rng.normal(0.0, SLIDE_JITTER))
     gain_e = site.e_gain * math.exp(rng.normal(0.0, SLIDE_JITTER))
     sigma = math.hypot(OPTICAL_BLUR, site.blur_sigma)
+    inside = maps.shells > 0
+    hema = ndimage.gaussian_filter(maps.hema, sigma, mode="nearest")
+    hema = np.where(
+        inside,
+        nuclei.equalise(hema, maps.shells, maps.density, maps.contrast),
+        ndimage.gaussian_filter(maps.hema_around, sigma, mode="nearest"),
+    )
+    eos = np.where(
+        inside,
+        ndimage.gaussian_filter(maps.eos, sigma, mode="nearest"),
+        ndimage.gaussian_filter(maps.eos_around, sigma, mode="nearest"),
+    )
     out = np.empty(hema.shape + (3,), np.uint8)
     for channel in range(3):
         od = hema * np.float32(gain_h * site.haematoxylin[channel]) + eos * np.float32(gain_e * site.eosin[channel])
         light = np.exp(-od) * np.float32(site.glass[channel])
-        light = ndimage.gaussian_filter(light, sigma, mode="nearest")
         light += rng.normal(0.0, 1.2, light.shape).astype(np.float32)
         out[..., channel] = np.clip(np.rint(light), 0, 255)
     return out
@@ -66,12 +103,11 @@ def to_light(hema: np.ndarray, eos: np.ndarray, site: HospitalProfile, rng: np.r
 def tile_pixels(spec: BenchmarkSpec, tile: Tile, site: HospitalProfile) -> np.ndarray:
     """The tile as uint8 RGB (before JPEG); depends only on its arguments."""
     rng = np.random.default_rng(tile.stream(spec))
-    hema, eos = dye_maps(spec, tile, rng)
-    return to_light(hema, eos, site, rng)
+    return to_light(dye_maps(spec, tile, rng), site, rng)
 
 
 def tile_jpeg(spec: BenchmarkSpec, tile: Tile, site: HospitalProfile) -> bytes:
     """The JPEG bytes of a tile, at its hospital's quality."""
     buffer = io.BytesIO()
-    Image.fromarray(tile_pixels(spec, tile, site)).save(buffer, format="JPEG", quality=site.jpeg_quality)
+    Image.fromarray(tile_pixels(spec, tile, site)).save(buffer, format="JPEG", quality=site.jpeg_quality, subsampling=0)
     return buffer.getvalue()
