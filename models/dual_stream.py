@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from data.errors import UserError, WeightsError
+from models.small_cnn import BACKBONES
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ NORMS = ("batch", "group")
 
 
 def check_backbone(name: str) -> None:
-    """Raise UserError (a ValueError) with a one-line message if timm does not know the model."""
-    if not timm.is_model(name):
+    """Raise UserError (a ValueError) with a one-line message if neither fedsim nor timm knows the model."""
+    if name not in BACKBONES and not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0][:6]}*")[:8]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise UserError(f"model.backbone = {name!r} is not a timm model{hint}")
@@ -47,7 +48,9 @@ def group_norm(num_channels: int, **kwargs) -> nn.GroupNorm:
 
 
 def make_backbone(name: str, norm: str = "batch") -> nn.Module:
-    """A timm backbone without classifier, average-pooled; never downloads weights.
+    """A backbone without classifier, average-pooled; never downloads weights.
+
+    ``name`` is one of fedsim's own (:data:`models.small_cnn.BACKBONES`) or a timm model.
 
     ``norm="group"`` swaps BatchNorm for :func:`group_norm`: per-sample gradients (DP-SGD) need layers
     that do not mix the samples of a batch.
@@ -56,6 +59,8 @@ def make_backbone(name: str, norm: str = "batch") -> nn.Module:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
     extra = {"norm_layer": group_norm} if norm == "group" else {}
+    if name in BACKBONES:
+        return BACKBONES[name](**extra)
     return timm.create_model(name, pretrained=False, num_classes=0, global_pool="avg", **extra)
 
 

@@ -41,6 +41,21 @@ def test_resnetrs50_dual_stream_shapes():
     assert model.head[0].in_features == 4096
 
 
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_small_cnn_keeps_full_resolution_until_its_first_pooling(norm):
+    # fedsim's own backbone: both convolutions before the first pooling see every pixel of the patch.
+    check_backbone("small_cnn")
+    model = build_model("small_cnn", scales="dual", num_classes=3, hidden=8, norm=norm).eval()
+    stem = model.detail.features
+    first_pool = next(i for i, m in enumerate(stem) if isinstance(m, torch.nn.MaxPool2d))
+    with torch.no_grad():
+        assert stem[:first_pool](torch.zeros(1, 3, 48, 48)).shape[-2:] == (48, 48)
+        assert model(torch.randn(2, 3, 48, 48), torch.randn(2, 3, 48, 48)).shape == (2, 3)
+    norms = {type(m) for m in stem if not isinstance(m, (torch.nn.Conv2d, torch.nn.ReLU, torch.nn.MaxPool2d))}
+    assert norms == {torch.nn.GroupNorm if norm == "group" else torch.nn.BatchNorm2d}
+    assert model.head[0].in_features == 2 * model.detail.num_features == 128
+
+
 def test_unknown_backbone_is_a_clear_error():
     with pytest.raises(ValueError, match="not a timm model"):
         check_backbone("resnet_does_not_exist")

@@ -225,8 +225,10 @@ class ModelConfig:
 
     PREFIX: ClassVar[str] = "model."
 
-    backbone: str = setting("resnetrs50", flag="--backbone", help="timm model name (default resnetrs50)")
-    """Any timm model name; tiny ones (test_resnet, resnet10t) suit CPU demos."""
+    backbone: str = setting("resnetrs50", flag="--backbone", help="timm model name, or small_cnn (default resnetrs50)")
+    """Any timm model name, or fedsim's own ``small_cnn`` / ``small_cnn_w32`` (models/small_cnn.py: full
+    resolution until the first pooling, for the embedded benchmark on a CPU); tiny timm ones (test_resnet,
+    resnet10t) suit CPU demos."""
     scales: Literal["dual", "detail", "context"] = setting("dual", flag="--scales", help="dual | detail | context")
     """dual (context + detail), detail or context (single-stream ablation)."""
     hidden: int = 512
