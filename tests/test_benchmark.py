@@ -191,8 +191,8 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_same_seed_same_bytes_and_fixed_test_split(tmp_path):
-    first = _files(render_dataset(TINY, tmp_path / "a").parent)
-    again = _files(render_dataset(TINY, tmp_path / "b").parent)
+    first = _files(render_dataset(TINY, tmp_path / "a", workers=1).parent)
+    again = _files(render_dataset(TINY, tmp_path / "b", workers=2).parent)  # a pool of two: the same bytes
     assert first == again
     other = _files(render_dataset(TINY.with_(seed=1), tmp_path / "c").parent)
     tests = [k for k in first if "_test_" in k]
@@ -218,6 +218,7 @@ def test_same_seed_same_bytes_and_fixed_test_split(tmp_path):
         ["--preset", "demo", "--seed", "abc", "--out", "X"],
         ["--preset", "demo"],
         ["--preset", "demo", "--alpha", "-2", "--out", "X"],
+        ["--preset", "demo", "--workers", "0", "--out", "X"],
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(argv, tmp_path, capsys):

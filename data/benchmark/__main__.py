@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="destination folder (must not exist or be empty)")
     p.add_argument("--alpha", type=float, default=None, help="Dirichlet label skew (0 = none; preset default)")
     p.add_argument("--confound", action="store_true", help="the darkest-staining site gets more Grade III")
+    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: the CPUs, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -61,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         spec = spec_from_args(args)
+        if args.workers is not None and args.workers < 1:
+            raise UsageError(f"--workers must be at least 1 (got {args.workers})")
         out = Path(args.out).expanduser()
         check_destination(out)
     except (UsageError, FileExistsError) as err:
@@ -70,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = ", ".join(f"{k}={v}" for k, v in geometry(spec).items())
     progress.line(f"benchmark preset {spec.preset}, seed {spec.seed}, test seed {spec.test_seed}: {settings}")
     try:
-        manifest = render_dataset(spec, out, progress)
+        manifest = render_dataset(spec, out, progress, workers=args.workers)
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

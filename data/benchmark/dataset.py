@@ -5,13 +5,16 @@ the columns :data:`MANIFEST_COLUMNS`; ``data.datasets.read_manifest`` reads
 ``path``, ``label``, ``magnification``, ``patient``, ``hospital`` and ``split``
 and ignores the others. Everything is written into a hidden folder beside the
 destination and renamed into place at the end, so an interrupted render leaves
-no half-written dataset under the destination's name.
+no half-written dataset under the destination's name. Tiles are rendered by a
+pool of worker processes (each tile depends only on its spec, seed stream and
+hospital, so the bytes do not depend on the number of workers).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import multiprocessing
 import os
 import shutil
 import sys
@@ -129,6 +132,7 @@ def render_dataset(
     out: str | os.PathLike,
     progress: Progress | None = None,
     examples: Callable[[Path, list[Tile]], None] | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Render the benchmark into ``out`` (which must not exist or be empty); returns ``out/manifest.csv``.
 
@@ -138,6 +142,7 @@ def render_dataset(
         progress: Where to report stages (default: silent).
         examples: ``examples(root, tiles)`` writes ``examples.png`` into the
             unfinished root (default: :func:`data.benchmark.examples.write_examples`).
+        workers: Rendering processes (default :func:`default_workers`; 1 renders in this process).
 
     Raises:
         FileExistsError: See :func:`check_destination`.
@@ -151,7 +156,7 @@ def render_dataset(
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _fill(tmp, spec, progress, examples)
+        _fill(tmp, spec, progress, examples, default_workers() if workers is None else max(1, int(workers)))
         check_destination(out)  # another writer may have finished meanwhile
         if out.is_dir():
             out.rmdir()
@@ -162,15 +167,49 @@ def render_dataset(
     return out / MANIFEST_NAME
 
 
-def _fill(root: Path, spec: BenchmarkSpec, progress: Progress, examples) -> None:
+def default_workers() -> int:
+    """The CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(spec: BenchmarkSpec, sites: dict[str, HospitalProfile]) -> None:
+    _WORKER.update(spec=spec, sites=sites)
+
+
+def _render_in_worker(tile: Tile) -> bytes:
+    return tile_jpeg(_WORKER["spec"], tile, _WORKER["sites"][tile.hospital])
+
+
+def _fill(root: Path, spec: BenchmarkSpec, progress: Progress, examples, workers: int) -> None:
     """Every file of the dataset, written under ``root``; the manifest last."""
     sites = profiles(spec)
     tiles = plan(spec)
     started = time.perf_counter()
-    for label, group in _stages(tiles):
-        for tile in progress.stage(label, group):
-            write_atomic(root / relpath(tile), tile_jpeg(spec, tile, sites[tile.hospital]))
-    progress.line(f"rendered {len(tiles)} tiles in {time.perf_counter() - started:.1f} s")
+    pool = None
+    if workers > 1 and len(tiles) >= 4 * workers:
+        # spawn, not fork: the caller may be a training process with threads (OpenMP, gloo) running.
+        context = multiprocessing.get_context("spawn")
+        pool = context.Pool(workers, initializer=_start_worker, initargs=(spec, sites))
+    try:
+        for label, group in _stages(tiles):
+            if pool is None:
+                encoded = (tile_jpeg(spec, tile, sites[tile.hospital]) for tile in group)
+            else:
+                encoded = pool.imap(_render_in_worker, group, chunksize=8)
+            for tile, data in zip(progress.stage(label, group), encoded):
+                write_atomic(root / relpath(tile), data)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    progress.line(f"rendered {len(tiles)} tiles in {time.perf_counter() - started:.1f} s ({workers} processes)")
     write_json(root / SPEC_NAME, document(spec, sites))
     progress.line("writing examples.png")
     examples(root, tiles)
