@@ -41,6 +41,7 @@ def federate(
     local_epochs: int = 1,
     batch_size: int = 16,
     lr: float = 3e-4,
+    lr_schedule: str = "constant",
     weight_decay: float = 0.0,
     mu: float = 0.0,
     clients_per_round: int = 0,
@@ -60,6 +61,7 @@ def federate(
     Args:
         datasets: One ``Dataset`` per client, by name (a sequence is named ``H1, H2, ...``). Batches are what a
             ``DataLoader`` makes of it; the default loss takes ``(x, y)`` batches.
+        lr_schedule: ``constant`` or ``cosine`` (``lr * (1 + cos(pi * r / rounds)) / 2`` in round ``r``).
         clients_per_round: Clients drawn per round from (seed, round) alone; 0 = all.
         algorithm: ``fedavg`` (FedProx with ``mu`` > 0) or ``scaffold``.
         server_optimizer: ``sgd`` (with ``server_lr`` 1: FedAvg), ``avgm``, ``adam``, ``yogi``, ``adagrad``.
@@ -96,6 +98,8 @@ def federate(
             seed=seed,
             local_epochs=local_epochs,
             lr=lr,
+            lr_schedule=lr_schedule,
+            rounds=rounds,
             weight_decay=weight_decay,
             mu=mu,
             local_optimizer=local_optimizer,

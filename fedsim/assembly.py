@@ -113,6 +113,8 @@ def build_engine(
         seed=t.seed,
         local_epochs=t.local_epochs,
         lr=t.lr,
+        lr_schedule=t.lr_schedule,
+        rounds=t.rounds,
         weight_decay=t.weight_decay,
         mu=t.mu,
         local_optimizer=t.local_optimizer,

@@ -48,6 +48,19 @@ class EpochResult:
     finite: bool
 
 
+def round_lr(lr: float, schedule: str, r: int, rounds: int) -> float:
+    """The local learning rate of round ``r`` (0-based) of ``rounds``.
+
+    ``constant``: ``lr`` every round. ``cosine``: ``lr * (1 + cos(pi * r / rounds)) / 2``, from ``lr`` in the
+    first round down towards 0 (the last round trains at ``lr * (1 - cos(pi / rounds)) / 2``, never at 0).
+    """
+    if schedule == "constant" or rounds <= 1:
+        return lr
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * r / rounds))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, name: str = "adam") -> torch.optim.Optimizer:
     """Adam (L2 weight decay; the paper's), or plain SGD, with foreach kernels: no per-tensor Python loop."""
     if name == "sgd":

@@ -22,7 +22,7 @@ from data.cache import CachedPairs, collate_batch
 from fedsim import checkpoint, plots
 from fedsim.aggregate import allreduce_mean_, fedavg
 from fedsim.assembly import build_engine, pooled_client, step_settings
-from fedsim.client import make_optimizer, predict, train_epoch
+from fedsim.client import make_optimizer, predict, round_lr, train_epoch
 from fedsim.config import RunConfig
 from fedsim.datasetup import (
     DataPlan,
@@ -188,7 +188,9 @@ class Federation:
         cfg, client = self.cfg.train, self.pooled
         began = time.perf_counter()
         torch.manual_seed(derive_seed(cfg.seed, r, self.info.rank, "torch"))  # dropout layers
-        optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.local_optimizer)
+        optimizer = make_optimizer(
+            self.model, round_lr(cfg.lr, cfg.lr_schedule, r, cfg.rounds), cfg.weight_decay, cfg.local_optimizer
+        )
         hook = None if self.info.world_size == 1 else allreduce_mean_
         rng = generator(cfg.seed, r, self.info.rank, "augment")
         client.reseed(derive_seed(cfg.seed, r, self.info.rank, "shuffle"))
@@ -289,7 +291,8 @@ class Federation:
 
     def _write_events(self, r: int, record: dict, gathered: list[dict[str, Any]]) -> None:
         """The round's TensorBoard events: learning rate, pooled confusion matrix, layer drift, epsilon."""
-        self.logger.scalar("global/lr", self.cfg.train.lr, r)
+        t = self.cfg.train
+        self.logger.scalar("global/lr", round_lr(t.lr, t.lr_schedule, r, t.rounds), r)
         pooled = [np.asarray(m) for g in gathered for m in g["val_cm"] if m is not None]
         if pooled:
             self.logger.confusion_matrix("global/val_confusion_matrix", sum(pooled), self.plan.class_names, r)

@@ -86,7 +86,7 @@ def _mse(model, batch, settings, rng):
     return ((model(x).squeeze(1) - y) ** 2).mean(), len(y)
 
 
-def _engine(data, algorithm: str, lr: float, per_round: int = 0, faults: Faults = NO_FAULTS):
+def _engine(data, algorithm: str, lr: float, per_round: int = 0, faults: Faults = NO_FAULTS, **more):
     model = nn.Linear(3, 1, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[0.5, -0.25, 1.0]]))
@@ -95,7 +95,12 @@ def _engine(data, algorithm: str, lr: float, per_round: int = 0, faults: Faults 
         Client(k, f"H{k + 1}", len(y), [(torch.from_numpy(x), torch.from_numpy(y))]) for k, (x, y) in enumerate(data)
     ]
     settings = EngineSettings(
-        local_epochs=1, lr=lr, local_optimizer="sgd", algorithm=algorithm, clients_per_round=per_round, faults=faults
+        **{"local_optimizer": "sgd", **more},
+        local_epochs=1,
+        lr=lr,
+        algorithm=algorithm,
+        clients_per_round=per_round,
+        faults=faults,
     )
     step = StepSettings(torch.device("cpu"), None, False, 0.0, 0.0, False, 1)
     engine = Engine(
@@ -169,6 +174,42 @@ def test_fedavg_of_several_clients_on_one_rank_is_the_weighted_mean(group_of_one
     local = [w - lr * _grad(w, d[0].astype(np.float64), d[1].astype(np.float64)) for d in data]
     expected = sum(n[k] * local[k] for k in range(3)) / n.sum()
     np.testing.assert_allclose(model.weight.detach().numpy().ravel(), expected, rtol=0, atol=64 * EPS32 * 2)
+
+
+def test_cosine_schedule_sets_each_rounds_learning_rate(group_of_one):
+    # Prepare: plain SGD, one full-batch step per round, so round r moves w by lr_r times the weighted gradient
+    data = _regression_clients(2)
+    lr, rounds = 0.1, 3
+    engine, model = _engine(data, "fedavg", lr, lr_schedule="cosine", rounds=rounds)
+    n = np.array([len(d[1]) for d in data], dtype=np.float64)
+    w = np.array([0.5, -0.25, 1.0])
+    for r in range(rounds):
+        # Execute
+        engine.round(r)
+        # Assert: lr_r = lr (1 + cos(pi r / R)) / 2, applied as the closed form says (float32 steps, values ~1)
+        lr_r = lr * 0.5 * (1 + np.cos(np.pi * r / rounds))
+        assert engine.settings.lr_at(r) == pytest.approx(lr_r, rel=1e-12)
+        grad = sum(n[k] * _grad(w, d[0].astype(np.float64), d[1].astype(np.float64)) for k, d in enumerate(data))
+        w = w - lr_r * grad / n.sum()
+        np.testing.assert_allclose(model.weight.detach().numpy().ravel(), w, rtol=0, atol=64 * EPS32 * 2)
+    assert 0 < engine.settings.lr_at(rounds - 1) < engine.settings.lr_at(0)  # decays, never to 0 within the run
+
+
+def test_a_persistent_optimizer_takes_the_rounds_learning_rate(group_of_one):
+    engine, _ = _engine(
+        _regression_clients(2),
+        "fedavg",
+        0.1,
+        local_optimizer="adam",
+        client_optimizer="persistent",
+        lr_schedule="cosine",
+        rounds=4,
+    )
+    for r in range(3):
+        engine.round(r)
+        for client in engine.clients:  # the state saved after round r carries round r's rate, not the first's
+            assert client.state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(engine.settings.lr_at(r))
+    assert engine.settings.lr_at(2) < engine.settings.lr_at(0)
 
 
 def test_participants_depend_on_seed_and_round_alone():

@@ -103,6 +103,7 @@ TRAIN_FLAGS = {
     "--bn": "train.bn",
     "--batch-size": "train.batch_size",
     "--lr": "train.lr",
+    "--lr-schedule": "train.lr_schedule",
     "--device": "train.device",
     "--precision": "train.precision",
     "--stain": "data.stain",

@@ -132,6 +132,14 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum), 1..65536."""
     lr: float = setting(3e-4, flag="--lr", help="Adam learning rate (paper: 3e-4)")
     """Adam learning rate, in (0, 10]."""
+    lr_schedule: Literal["constant", "cosine"] = setting(
+        "constant",
+        flag="--lr-schedule",
+        help="local learning rate over the rounds: constant | cosine (from train.lr down towards 0)",
+        omit_default=True,
+    )
+    """The hospitals' learning rate over the rounds: constant (train.lr every round) or cosine
+    (train.lr * (1 + cos(pi * r / rounds)) / 2 in round r = 0..rounds-1; centralized: the same per round)."""
     weight_decay: float = 1e-4
     """Adam weight decay (L2), in [0, 10]."""
     mu: float = setting(0.01, flag="--mu", help="FedProx proximal weight; 0 = FedAvg (paper: 0.01)")

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim.client import round_lr
 from fedsim.seeding import derive_seed
 
 
@@ -75,6 +76,8 @@ class EngineSettings:
     seed: int = 0
     local_epochs: int = 1
     lr: float = 3e-4
+    lr_schedule: str = "constant"
+    rounds: int = 1
     weight_decay: float = 0.0
     mu: float = 0.0
     local_optimizer: str = "adam"
@@ -83,6 +86,10 @@ class EngineSettings:
     client_state_device: str = "cpu"
     algorithm: str = "fedavg"
     faults: Faults = Faults()
+
+    def lr_at(self, r: int) -> float:
+        """The local learning rate of round ``r`` (0-based): ``lr`` under ``lr_schedule`` over ``rounds``."""
+        return round_lr(self.lr, self.lr_schedule, r, self.rounds)
 
 
 @dataclass

@@ -144,7 +144,7 @@ class Engine:
                     flat.pack_scratch()
                     buffer[: flat.reduced.numel()].add_(flat.reduced, alpha=weight)
                     if self.control is not None:
-                        buffer[flat.reduced.numel() :].add_(self._control_delta(client, start_global, outcome))
+                        buffer[flat.reduced.numel() :].add_(self._control_delta(client, start_global, outcome, r))
             self.store.save(client)
         clock.lap("local_training")  # a rank whose clients all sit the round out sends zeros
         if before_aggregation is not None:
@@ -236,9 +236,12 @@ class Engine:
             return ClientOutcome(figures), 0.0
         torch.manual_seed(derive_seed(s.seed, r, client.index, "torch"))  # dropout layers
         anchor = start[flat.global_slice] if s.mu > 0 else None
-        optimizer = make_optimizer(self.model, s.lr, s.weight_decay, s.local_optimizer)
+        lr = s.lr_at(r)
+        optimizer = make_optimizer(self.model, lr, s.weight_decay, s.local_optimizer)
         if s.client_optimizer == "persistent" and "optimizer" in client.state:
             optimizer.load_state_dict(to_device(client.state["optimizer"], flat.device))
+            for group in optimizer.param_groups:  # the saved state carries the round it was saved in's rate
+                group["lr"] = lr
         correction = None
         if self.control is not None:
             own = client.state.get("control")
@@ -334,13 +337,16 @@ class Engine:
         rest = [flat.data[: flat.global_slice.start], flat.data[flat.global_slice.stop :]]
         return all(bool(torch.isfinite(part.sum())) for part in rest if part.numel())
 
-    def _control_delta(self, client: Client, start_global: torch.Tensor, outcome: ClientOutcome) -> torch.Tensor:
-        """SCAFFOLD option II: c_k+ = c_k - c + (x - y_k) / (K lr); returns c_k+ - c_k and keeps c_k+."""
+    def _control_delta(
+        self, client: Client, start_global: torch.Tensor, outcome: ClientOutcome, r: int
+    ) -> torch.Tensor:
+        """SCAFFOLD option II: c_k+ = c_k - c + (x - y_k) / (K lr), lr the round's; returns c_k+ - c_k, keeps c_k+."""
         steps = max(outcome.steps, 1)
         own = client.state.get("control")
         own = own.to(self.flat.device) if own is not None else torch.zeros_like(self.control)
         with torch.no_grad():
-            new = (start_global - self.flat.global_params).div_(steps * self.settings.lr).add_(own).sub_(self.control)
+            moved = (start_global - self.flat.global_params).div_(steps * self.settings.lr_at(r))
+            new = moved.add_(own).sub_(self.control)
             delta = new - own
         client.state["control"] = self.store.keep(new)
         return delta
