@@ -209,7 +209,8 @@ def _fill(root: Path, spec: BenchmarkSpec, progress: Progress, examples, workers
         if pool is not None:
             pool.terminate()
             pool.join()
-    progress.line(f"rendered {len(tiles)} tiles in {time.perf_counter() - started:.1f} s ({workers} processes)")
+    processes = "1 process" if pool is None else f"{workers} processes"
+    progress.line(f"rendered {len(tiles)} tiles in {time.perf_counter() - started:.1f} s ({processes})")
     write_json(root / SPEC_NAME, document(spec, sites))
     progress.line("writing examples.png")
     examples(root, tiles)

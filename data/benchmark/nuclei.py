@@ -16,7 +16,7 @@ equalised again afterwards (:func:`equalise`), so blur changes the texture
 irregularity, a dark rim and nucleoli were tried as further cues and left
 out: each changes how compact a nucleus's dark mass is, which survives the
 4x shrink of the context patch and made the nuclear level readable from the
-context patch's colour histogram (BENCHMARKS.md, section on the benchmark).
+context patch's colour histogram (BENCHMARKS.md, section 9).
 
 Nuclear shape is drawn by ranking the pixels of a box by their normalised
 radius (an ellipse with boundary harmonics 3-6) and keeping the ``k`` nearest,
