@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -171,6 +172,9 @@ def test_extra_arguments_reach_train_py_before_the_study_settings(tmp_path):
     assert cmd.index("--rounds") < cmd.index("--seed")
     assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--mu"] == ["0.5", "0.01"]
     assert cmd[-2:] == ["--out", str(plan.runs[0].folder)]
+    # ... and a run on one rank starts train.py itself, with the same arguments
+    one = dataclasses.replace(plan.runs[0], nproc=1).command()
+    assert one == [sys.executable, str(REPO / "train.py"), *cmd[6:]]
 
 
 def test_local_only_variants_follow_the_config_key(tmp_path, monkeypatch, caplog):

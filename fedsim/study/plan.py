@@ -107,7 +107,10 @@ class Run:
         return (self.folder / "final.json").is_file()
 
     def command(self) -> list[str]:
-        """The torchrun command line of the run."""
+        """The run's command line: under torchrun, or on one rank train.py itself (a process group of one,
+        the same collectives, without torchrun's start-up of about 4 s)."""
+        if self.nproc == 1:
+            return [sys.executable, str(TRAIN), *self.args, "--out", str(self.folder)]
         return [
             sys.executable,
             "-m",

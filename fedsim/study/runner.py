@@ -1,4 +1,4 @@
-"""Running the plan: each unfinished train.py run under torchrun, one after another or ``jobs`` at a time.
+"""Running the plan: each unfinished train.py run (under torchrun on several ranks), ``jobs`` at a time.
 
 A run's output is appended to its own ``log.txt``; a failed run is reported
 with the last lines of that log and the study goes on with the next one. With
@@ -29,7 +29,7 @@ TAIL_LINES = 20
 
 
 def launch(run: Run, threads: int | None = None) -> int:
-    """Run train.py under torchrun, its output appended to the run's log.txt; returns the exit code.
+    """Run train.py (under torchrun on several ranks), its output appended to the run's log.txt; returns the exit code.
     ``threads``: the run's OMP_NUM_THREADS when the environment sets none."""
     run.folder.mkdir(parents=True, exist_ok=True)
     cmd = run.command()
