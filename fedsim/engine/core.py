@@ -240,7 +240,7 @@ class Engine:
         optimizer = make_optimizer(self.model, lr, s.weight_decay, s.local_optimizer)
         if s.client_optimizer == "persistent" and "optimizer" in client.state:
             optimizer.load_state_dict(to_device(client.state["optimizer"], flat.device))
-            for group in optimizer.param_groups:  # the saved state carries the round it was saved in's rate
+            for group in optimizer.param_groups:  # the saved state holds the rate of the round that saved it
                 group["lr"] = lr
         correction = None
         if self.control is not None:
