@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import sys
 import time
 from multiprocessing import Pool
@@ -105,6 +104,7 @@ def cnn_curve(
     import torch
     from torch import nn
 
+    from fedsim.client import round_lr
     from models.small_cnn import SmallCNN
 
     torch.manual_seed(seed)
@@ -116,9 +116,8 @@ def cnn_curve(
     test = torch.from_numpy(np.flatnonzero(~data["train"]))
     curve = []
     for epoch in range(epochs):
-        if schedule == "cosine":
-            for group in opt.param_groups:
-                group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        for group in opt.param_groups:
+            group["lr"] = round_lr(1e-3, schedule, epoch, epochs)  # train.lr_schedule's rule, per epoch
         model.train()
         order = train[torch.randperm(len(train))]
         for i in range(0, len(order), 32):
