@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,13 @@ def _script(name: str, args: list[str], cache, timeout: float) -> subprocess.Com
     return subprocess.run(
         [sys.executable, str(REPO / name), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def together(*launches, at_once: int = 2):
+    """Run independent launches (zero-argument callables, e.g. ``lambda: train_single(...)``), ``at_once`` at a
+    time; their results in order. A one-process run keeps one core busy, so two of them use a second core."""
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        return [future.result() for future in [pool.submit(launch) for launch in launches]]
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SMALL, evaluate, torchrun, train_single
+from conftest import REPO, SMALL, evaluate, together, torchrun, train_single
 
 
 @pytest.fixture(scope="module")
@@ -123,15 +123,22 @@ def _mean_drift(out) -> float:
 
 
 def test_larger_mu_gives_smaller_drift(demo_run, tmp_path):
-    # Prepare: the demo run's data cache, same seed, two values of mu
+    # Prepare: the demo run's data cache, same seed, two values of mu; its three hospitals on one process (the
+    # proximal term is local to each hospital, and one rank ends where three do: tests/test_hospitals.py)
     out, _ = demo_run
     cache = out.parent / "cache"
-    runs = {}
+    runs = {mu: tmp_path / f"mu{mu}" for mu in (0.0, 2.0)}
 
     # Execute
-    for mu in (0.0, 2.0):
-        runs[mu] = tmp_path / f"mu{mu}"
-        proc = torchrun([*SMALL, "--rounds", "1", "--mu", str(mu), "--out", str(runs[mu])], cache)
+    procs = together(
+        *[
+            lambda mu=mu: train_single(
+                [*SMALL, "--rounds", "1", "--num-hospitals", "3", "--mu", str(mu), "--out", str(runs[mu])], cache
+            )
+            for mu in runs
+        ]
+    )
+    for proc in procs:
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     # Assert: the proximal term pulls local weights towards the global model

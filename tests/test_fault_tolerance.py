@@ -167,7 +167,10 @@ def test_dropout_of_one_client_and_of_all(cache, tmp_path):
         ],
         cache,
     )
-    every = torchrun([*SMALL, "--rounds", "2", "--dropout", "1", "--out", str(tmp_path / "all")], cache)
+    # Everyone gone: the three hospitals on one process (a rank whose hospitals all drop out sends zeros, as above)
+    every = train_single(
+        [*SMALL, "--rounds", "2", "--num-hospitals", "3", "--dropout", "1", "--out", str(tmp_path / "all")], cache
+    )
 
     # Assert: H2 contributes nothing, the others are averaged and stay in sync
     assert one.returncode == 0, one.stderr[-3000:]
@@ -182,11 +185,14 @@ def test_dropout_of_one_client_and_of_all(cache, tmp_path):
 
 
 def test_straggler_does_partial_work(cache, tmp_path):
-    proc = torchrun(
+    # The straggler's plan is per hospital: three hospitals on one process show it as well as three ranks
+    proc = train_single(
         [
             *SMALL,
             "--rounds",
             "1",
+            "--num-hospitals",
+            "3",
             "--local-epochs",
             "3",
             "--straggler",

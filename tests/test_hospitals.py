@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SMALL, torchrun, train_single
+from conftest import REPO, SMALL, together, torchrun, train_single
 from fedsim.engine import participants
 
 
@@ -122,8 +122,10 @@ STATEFUL = [
 
 def test_persistent_optimizers_fedbn_and_the_server_state_survive_resume(cache, tmp_path):
     # Execute: 3 rounds at once, and 1 round then 2 more
-    whole = train_single([*STATEFUL, "--rounds", "3", "--out", str(tmp_path / "whole")], cache)
-    first = train_single([*STATEFUL, "--rounds", "1", "--out", str(tmp_path / "parts")], cache)
+    whole, first = together(
+        lambda: train_single([*STATEFUL, "--rounds", "3", "--out", str(tmp_path / "whole")], cache),
+        lambda: train_single([*STATEFUL, "--rounds", "1", "--out", str(tmp_path / "parts")], cache),
+    )
     rest = train_single([*STATEFUL, "--rounds", "3", "--out", str(tmp_path / "parts")], cache)
 
     # Assert: bit-identical global weights and per-hospital state

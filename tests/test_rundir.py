@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SMALL, torchrun, train_single
+from conftest import REPO, SMALL, together, torchrun, train_single
 from fedsim import checkpoint
 
 
@@ -50,21 +50,37 @@ def uninterrupted(tmp_path_factory, cache):
     return out
 
 
-@pytest.mark.parametrize(
-    "crash",
-    ["H1:1:before-checkpoint", "H1:2:training", "H1:2:before-checkpoint", "H1:2:checkpoint", "H1:2:after-checkpoint"],
-)
-def test_a_crash_anywhere_in_the_round_then_a_rerun_gives_one_line_and_one_event_per_round(
-    crash, uninterrupted, cache, tmp_path
-):
-    # Prepare: the run is killed (SIGKILL) at one point of the round's commit sequence
-    out = tmp_path / "run"
-    args = [*ONE, "--out", str(out), "--set", f'train.simulate_crash="{crash}"']
-    killed = train_single(args, cache)
-    assert killed.returncode == -9, killed.stderr[-3000:]
+#: Points of the round's commit sequence where a run is killed (SIGKILL).
+CRASHES = [
+    "H1:1:before-checkpoint",
+    "H1:2:training",
+    "H1:2:before-checkpoint",
+    "H1:2:checkpoint",
+    "H1:2:after-checkpoint",
+]
 
-    # Execute: the same command again
-    rerun = train_single(args, cache)
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory, cache):
+    """For each crash point: (run directory, the killed launch, the same command again), two crash points at once."""
+
+    def kill_then_rerun(crash: str):
+        out = tmp_path_factory.mktemp(crash.replace(":", "-")) / "run"
+        args = [*ONE, "--out", str(out), "--set", f'train.simulate_crash="{crash}"']
+        killed = train_single(args, cache)
+        return out, killed, (train_single(args, cache) if killed.returncode == -9 else None)
+
+    return dict(zip(CRASHES, together(*[lambda crash=crash: kill_then_rerun(crash) for crash in CRASHES])))
+
+
+@pytest.mark.parametrize("crash", CRASHES)
+def test_a_crash_anywhere_in_the_round_then_a_rerun_gives_one_line_and_one_event_per_round(
+    crash, crashed, uninterrupted
+):
+    # Prepare and execute (the fixture): the run killed (SIGKILL) at one point of the round's commit sequence,
+    # then the same command again
+    out, killed, rerun = crashed[crash]
+    assert killed.returncode == -9, killed.stderr[-3000:]
 
     # Assert: every file describes the same rounds, once each; nothing half-written is left
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -112,13 +128,14 @@ def test_two_runs_on_one_folder_one_is_refused(cache, tmp_path):
     assert _rounds(out) == [0, 1]
 
 
-def test_a_held_run_directory_is_left_untouched(cache, tmp_path):
+def test_a_held_run_directory_is_left_untouched(uninterrupted, cache, tmp_path):
     # Prepare: a finished run, and a live owner of its folder
+    import shutil
+
     from fedsim.rundir import RunLock
 
     out = tmp_path / "run"
-    first = train_single([*ONE, "--rounds", "1", "--out", str(out)], cache)
-    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(uninterrupted, out)
     lock = RunLock(out).acquire()
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
