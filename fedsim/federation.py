@@ -183,14 +183,17 @@ class Federation:
         """The last round's checkpoint, written from views of the engine's snapshot, is on disk."""
         self.writer.wait()
 
+    def _lr(self, r: int) -> float:
+        """Round ``r``'s learning rate under ``train.lr_schedule``."""
+        t = self.cfg.train
+        return round_lr(t.lr, t.lr_schedule, r, t.rounds)
+
     def _centralized_work(self, r: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """Epochs over this rank's shard of the pooled data, gradients averaged over the ranks at every step."""
         cfg, client = self.cfg.train, self.pooled
         began = time.perf_counter()
         torch.manual_seed(derive_seed(cfg.seed, r, self.info.rank, "torch"))  # dropout layers
-        optimizer = make_optimizer(
-            self.model, round_lr(cfg.lr, cfg.lr_schedule, r, cfg.rounds), cfg.weight_decay, cfg.local_optimizer
-        )
+        optimizer = make_optimizer(self.model, self._lr(r), cfg.weight_decay, cfg.local_optimizer)
         hook = None if self.info.world_size == 1 else allreduce_mean_
         rng = generator(cfg.seed, r, self.info.rank, "augment")
         client.reseed(derive_seed(cfg.seed, r, self.info.rank, "shuffle"))
@@ -291,8 +294,7 @@ class Federation:
 
     def _write_events(self, r: int, record: dict, gathered: list[dict[str, Any]]) -> None:
         """The round's TensorBoard events: learning rate, pooled confusion matrix, layer drift, epsilon."""
-        t = self.cfg.train
-        self.logger.scalar("global/lr", round_lr(t.lr, t.lr_schedule, r, t.rounds), r)
+        self.logger.scalar("global/lr", self._lr(r), r)
         pooled = [np.asarray(m) for g in gathered for m in g["val_cm"] if m is not None]
         if pooled:
             self.logger.confusion_matrix("global/val_confusion_matrix", sum(pooled), self.plan.class_names, r)
