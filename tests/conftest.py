@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+import warm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,6 @@ HE_SAMPLE = SHARED_DATA / "he_cmu_small_region.jpg"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-
 
 #: A tiny run: small synthetic images and patches, test_resnet, one local epoch (CPU, seconds per round).
 SMALL = [
@@ -73,8 +72,8 @@ def torchrun(
     nnodes: int = 1,
     endpoint: str | None = None,
 ) -> subprocess.CompletedProcess:
-    """``torchrun ... train.py ARGS`` on loopback, with the data cache in ``cache``."""
-    env = {**os.environ, "FEDSIM_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    """The real ``torchrun ... train.py ARGS`` on loopback, with the data cache in ``cache``: for the tests of what
+    torchrun adds (restarts, several launches in one group, its error summary, the Quick start's command)."""
     cmd = [
         sys.executable,
         "-m",
@@ -87,7 +86,14 @@ def torchrun(
         str(REPO / "train.py"),
         *args,
     ]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=timeout)
+
+
+def ranks(args: list[str], cache, nproc: int = 3, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``train.py ARGS`` as the ``nproc`` ranks of one group on loopback, as torchrun starts them, forked from a
+    process that has the imports done (``warm``); exit code 0, or 1 when a rank failed."""
+    env = {**_env(cache), "MASTER_PORT": str(free_port())}
+    return warm.launch(str(REPO / "train.py"), args, env, world=nproc, cwd=str(REPO), timeout=timeout)
 
 
 def train_single(args: list[str], cache, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -101,10 +107,11 @@ def evaluate(run, out, cache, *args: str, timeout: float = 300) -> subprocess.Co
 
 
 def _script(name: str, args: list[str], cache, timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FEDSIM_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(REPO / name), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return warm.launch(str(REPO / name), args, _env(cache), cwd=str(REPO), timeout=timeout)
+
+
+def _env(cache) -> dict:
+    return {**os.environ, "FEDSIM_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def together(*launches, at_once: int = 2):
@@ -142,7 +149,7 @@ def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
 
 def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
     """Run ``fn(rank, world, *args)`` in ``world`` real gloo processes; return their results by rank."""
-    ctx = mp.get_context("spawn")
+    ctx = warm.context()
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]

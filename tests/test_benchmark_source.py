@@ -158,11 +158,11 @@ def test_hold_out_refuses_unknown_and_testless_hospitals():
 
 
 def test_a_federated_run_on_the_benchmark_reports_the_heldout_hospital_apart(tmp_path):
-    from conftest import evaluate, torchrun
+    from conftest import evaluate, ranks
 
     cache, out = tmp_path / "cache", tmp_path / "run"
     args = ["--config", "configs/benchmark-demo.toml", "--rounds", "1", "--out", str(out)]
-    proc = torchrun(args, cache, nproc=2)  # 3 hospitals on 2 ranks; rank 0 also hosts the held-out one
+    proc = ranks(args, cache, nproc=2)  # 3 hospitals on 2 ranks; rank 0 also hosts the held-out one
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((out / "final.json").read_text())
     assert list(final["per_hospital_accuracy"]) == ["H1", "H2", "H3"]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SMALL, evaluate, together, torchrun, train_single
+from conftest import REPO, SMALL, evaluate, ranks, together, torchrun, train_single
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_crc_hgd_tree_prepared_then_trained(demo_run, tmp_path):
     )
     assert prep.returncode == 0, prep.stderr[-3000:]
     prepared = sorted(p.name for p in cache.iterdir() if p.is_dir())
-    run = torchrun(
+    run = ranks(
         [
             *SMALL,
             *settings,
@@ -242,7 +242,7 @@ def test_paper_preset_trains_on_a_tree_without_hospitals_by_default(demo_run, tm
     for folder in next((out.parent / "cache").glob("synthetic-*")).glob("CRC_Grade__*"):
         shutil.copytree(folder, tree / folder.name)
 
-    run = torchrun(
+    run = ranks(
         [
             "--config",
             str(REPO / "configs" / "paper.toml"),
@@ -328,7 +328,7 @@ def test_centralized_mode_on_two_ranks(demo_run, tmp_path, hospitals):
     # The pooled data of the hospitals, sharded over 2 ranks that average gradients every step; with one
     # hospital, rank 1 caches none of its own and trains on its shard of the pool.
     out_dir = tmp_path / "run"
-    proc = torchrun(
+    proc = ranks(
         [*SMALL, "--rounds", "1", "--mode", "centralized", "--num-hospitals", str(hospitals), "--out", str(out_dir)],
         demo_run[0].parent / "cache",
         nproc=2,

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from conftest import REPO, SMALL, evaluate, free_port, torchrun, train_single
+from conftest import REPO, SMALL, evaluate, free_port, ranks, torchrun, train_single
 from fedsim import checkpoint
 
 
@@ -40,7 +40,7 @@ def _assert_identical(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("full") / "run"
-    proc = torchrun([*SMALL, "--rounds", "3", "--out", str(out)], cache)
+    proc = ranks([*SMALL, "--rounds", "3", "--out", str(out)], cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -48,11 +48,11 @@ def uninterrupted(tmp_path_factory, cache):
 def test_resume_is_bit_identical(uninterrupted, cache, tmp_path):
     # Prepare: the same run stopped after round 1
     out = tmp_path / "run"
-    first = torchrun([*SMALL, "--rounds", "1", "--out", str(out)], cache)
+    first = ranks([*SMALL, "--rounds", "1", "--out", str(out)], cache)
     assert first.returncode == 0, first.stderr[-3000:]
 
     # Execute: continue to round 3
-    second = torchrun([*SMALL, "--rounds", "3", "--resume", "--out", str(out)], cache)
+    second = ranks([*SMALL, "--rounds", "3", "--resume", "--out", str(out)], cache)
 
     # Assert
     assert second.returncode == 0, second.stderr[-3000:]
@@ -106,7 +106,7 @@ def test_resume_refuses_another_config(uninterrupted, cache, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
     before = {name: (out / name).read_bytes() for name in ("config.json", "splits.csv")}
-    proc = torchrun([*SMALL, "--rounds", "4", "--mu", "0.5", "--out", str(out)], cache)
+    proc = ranks([*SMALL, "--rounds", "4", "--mu", "0.5", "--out", str(out)], cache)
     assert proc.returncode != 0
     assert "another config" in proc.stderr
     assert {name: (out / name).read_bytes() for name in before} == before  # the old run's files untouched
@@ -118,7 +118,7 @@ def test_resume_refuses_another_federation(uninterrupted, cache, tmp_path):
 
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
-    proc = torchrun([*SMALL, "--rounds", "4", "--out", str(out)], cache, nproc=2)
+    proc = ranks([*SMALL, "--rounds", "4", "--out", str(out)], cache, nproc=2)
     assert proc.returncode != 0
     assert "federation of H1, H2, H3; this run has H1, H2" in proc.stderr
 
@@ -127,13 +127,13 @@ def test_fedbn_resume_falls_back_past_a_corrupt_checkpoint(cache, tmp_path):
     # Prepare: a FedBN run of 2 rounds whose newest global checkpoint is corrupt
     out = tmp_path / "run"
     fedbn = [*SMALL, "--set", 'train.bn="local"', "--out", str(out)]
-    first = torchrun([*fedbn, "--rounds", "2"], cache)
+    first = ranks([*fedbn, "--rounds", "2"], cache)
     assert first.returncode == 0, first.stderr[-3000:]
     newest = checkpoint.list_rounds(out)[-1]
     newest.write_bytes(newest.read_bytes()[:1000])
 
     # Execute
-    second = torchrun([*fedbn, "--rounds", "3"], cache)
+    second = ranks([*fedbn, "--rounds", "3"], cache)
 
     # Assert: every hospital resumed from round 1 with its own BatchNorm tensors of round 1
     assert second.returncode == 0, second.stderr[-3000:]
@@ -153,7 +153,7 @@ def test_fedbn_resume_falls_back_past_a_corrupt_checkpoint(cache, tmp_path):
 
 def test_dropout_of_one_client_and_of_all(cache, tmp_path):
     # Execute: H2 always drops out; then every client drops out
-    one = torchrun(
+    one = ranks(
         [
             *SMALL,
             "--rounds",
@@ -215,7 +215,7 @@ def test_straggler_does_partial_work(cache, tmp_path):
 
 def test_nan_client_is_excluded_and_global_stays_finite(cache, tmp_path):
     # Two local epochs: the second runs forward passes with the NaN weights, which poison BatchNorm statistics too
-    proc = torchrun(
+    proc = ranks(
         [
             *SMALL,
             "--rounds",
@@ -308,14 +308,14 @@ def test_bad_setting_exit_code_through_the_interpreter(cache, tmp_path):
 def test_world_size_must_match_natural_partition(uninterrupted, cache, tmp_path):
     # The embedded data has 3 hospitals in its manifest; a federation of 2 cannot take it.
     manifest = next(cache.glob("synthetic-*/manifest.csv"))
-    proc = torchrun([*SMALL, "--rounds", "1", "--data", str(manifest), "--out", str(tmp_path / "run")], cache, nproc=2)
+    proc = ranks([*SMALL, "--rounds", "1", "--data", str(manifest), "--out", str(tmp_path / "run")], cache, nproc=2)
     assert proc.returncode != 0
     assert "3" in proc.stderr and "2" in proc.stderr and "hospital" in proc.stderr
 
 
 def test_timeout_names_the_hung_hospital(cache, tmp_path):
     # H3 stops responding in round 1; the others must not wait forever
-    proc = torchrun(
+    proc = ranks(
         [
             *SMALL,
             "--rounds",

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SMALL, together, torchrun, train_single
+from conftest import REPO, SMALL, ranks, together, torchrun, train_single
 from fedsim.engine import participants
 
 
@@ -29,7 +29,7 @@ def test_one_rank_with_three_hospitals_ends_where_three_ranks_do(cache, tmp_path
     # difference into the next round unamplified; Adam would not (it divides by sqrt(v), so a rounding
     # difference in a near-zero gradient becomes a step of order lr), hence sgd here.
     args = [*SMALL, "--rounds", "2", "--num-hospitals", "3", "--set", 'train.local_optimizer="sgd"', "--lr", "0.01"]
-    three = torchrun([*args, "--out", str(tmp_path / "three")], cache, nproc=3)
+    three = ranks([*args, "--out", str(tmp_path / "three")], cache, nproc=3)
     one = train_single([*args, "--out", str(tmp_path / "one")], cache)
 
     # Assert: the same figures and weights, up to the order of the float32 sum of the three models
@@ -50,7 +50,7 @@ def test_one_rank_with_three_hospitals_ends_where_three_ranks_do(cache, tmp_path
 def sampled(tmp_path_factory, cache):
     """2 ranks x 6 hospitals, 4 per round, 3 rounds, uninterrupted."""
     out = tmp_path_factory.mktemp("sampled") / "run"
-    proc = torchrun([*SAMPLED, "--out", str(out)], cache, nproc=2)
+    proc = ranks([*SAMPLED, "--out", str(out)], cache, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
