@@ -26,6 +26,9 @@ LOCK_NAME = ".lock"
 #: A restarted group may find the lock still held for a moment by the dying rank 0 (or a DataLoader worker
 #: forked from it): it waits this long for an owner of the same torchrun job before refusing.
 RESTART_GRACE_S = 60.0
+#: An owner writes its record just after it takes the lock; a run that finds the lock held and no record yet
+#: reads it again for this long, so that its refusal can name the owner.
+OWNER_RECORD_WAIT_S = 2.0
 
 
 class RunDirBusy(ConfigError):
@@ -59,7 +62,7 @@ class RunLock:
                 locked = _lock(fd, blocking=False)
                 break
             except BlockingIOError:
-                owner = _read_owner(self.path)
+                owner = _awaited_owner(self.path)
                 if not (_same_job(owner) and time.monotonic() < deadline):
                     os.close(fd)
                     raise RunDirBusy(
@@ -108,6 +111,16 @@ def _write_owner(fd: int) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, blob, 0)
     os.fsync(fd)
+
+
+def _awaited_owner(path: Path) -> dict:
+    """The record of the lock's owner, read again while it is empty for up to ``OWNER_RECORD_WAIT_S``."""
+    deadline = time.monotonic() + OWNER_RECORD_WAIT_S
+    owner = _read_owner(path)
+    while not owner and time.monotonic() < deadline:
+        time.sleep(0.05)
+        owner = _read_owner(path)
+    return owner
 
 
 def _read_owner(path: Path) -> dict:

@@ -128,6 +128,33 @@ def test_two_runs_on_one_folder_one_is_refused(cache, tmp_path):
     assert _rounds(out) == [0, 1]
 
 
+def test_a_lock_taken_a_moment_ago_is_refused_naming_its_owner(tmp_path):
+    # Prepare: the lock is held and its owner writes its record only a little later, as a run just started does
+    import fcntl
+    import os
+    import threading
+
+    from fedsim.rundir import LOCK_NAME, RunDirBusy, RunLock, _write_owner
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    writer = threading.Timer(0.3, _write_owner, args=(fd,))
+
+    # Execute
+    writer.start()
+    try:
+        with pytest.raises(RunDirBusy) as refused:
+            RunLock(out).acquire()
+    finally:
+        writer.join()
+        os.close(fd)
+
+    # Assert: the refusal waited for the record and names the owner
+    assert f"is in use by another run (pid {os.getpid()} on " in str(refused.value)
+
+
 def test_a_held_run_directory_is_left_untouched(uninterrupted, cache, tmp_path):
     # Prepare: a finished run, and a live owner of its folder
     import shutil
