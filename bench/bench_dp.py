@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, RandomSampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternating_times, cpu_model_name, machine, make_cache, write_json
+from common import alternating_times, machine, make_cache, write_json
 from data.cache import CachedPairs, collate_batch
 from fedsim import privacy as dp
 from fedsim.client import StepSettings, make_optimizer, prepare_inputs, train_epoch
@@ -164,12 +164,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     result = run(args)
-    info = {**machine(), "cpu_model": cpu_model_name()}
+    info = {**machine()}
     print(
         f"{args.backbone} dual (GroupNorm, {result['num_params']:,} parameters), {args.context}/{args.detail} px, "
         f"batch {args.batch_size} (Poisson q={result['sample_rate']:.4f}), CPU, {args.threads} thread(s)"
     )
-    print(f"  {info['cpu_model']}, {info['date']}")
+    print(f"  {info['cpu']}, {info['date']}")
     pairs = result["pairs_per_s"]
     print(f"  non-private fedsim epoch  {pairs['nonprivate']:8.1f} pairs/s  (baseline)")
     for name, slow in result["slowdown"].items():

@@ -39,7 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternating_times, cpu_model_name, machine, spawn_ranks, write_json
+from common import alternating_times, machine, spawn_ranks, write_json
 
 DUAL_RESNETRS50_STATE = 69_491_892  # floats in fedavg's reduced region of DualStreamNet("resnetrs50", "dual", 3)
 
@@ -218,8 +218,8 @@ def main() -> None:
                 "  passes over the buffer, rank 0 alone: "
                 + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["passes_rank0_alone"].items())
             )
-    info = {**machine(), "cpu_model": cpu_model_name(), "started": started}
-    print(f"machine: {info['cpu_model']}, {info['cores']} cores, torch {info['torch']}, {info['date']}")
+    info = {**machine(), "started": started}
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['date']}")
     write_json(args.json, {"machine": info, "prg": args.prg, "results": results})
 
 

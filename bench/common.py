@@ -41,7 +41,8 @@ def machine() -> dict:
     """What ran the benchmark."""
     info = {
         "host": socket.gethostname(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model_name(),
+        "arch": platform.machine(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -146,4 +147,4 @@ def cpu_model_name() -> str:
                 return line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return machine()["cpu"]
+    return platform.processor() or platform.machine()
