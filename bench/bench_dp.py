@@ -164,7 +164,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     result = run(args)
-    info = {**machine()}
+    info = machine()
     print(
         f"{args.backbone} dual (GroupNorm, {result['num_params']:,} parameters), {args.context}/{args.detail} px, "
         f"batch {args.batch_size} (Poisson q={result['sample_rate']:.4f}), CPU, {args.threads} thread(s)"
